@@ -1,0 +1,1 @@
+"""gpumeter: GPU usage metering, subsidised billing and alerts for an AI supercomputing centre."""

@@ -1,0 +1,5 @@
+import sys
+
+from gpumeter.cli import main
+
+sys.exit(main())

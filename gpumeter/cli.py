@@ -1,0 +1,57 @@
+"""`gpumeter`: one command for the local stack and the billing team's tasks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+BILLING_COMMANDS = {"catalog", "invoices", "periods"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in BILLING_COMMANDS:
+        from services.billing.cli import main as billing_main
+
+        return billing_main(argv)
+
+    parser = argparse.ArgumentParser(prog="gpumeter", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser(
+        "up", help="run broker, database, services and a simulated fleet locally"
+    )
+    up.add_argument("--no-fleet", action="store_true", help="leave the simulated fleet out")
+    up.add_argument("--nodes", type=int, default=8, help="simulated nodes (8 GPUs each)")
+    up.add_argument("--speed", type=float, default=1800.0, help="simulated seconds per real second")
+    up.add_argument("--start", default="-2d", help="simulated start: ISO time or offset like -2d")
+    up.add_argument(
+        "--interval", type=float, default=60.0, help="sampling interval of the simulated agents (s)"
+    )
+    up.add_argument("--partitions", type=int, default=8, help="partitions of gpu.usage.v1")
+    up.add_argument("--data-dir", type=Path, default=Path("var"))
+    up.add_argument(
+        "--duration", type=float, default=None, help="stop by itself after this many seconds"
+    )
+    commands.add_parser("catalog", help="catalog apply FILE (billing)")
+    commands.add_parser("invoices", help="list, show, export invoices (billing)")
+    commands.add_parser("periods", help="finalize a period (billing)")
+    args = parser.parse_args(argv)
+
+    if args.command == "up":
+        from gpumeter.stack import StackOptions, run
+
+        return run(
+            StackOptions(
+                data_dir=args.data_dir,
+                fleet=not args.no_fleet,
+                nodes=args.nodes,
+                speed=args.speed,
+                start=args.start,
+                interval_s=args.interval,
+                partitions=args.partitions,
+                duration_s=args.duration,
+            )
+        )
+    parser.error(f"unknown command {args.command}")
+    return 2

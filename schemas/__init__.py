@@ -1,0 +1,1 @@
+"""Contracts shared by every gpumeter service (see ../shared/CONTRACTS.md)."""

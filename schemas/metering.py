@@ -1,0 +1,61 @@
+"""Metering outputs: hourly totals and cluster minutes (CONTRACTS §2)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from pydantic import AwareDatetime, BaseModel, Field
+
+
+class HourlyTotal(BaseModel):
+    """Cumulative totals of one (project, GPU model, hour). Totals, not increments."""
+
+    project_id: str
+    gpu_model: str
+    hour_start: AwareDatetime
+    gpu_seconds: Decimal
+    util_gpu_seconds: Decimal
+    energy_wh: Decimal
+    samples: int = Field(ge=0)
+    revision: int = Field(ge=0)
+
+    @property
+    def key(self) -> str:
+        return hourly_key(self.project_id, self.gpu_model, self.hour_start.isoformat())
+
+
+def hourly_key(project_id: str, gpu_model: str, hour_start_iso: str) -> str:
+    return f"{project_id}|{gpu_model}|{hour_start_iso}"
+
+
+class ClusterMinute(BaseModel):
+    """Centre-wide utilization of one minute (UTC), cumulative as samples arrive."""
+
+    minute_start: AwareDatetime
+    nodes_reporting: int
+    gpus_online: int
+    gpus_allocated: int
+    online_gpu_seconds: Decimal
+    allocated_gpu_seconds: Decimal
+    allocation_ratio: Decimal
+    mean_util_pct: Decimal
+    mean_power_w: Decimal
+    xid_errors: int
+    revision: int
+
+
+class NodeSignal(BaseModel):
+    """Per-node facts the alerts service needs: last seen, GPUs idle inside allocations, XIDs."""
+
+    node: str
+    last_sample_time: AwareDatetime
+    gpus: int
+    idle_allocated_gpus: list[str] = Field(
+        default_factory=list,
+        description="GPU uuids allocated to a project with util below the idle threshold in the latest sample",
+    )
+    idle_projects: dict[str, str] = Field(
+        default_factory=dict, description="gpu uuid -> project_id"
+    )
+    xid_errors: int = 0
+    xid_gpus: list[str] = Field(default_factory=list)

@@ -1,0 +1,76 @@
+"""Topic names of CONTRACTS §2, in one place. A prefix isolates test runs or tenants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+USAGE = "gpu.usage.v1"
+USAGE_DLQ = "gpu.usage.dlq.v1"
+HOURLY = "metering.usage.hourly.v1"
+CLUSTER_MINUTELY = "metering.cluster.minutely.v1"
+INVOICES = "billing.invoices.v1"
+ALERTS = "alerts.v1"
+# Internal to metering: per-node partial totals, re-keyed for the cross-node sums.
+NODE_HOURLY = "metering.internal.node-hourly.v1"
+NODE_MINUTELY = "metering.internal.node-minutely.v1"
+# Internal to metering: per-node signals (last seen, idle GPUs, XID) the alerts service reads.
+NODE_SIGNALS = "metering.node.signals.v1"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names with an optional prefix (empty in production)."""
+
+    prefix: str = ""
+
+    def name(self, base: str) -> str:
+        return f"{self.prefix}{base}"
+
+    @property
+    def usage(self) -> str:
+        return self.name(USAGE)
+
+    @property
+    def usage_dlq(self) -> str:
+        return self.name(USAGE_DLQ)
+
+    @property
+    def hourly(self) -> str:
+        return self.name(HOURLY)
+
+    @property
+    def cluster_minutely(self) -> str:
+        return self.name(CLUSTER_MINUTELY)
+
+    @property
+    def invoices(self) -> str:
+        return self.name(INVOICES)
+
+    @property
+    def alerts(self) -> str:
+        return self.name(ALERTS)
+
+    @property
+    def node_hourly(self) -> str:
+        return self.name(NODE_HOURLY)
+
+    @property
+    def node_minutely(self) -> str:
+        return self.name(NODE_MINUTELY)
+
+    @property
+    def node_signals(self) -> str:
+        return self.name(NODE_SIGNALS)
+
+    def public(self) -> list[str]:
+        return [
+            self.usage,
+            self.usage_dlq,
+            self.hourly,
+            self.cluster_minutely,
+            self.invoices,
+            self.alerts,
+        ]
+
+    def all(self) -> list[str]:
+        return [*self.public(), self.node_hourly, self.node_minutely, self.node_signals]

@@ -1,0 +1,1 @@
+"""Small infrastructure shared by the services: topic admin, health and metrics endpoints."""

@@ -1,0 +1,41 @@
+"""Settings every service shares, read once from the environment (no prefix: contract names)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.topics import Topics
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
+
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = Field("", description="prepended to every topic, consumer group and app id")
+    # Tansu holds a group's first join for the rebalance timeout: local profiles set a few seconds.
+    kafka_rebalance_timeout_ms: int = 30000
+    kafka_session_timeout_ms: int = 10000
+    kafka_heartbeat_interval_ms: int = 1000
+    http_host: str = "127.0.0.1"
+    log_level: str = "INFO"
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    def group(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def consumer_kwargs(self) -> dict[str, Any]:
+        """aiokafka consumer options for a group member (offsets committed by the caller)."""
+        return {
+            "bootstrap_servers": self.kafka_bootstrap_servers,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "rebalance_timeout_ms": self.kafka_rebalance_timeout_ms,
+            "session_timeout_ms": self.kafka_session_timeout_ms,
+            "heartbeat_interval_ms": self.kafka_heartbeat_interval_ms,
+        }

@@ -1,0 +1,33 @@
+"""`python -m services.metering` starts one metering worker (run more for more partitions)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from services.common.kafka_admin import ensure_topics
+from services.metering.app import DEAD_LETTER_MAX_BYTES, create_app
+from services.metering.settings import MeteringSettings
+
+
+def main() -> None:
+    settings = MeteringSettings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s metering %(message)s"
+    )
+    asyncio.run(
+        ensure_topics(
+            settings.kafka_bootstrap_servers,
+            settings.all_topics(),
+            settings.compacted_topics(),
+            configs={settings.topics.usage_dlq: {"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)}},
+        )
+    )
+    app = create_app(settings)
+    sys.argv = [sys.argv[0], "worker", "--loglevel", settings.log_level.lower()]
+    app.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""The Faust application: decode, call the pure domain, write. Thin on purpose (STYLE.md)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from schemas.codec import InvalidUsage, dead_letter, decode_usage_message
+from services.metering import domain
+from services.metering.settings import MeteringSettings
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_MAX_BYTES = (
+    3 * 1024 * 1024
+)  # producer and DLQ topic limit: a 1 MiB+ message, base64'd, fits
+MAX_DEAD_LETTER_RAW = 2 * 1024 * 1024
+
+
+class MeteringMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.samples = Counter(
+            "gpumeter_metering_samples_total",
+            "Samples seen, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "gpumeter_metering_dead_letters_total",
+            "Messages or events dead-lettered",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.messages = Counter(
+            "gpumeter_metering_messages_total", "Usage messages consumed", registry=self.registry
+        )
+        self.batch_seconds = Histogram(
+            "gpumeter_metering_batch_seconds",
+            "Time to process one batch",
+            ["stage"],
+            registry=self.registry,
+        )
+        self.event_lag = Gauge(
+            "gpumeter_metering_event_lag_seconds",
+            "Processing time minus newest sample time in the last batch",
+            registry=self.registry,
+        )
+        self.hourly_updates = Counter(
+            "gpumeter_metering_hourly_updates_total",
+            "Hourly totals written",
+            registry=self.registry,
+        )
+        self.nodes = Gauge(
+            "gpumeter_metering_nodes", "Nodes held in state by this worker", registry=self.registry
+        )
+
+
+def create_app(settings: MeteringSettings) -> faust.App:
+    topics = settings.topics
+    rebalance_s = settings.kafka_rebalance_timeout_ms / 1000
+    app = faust.App(
+        settings.faust_id,
+        broker=[f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(",")],
+        store="memory://",
+        autodiscover=False,
+        topic_partitions=settings.internal_partitions,
+        topic_allow_declare=True,
+        topic_disable_leader=False,
+        consumer_auto_offset_reset="earliest",
+        broker_rebalance_timeout=rebalance_s,
+        broker_max_poll_interval=max(rebalance_s, 10.0),
+        broker_session_timeout=settings.kafka_session_timeout_ms / 1000,
+        broker_heartbeat_interval=settings.kafka_heartbeat_interval_ms / 1000,
+        broker_commit_interval=1.0,
+        producer_acks=-1,
+        producer_max_request_size=DEAD_LETTER_MAX_BYTES,
+        web_enabled=True,
+        web_host=settings.http_host,
+        web_port=settings.http_port,
+        web_in_thread=False,
+        table_cleanup_interval=3600.0,
+        stream_buffer_maxsize=max(4096, settings.batch_max * 2),
+    )
+    metrics = MeteringMetrics()
+    app.gpumeter_metrics = metrics  # type: ignore[attr-defined]
+
+    usage_topic = app.topic(
+        topics.usage,
+        value_serializer="raw",
+        key_serializer="raw",
+        partitions=settings.usage_partitions,
+    )
+    dlq_topic = app.topic(topics.usage_dlq, value_serializer="raw", key_serializer="raw")
+    node_hourly_topic = app.topic(
+        topics.node_hourly,
+        value_serializer="raw",
+        key_serializer="raw",
+        partitions=settings.internal_partitions,
+    )
+    node_minutely_topic = app.topic(
+        topics.node_minutely,
+        value_serializer="raw",
+        key_serializer="raw",
+        partitions=settings.internal_partitions,
+    )
+    hourly_topic = app.topic(topics.hourly, value_serializer="raw", key_serializer="raw")
+    cluster_topic = app.topic(topics.cluster_minutely, value_serializer="raw", key_serializer="raw")
+    signals_topic = app.topic(topics.node_signals, value_serializer="raw", key_serializer="raw")
+
+    node_state = app.Table("node-state", key_type=str, partitions=settings.usage_partitions)
+    hour_totals = app.Table("hour-totals", key_type=str, partitions=settings.internal_partitions)
+    minute_totals = app.Table(
+        "minute-totals", key_type=str, partitions=settings.internal_partitions
+    )
+
+    # Nodes whose partials were re-sent in full since the last rebalance. After a crash, outputs that
+    # were lost between the state write and the send are re-sent this way (they are cumulative).
+    resent_since_assignment: set[str] = set()
+    hour_keys_since_assignment: set[str] = set()
+
+    async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+        resent_since_assignment.clear()
+        hour_keys_since_assignment.clear()
+
+    app.on_partitions_assigned.connect(on_assigned)  # type: ignore[arg-type]
+
+    def send_dead_letter(error: InvalidUsage | str, detail: str, event: Any) -> None:
+        message = event.message
+        raw = message.value
+        if len(raw) > MAX_DEAD_LETTER_RAW:
+            # Keep the dead letter producible: beyond this the broker would refuse it and stop us.
+            detail = (
+                f"{detail} (raw truncated to the first {MAX_DEAD_LETTER_RAW} of {len(raw)} bytes)"
+            )
+            raw = raw[:MAX_DEAD_LETTER_RAW]
+        letter = dead_letter(
+            error,
+            detail=detail,
+            raw=raw,
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+        )
+        metrics.dead_letters.labels(letter.reason).inc()
+        dlq_topic.send_soon(key=message.key, value=letter.model_dump_json().encode())
+
+    def process_usage(events: list[Any]) -> None:
+        started = time.perf_counter()
+        now = datetime.now(UTC)
+        by_node: dict[str, list[tuple[domain.SampleView, Any]]] = defaultdict(list)
+        for event in events:
+            metrics.messages.inc()
+            message = event.message
+            try:
+                decoded = decode_usage_message(message.value, now=now, key=message.key)
+            except InvalidUsage as error:
+                send_dead_letter(error, error.detail, event)
+                continue
+            for bad in decoded.errors:
+                send_dead_letter(bad, bad.detail, event)
+            for usage in decoded.events:
+                by_node[usage.data.node].append((domain.SampleView.of(usage), event))
+        newest = None
+        for node, samples in by_node.items():
+            record = node_state.data.get(node)
+            state = domain.NodeState(record)
+            touched_hours: set[str] = set()
+            touched_minutes: set[str] = set()
+            for sample, event in samples:
+                outcome = state.apply(
+                    sample, settings.hour_retention_s, touched_hours, touched_minutes
+                )
+                metrics.samples.labels(outcome.value).inc()
+                if outcome in (domain.Outcome.OUT_OF_ORDER, domain.Outcome.BEYOND_RETENTION):
+                    send_dead_letter(
+                        outcome.value,
+                        f"sample {sample.event_id} of {sample.gpu_key}: "
+                        f"{outcome.value.replace('_', ' ')}",
+                        event,
+                    )
+            if node not in resent_since_assignment:
+                resent_since_assignment.add(node)
+                touched_hours = set(state.hours)
+                touched_minutes = set(state.minutes)
+            for key in touched_hours:
+                if key in state.hours:
+                    payload = {"node": node, "partial": state.hour_partial(key)}
+                    node_hourly_topic.send_soon(
+                        key=key.encode(), value=json.dumps(payload).encode()
+                    )
+            for key in touched_minutes:
+                if key in state.minutes:
+                    payload = {"node": node, "partial": state.minute_partial(key)}
+                    node_minutely_topic.send_soon(
+                        key=key.encode(), value=json.dumps(payload).encode()
+                    )
+            signal = state.signal(node)
+            signals_topic.send_soon(key=node.encode(), value=signal.model_dump_json().encode())
+            newest = max(newest or signal.last_sample_time, signal.last_sample_time)
+            # State is written after the partials are queued: both go through the same producer
+            # buffer, which Faust flushes before it commits offsets.
+            state.expire(settings.hour_retention_s, settings.minute_retention_s)
+            new_record = state.to_record()
+            node_state.data[node] = new_record
+            node_state.send_changelog(samples[-1][1].message.partition, node, new_record)
+        if newest is not None:
+            metrics.event_lag.set((now - newest).total_seconds())
+        metrics.nodes.set(len(node_state.data))
+        metrics.batch_seconds.labels("usage").observe(time.perf_counter() - started)
+
+    def merge_partials(events: list[Any], table: Any, retention_s: int) -> set[str]:
+        touched: set[str] = set()
+        for event in events:
+            message = event.message
+            key = message.key.decode()
+            payload = json.loads(message.value)
+            record, changed = domain.merge_partial(
+                table.data.get(key), payload["node"], payload["partial"]
+            )
+            if changed:
+                record["p"] = message.partition
+                table.data[key] = record
+                table.send_changelog(message.partition, key, record)
+            touched.add(key)
+        return touched
+
+    def expire_sums(table: Any, newest_epoch: int, retention_s: int, epoch_of: Any) -> None:
+        for key in [k for k in table.data if newest_epoch - epoch_of(k) > retention_s]:
+            partition = table.data[key].get("p")
+            del table.data[key]
+            table.send_changelog(partition, key, None)
+
+    batches = {"hour": 0, "minute": 0}
+
+    @app.agent(usage_topic)
+    async def meter_usage(stream: Any) -> None:
+        async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+            process_usage(events)  # synchronous: no commit can interleave with a half-applied batch
+
+    @app.agent(node_hourly_topic)
+    async def sum_hours(stream: Any) -> None:
+        async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+            started = time.perf_counter()
+            touched = merge_partials(events, hour_totals, settings.table_retention_s)
+            for key in touched:
+                total = domain.hourly_total(key, hour_totals.data[key])
+                hourly_topic.send_soon(key=key.encode(), value=total.model_dump_json().encode())
+                metrics.hourly_updates.inc()
+            batches["hour"] += 1
+            if batches["hour"] % 500 == 0 and touched:
+                newest = max(domain._hour_of_key(k) for k in touched)
+                expire_sums(hour_totals, newest, settings.table_retention_s, domain._hour_of_key)
+            metrics.batch_seconds.labels("hourly").observe(time.perf_counter() - started)
+
+    @app.agent(node_minutely_topic)
+    async def sum_minutes(stream: Any) -> None:
+        async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+            started = time.perf_counter()
+            touched = merge_partials(events, minute_totals, settings.minute_retention_s)
+            for key in touched:
+                minute = domain.cluster_minute(key, minute_totals.data[key])
+                cluster_topic.send_soon(
+                    key=minute.minute_start.isoformat().encode(),
+                    value=minute.model_dump_json().encode(),
+                )
+            batches["minute"] += 1
+            if batches["minute"] % 100 == 0 and touched:
+                expire_sums(
+                    minute_totals,
+                    max(int(k) for k in touched),
+                    4 * settings.minute_retention_s,
+                    int,
+                )
+            metrics.batch_seconds.labels("minutely").observe(time.perf_counter() - started)
+
+    @app.page("/healthz")
+    async def healthz(web: Any, request: Any) -> Any:
+        return web.json({"status": "ok", "service": "metering", "app_id": settings.faust_id})
+
+    @app.page("/metrics")
+    async def prometheus(web: Any, request: Any) -> Any:
+        return web.bytes(
+            generate_latest(metrics.registry), content_type="text/plain; version=0.0.4"
+        )
+
+    return app

@@ -1,0 +1,296 @@
+"""Pure metering logic: dedup, hour and minute attribution, per-node partials and cross-node sums.
+
+Exactly-once without transactions rests on three facts:
+- each node's dedup cursors and its partial totals live in ONE state record, so a crash can never
+  persist one without the other;
+- partials are cumulative and carry `samples` as their revision: for a given partition the counted
+  samples grow monotonically, so a higher count always means a later, complete state;
+- the cross-node sum keeps each node's latest partial and replaces it only by a higher revision, so
+  re-delivery and replay give the same totals.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from schemas.metering import ClusterMinute, HourlyTotal, NodeSignal
+from schemas.usage import UsageEvent
+
+RECENT_IDS_PER_GPU = 128  # bounded dedup memory: O(GPUs), not O(events)
+IDLE_UTIL_PCT = 5.0
+ZERO = Decimal(0)
+HOUR = 3600
+MINUTE = 60
+
+
+class Outcome(enum.Enum):
+    COUNTED = "counted"
+    DUPLICATE = "duplicate"
+    OUT_OF_ORDER = "out_of_order"
+    BEYOND_RETENTION = "beyond_retention"
+
+
+def to_decimal(value: float) -> Decimal:
+    """The decimal the JSON text meant: repr() of a float round-trips the shortest decimal."""
+    return Decimal(repr(value))
+
+
+def interval_start(end: datetime, interval_s: Decimal) -> Decimal:
+    """Exact POSIX seconds at which the sampled interval (end - interval_s, end] starts."""
+    whole = int(end.replace(microsecond=0).timestamp())
+    return Decimal(whole) + Decimal(end.microsecond).scaleb(-6) - interval_s
+
+
+def bucket_start(start_s: Decimal, width_s: int) -> int:
+    """The half-open bucket [b, b + width) containing start_s."""
+    return (
+        int((start_s // width_s) * width_s)
+        if start_s >= 0
+        else int(-((-start_s) // width_s) * width_s)
+    )
+
+
+def iso(epoch_s: int) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat()
+
+
+@dataclass
+class SampleView:
+    """The facts of a sample that aggregation needs, decimals made once."""
+
+    node: str
+    gpu_key: str
+    event_id: str
+    end_s: Decimal
+    interval_s: Decimal
+    project_id: str | None
+    gpu_model: str
+    util_pct: Decimal
+    power_w: Decimal
+    xid_errors: int
+    gpu_uuid: str
+
+    @classmethod
+    def of(cls, event: UsageEvent) -> SampleView:
+        data = event.data
+        interval = to_decimal(data.interval_s)
+        start = interval_start(event.time, interval)
+        return cls(
+            node=data.node,
+            gpu_key=f"{event.source}|{data.gpu_uuid}",
+            event_id=event.id,
+            end_s=start + interval,
+            interval_s=interval,
+            project_id=data.project_id,
+            gpu_model=data.gpu_model,
+            util_pct=to_decimal(data.util_pct),
+            power_w=to_decimal(data.power_w),
+            xid_errors=data.xid_errors,
+            gpu_uuid=data.gpu_uuid,
+        )
+
+
+class NodeState:
+    """Everything metering knows about one node: JSON-able, stored as one changelog record.
+
+    gpus:    gpu_key -> {"t": last counted end (str decimal), "ids": recent event ids}
+    hours:   "project|model|hour_iso" -> [gpu_s, util_gpu_s, energy_J, samples]
+    minutes: minute_epoch(str) -> {"gpus": [...], "alloc": [...], "online_s", "alloc_s",
+             "util_s", "energy_J", "xid", "samples"}
+    """
+
+    def __init__(self, record: dict[str, Any] | None = None) -> None:
+        record = record or {}
+        self.gpus: dict[str, dict[str, Any]] = record.get("gpus", {})
+        self.hours: dict[str, list[Any]] = record.get("hours", {})
+        self.minutes: dict[str, dict[str, Any]] = record.get("minutes", {})
+        self.max_end_s: str = record.get("max_end_s", "0")
+        self.last_samples: dict[str, list[Any]] = record.get("last", {})
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "gpus": self.gpus,
+            "hours": self.hours,
+            "minutes": self.minutes,
+            "max_end_s": self.max_end_s,
+            "last": self.last_samples,
+        }
+
+    def apply(
+        self,
+        sample: SampleView,
+        hour_retention_s: int,
+        touched_hours: set[str],
+        touched_minutes: set[str],
+    ) -> Outcome:
+        cursor = self.gpus.get(sample.gpu_key)
+        if cursor is not None and sample.end_s <= Decimal(cursor["t"]):
+            return Outcome.DUPLICATE if sample.event_id in cursor["ids"] else Outcome.OUT_OF_ORDER
+        start_s = sample.end_s - sample.interval_s
+        hour = bucket_start(start_s, HOUR)
+        if Decimal(self.max_end_s) - hour > hour_retention_s:
+            return Outcome.BEYOND_RETENTION
+        if cursor is None:
+            cursor = self.gpus[sample.gpu_key] = {"t": "0", "ids": []}
+        cursor["t"] = str(sample.end_s)
+        ids = cursor["ids"]
+        ids.append(sample.event_id)
+        if len(ids) > RECENT_IDS_PER_GPU:
+            del ids[0]
+        if sample.end_s > Decimal(self.max_end_s):
+            self.max_end_s = str(sample.end_s)
+
+        util_s = sample.util_pct * sample.interval_s / 100
+        energy_j = sample.power_w * sample.interval_s
+        if sample.project_id is not None:
+            key = f"{sample.project_id}|{sample.gpu_model}|{iso(hour)}"
+            totals = self.hours.get(key)
+            if totals is None:
+                totals = self.hours[key] = ["0", "0", "0", 0]
+            totals[0] = str(Decimal(totals[0]) + sample.interval_s)
+            totals[1] = str(Decimal(totals[1]) + util_s)
+            totals[2] = str(Decimal(totals[2]) + energy_j)
+            totals[3] += 1
+            touched_hours.add(key)
+
+        minute_key = str(bucket_start(start_s, MINUTE))
+        minute = self.minutes.get(minute_key)
+        if minute is None:
+            minute = self.minutes[minute_key] = {
+                "gpus": [],
+                "alloc": [],
+                "online_s": "0",
+                "alloc_s": "0",
+                "util_s": "0",
+                "energy_J": "0",
+                "xid": 0,
+                "samples": 0,
+            }
+        if sample.gpu_uuid not in minute["gpus"]:
+            minute["gpus"].append(sample.gpu_uuid)
+        minute["online_s"] = str(Decimal(minute["online_s"]) + sample.interval_s)
+        if sample.project_id is not None:
+            if sample.gpu_uuid not in minute["alloc"]:
+                minute["alloc"].append(sample.gpu_uuid)
+            minute["alloc_s"] = str(Decimal(minute["alloc_s"]) + sample.interval_s)
+        minute["util_s"] = str(Decimal(minute["util_s"]) + util_s)
+        minute["energy_J"] = str(Decimal(minute["energy_J"]) + energy_j)
+        minute["xid"] += sample.xid_errors
+        minute["samples"] += 1
+        touched_minutes.add(minute_key)
+
+        self.last_samples[sample.gpu_uuid] = [
+            str(sample.end_s),
+            sample.project_id,
+            str(sample.util_pct),
+            sample.xid_errors,
+        ]
+        return Outcome.COUNTED
+
+    def expire(self, hour_retention_s: int, minute_retention_s: int) -> None:
+        """Drop buckets that can no longer change: bounded state as time goes on."""
+        latest = Decimal(self.max_end_s)
+        for key in [k for k in self.hours if latest - _hour_of_key(k) > hour_retention_s + HOUR]:
+            del self.hours[key]
+        for key in [k for k in self.minutes if latest - int(k) > minute_retention_s]:
+            del self.minutes[key]
+
+    def hour_partial(self, key: str) -> dict[str, Any]:
+        gpu_s, util_s, energy_j, samples = self.hours[key]
+        return {"gpu_s": gpu_s, "util_s": util_s, "energy_J": energy_j, "samples": samples}
+
+    def minute_partial(self, key: str) -> dict[str, Any]:
+        minute = self.minutes[key]
+        return {
+            "gpus": len(minute["gpus"]),
+            "alloc": len(minute["alloc"]),
+            "online_s": minute["online_s"],
+            "alloc_s": minute["alloc_s"],
+            "util_s": minute["util_s"],
+            "energy_J": minute["energy_J"],
+            "xid": minute["xid"],
+            "samples": minute["samples"],
+        }
+
+    def signal(self, node: str) -> NodeSignal:
+        latest = Decimal(self.max_end_s)
+        idle: dict[str, str] = {}
+        xid_gpus = []
+        xid_total = 0
+        for gpu_uuid, (end_s, project_id, util_pct, xid) in self.last_samples.items():
+            if Decimal(end_s) != latest:
+                continue  # only the newest round describes the node now
+            if project_id is not None and Decimal(util_pct) < Decimal(IDLE_UTIL_PCT):
+                idle[gpu_uuid] = project_id
+            if xid:
+                xid_gpus.append(gpu_uuid)
+                xid_total += xid
+        return NodeSignal(
+            node=node,
+            last_sample_time=datetime.fromtimestamp(float(latest), UTC),
+            gpus=len(self.last_samples),
+            idle_allocated_gpus=sorted(idle),
+            idle_projects=idle,
+            xid_errors=xid_total,
+            xid_gpus=sorted(xid_gpus),
+        )
+
+
+def _hour_of_key(key: str) -> int:
+    return int(datetime.fromisoformat(key.rsplit("|", 1)[1]).timestamp())
+
+
+def merge_partial(
+    record: dict[str, Any] | None, node: str, partial: dict[str, Any]
+) -> tuple[dict[str, Any], bool]:
+    """Keep each node's latest partial; a higher `samples` count is a later state. Returns (record, changed)."""
+    record = record or {"nodes": {}}
+    current = record["nodes"].get(node)
+    if current is not None and current["samples"] >= partial["samples"]:
+        return record, False
+    record["nodes"][node] = partial
+    return record, True
+
+
+def hourly_total(key: str, record: dict[str, Any]) -> HourlyTotal:
+    project_id, gpu_model, hour_iso = key.split("|")
+    nodes = record["nodes"].values()
+    energy_j = sum((Decimal(p["energy_J"]) for p in nodes), ZERO)
+    samples = sum(p["samples"] for p in nodes)
+    return HourlyTotal(
+        project_id=project_id,
+        gpu_model=gpu_model,
+        hour_start=datetime.fromisoformat(hour_iso),
+        gpu_seconds=sum((Decimal(p["gpu_s"]) for p in nodes), ZERO),
+        util_gpu_seconds=sum((Decimal(p["util_s"]) for p in nodes), ZERO),
+        energy_wh=(energy_j / HOUR).quantize(Decimal("0.000001")),
+        samples=samples,
+        revision=samples,
+    )
+
+
+def cluster_minute(minute_key: str, record: dict[str, Any]) -> ClusterMinute:
+    nodes = record["nodes"].values()
+    online_s = sum((Decimal(p["online_s"]) for p in nodes), ZERO)
+    alloc_s = sum((Decimal(p["alloc_s"]) for p in nodes), ZERO)
+    util_s = sum((Decimal(p["util_s"]) for p in nodes), ZERO)
+    energy_j = sum((Decimal(p["energy_J"]) for p in nodes), ZERO)
+    samples = sum(p["samples"] for p in nodes)
+    return ClusterMinute(
+        minute_start=datetime.fromtimestamp(int(minute_key), UTC),
+        nodes_reporting=len(record["nodes"]),
+        gpus_online=sum(p["gpus"] for p in nodes),
+        gpus_allocated=sum(p["alloc"] for p in nodes),
+        online_gpu_seconds=online_s,
+        allocated_gpu_seconds=alloc_s,
+        allocation_ratio=(alloc_s / online_s).quantize(Decimal("0.0001")) if online_s else ZERO,
+        mean_util_pct=(util_s * 100 / online_s).quantize(Decimal("0.01")) if online_s else ZERO,
+        # energy over the minute / 60 s = the centre's mean power draw in that minute
+        mean_power_w=(energy_j / MINUTE).quantize(Decimal("0.1")),
+        xid_errors=sum(p["xid"] for p in nodes),
+        revision=samples,
+    )

@@ -1,0 +1,49 @@
+"""Metering settings, read once from the environment."""
+
+from __future__ import annotations
+
+from services.common.settings import CommonSettings
+
+
+class MeteringSettings(CommonSettings):
+    app_id: str = "gpumeter-metering"
+    http_port: int = 8081
+    usage_partitions: int = 8
+    internal_partitions: int = 4
+    batch_max: int = 2000
+    batch_within_s: float = 0.2
+    hour_retention_s: int = 6 * 3600  # how late a node's sample may be, relative to its newest one
+    minute_retention_s: int = 15 * 60
+    table_retention_s: int = 35 * 24 * 3600  # cross-node sums kept for late updates
+
+    @property
+    def faust_id(self) -> str:
+        return self.group(self.app_id)
+
+    def internal_topics(self) -> dict[str, int]:
+        """Faust's own topics, created up front: a group joining while topics appear waits 30 s on Tansu."""
+        return {
+            f"{self.faust_id}-__assignor-__leader": 1,
+            f"{self.faust_id}-node-state-changelog": self.usage_partitions,
+            f"{self.faust_id}-hour-totals-changelog": self.internal_partitions,
+            f"{self.faust_id}-minute-totals-changelog": self.internal_partitions,
+        }
+
+    def all_topics(self) -> dict[str, int]:
+        topics = self.topics
+        return {
+            topics.usage: self.usage_partitions,
+            topics.usage_dlq: self.internal_partitions,
+            topics.hourly: self.internal_partitions,
+            topics.cluster_minutely: 1,
+            topics.node_hourly: self.internal_partitions,
+            topics.node_minutely: self.internal_partitions,
+            topics.node_signals: self.internal_partitions,
+            **self.internal_topics(),
+        }
+
+    def compacted_topics(self) -> set[str]:
+        return {
+            self.topics.hourly,
+            *(t for t in self.internal_topics() if t.endswith("-changelog")),
+        }

@@ -1,0 +1,75 @@
+"""One broker and one PostgreSQL per test session; each test gets its own topics and database."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from gpumeter.localstack import EmbeddedPostgres, TansuBroker, free_port
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gpumeter")
+
+
+@pytest.fixture(scope="session")
+def bootstrap_servers(workdir: Path) -> Iterator[str]:
+    """KAFKA_BOOTSTRAP_SERVERS names an existing broker; otherwise a Tansu broker is started."""
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    broker = TansuBroker(workdir / "tansu.log").start()
+    yield broker.bootstrap_servers
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(workdir: Path) -> Iterator[EmbeddedPostgres | None]:
+    if os.environ.get("DATABASE_URL"):
+        yield None
+        return
+    server = EmbeddedPostgres(workdir / "pgdata").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def admin_dsn(postgres_server: EmbeddedPostgres | None) -> str:
+    return postgres_server.dsn() if postgres_server else os.environ["DATABASE_URL"]
+
+
+@pytest.fixture
+def database_url(admin_dsn: str) -> Iterator[str]:
+    """A fresh, empty database for this test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    base = admin_dsn.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """Topics, consumer groups and Faust app ids of this test start with this."""
+    return f"t{uuid.uuid4().hex[:8]}."
+
+
+@pytest.fixture
+def http_port() -> int:
+    return free_port()

@@ -1,0 +1,159 @@
+"""Metering's pure logic: window boundaries, dedup, and totals that replay to the same numbers."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas.codec import decode_usage_event
+from services.agent.simulator import usage_event
+from services.metering import domain
+
+RETENTION = 6 * 3600
+
+
+def view(
+    at: datetime,
+    *,
+    gpu: str = "GPU-1",
+    node: str = "n1",
+    interval: float = 10.0,
+    project: str | None = "p1",
+    util: float = 50.0,
+) -> domain.SampleView:
+    event = usage_event(
+        node=node,
+        gpu_uuid=gpu,
+        gpu_index=0,
+        gpu_model="H800",
+        at=at,
+        interval_s=interval,
+        project_id=project,
+        job_id="j" if project else None,
+        util_pct=util,
+        mem_used_mib=1,
+        power_w=100.0,
+        temp_c=40,
+        xid_errors=0,
+    )
+    return domain.SampleView.of(decode_usage_event(event, now=at + timedelta(days=1)))
+
+
+def apply_all(state: domain.NodeState, samples: list[domain.SampleView]) -> list[domain.Outcome]:
+    return [state.apply(s, RETENTION, set(), set()) for s in samples]
+
+
+def test_a_sample_belongs_to_the_hour_in_which_its_interval_starts() -> None:
+    """CONTRACTS §4: 16:00:00Z (10 s) is the 15:00 hour (November HK), 16:00:10Z the 16:00 hour."""
+    state = domain.NodeState()
+    base = datetime(2026, 11, 30, 15, 59, 59, tzinfo=UTC)
+    apply_all(
+        state,
+        [
+            view(base),
+            view(base + timedelta(seconds=1), gpu="GPU-2"),
+            view(base + timedelta(seconds=11), gpu="GPU-3"),
+        ],
+    )
+    assert sorted(state.hours) == [
+        "p1|H800|2026-11-30T15:00:00+00:00",
+        "p1|H800|2026-11-30T16:00:00+00:00",
+    ]
+    assert state.hours["p1|H800|2026-11-30T15:00:00+00:00"][3] == 2
+    assert state.hours["p1|H800|2026-11-30T16:00:00+00:00"][3] == 1
+
+
+def test_a_redelivered_sample_is_a_duplicate_and_an_unseen_older_one_is_out_of_order() -> None:
+    state = domain.NodeState()
+    t = datetime(2026, 11, 28, 2, 0, 10, tzinfo=UTC)
+    outcomes = apply_all(
+        state, [view(t), view(t + timedelta(seconds=10)), view(t), view(t - timedelta(seconds=10))]
+    )
+    assert outcomes == [
+        domain.Outcome.COUNTED,
+        domain.Outcome.COUNTED,
+        domain.Outcome.DUPLICATE,
+        domain.Outcome.OUT_OF_ORDER,
+    ]
+    assert state.hours["p1|H800|2026-11-28T02:00:00+00:00"][:2] == ["20.0", "10.00"]
+
+
+def test_unallocated_samples_count_for_utilization_but_never_for_billing() -> None:
+    state = domain.NodeState()
+    t = datetime(2026, 11, 28, 2, 0, 10, tzinfo=UTC)
+    apply_all(state, [view(t, project=None, util=2.0), view(t, gpu="GPU-2")])
+    assert list(state.hours) == ["p1|H800|2026-11-28T02:00:00+00:00"]
+    minute = state.minute_partial(next(iter(state.minutes)))
+    assert minute["gpus"] == 2 and minute["alloc"] == 1 and minute["online_s"] == "20.0"
+
+
+def test_dedup_memory_stays_bounded_per_gpu() -> None:
+    state = domain.NodeState()
+    t = datetime(2026, 11, 28, 0, 0, 10, tzinfo=UTC)
+    apply_all(state, [view(t + timedelta(seconds=10 * i)) for i in range(1000)])
+    state.expire(RETENTION, 900)
+    assert len(state.gpus["/nodes/n1|GPU-1"]["ids"]) == domain.RECENT_IDS_PER_GPU
+    assert len(state.minutes) <= 16
+
+
+def test_hourly_sums_keep_the_latest_partial_per_node_whatever_the_delivery_order() -> None:
+    partials = [
+        {"gpu_s": str(10 * n), "util_s": "0", "energy_J": "0", "samples": n} for n in range(1, 6)
+    ]
+    in_order, record = None, None
+    for p in partials:
+        in_order, _ = domain.merge_partial(in_order, "n1", p)
+    shuffled = partials * 2
+    random.Random(3).shuffle(shuffled)
+    for p in shuffled:
+        record, _ = domain.merge_partial(record, "n1", p)
+    key = "p1|H800|2026-11-28T02:00:00+00:00"
+    assert domain.hourly_total(key, record) == domain.hourly_total(key, in_order)
+    assert domain.hourly_total(key, record).gpu_seconds == Decimal(50)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    intervals=st.lists(
+        st.sampled_from([0.5, 1.0, 10.0, 15.0, 60.0, 3600.0]), min_size=1, max_size=40
+    ),
+    redeliver=st.lists(st.integers(min_value=0, max_value=39), max_size=20),
+)
+def test_totals_equal_the_sum_of_distinct_samples_however_often_they_are_delivered(
+    intervals, redeliver
+) -> None:
+    t = datetime(2026, 11, 28, 0, 0, 0, tzinfo=UTC)
+    samples = []
+    for interval in intervals:
+        t += timedelta(seconds=interval)
+        samples.append(view(t, interval=interval))
+    deliveries = list(samples)
+    for index in redeliver:
+        if index < len(samples):
+            position = min(len(deliveries), deliveries.index(samples[index]) + 1)
+            deliveries.insert(position, samples[index])
+    state = domain.NodeState()
+    apply_all(state, deliveries)
+    counted = sum(Decimal(totals[0]) for totals in state.hours.values())
+    assert counted == sum(Decimal(repr(i)) for i in intervals)
+    assert sum(totals[3] for totals in state.hours.values()) == len(intervals)
+
+
+def test_cluster_minute_allocation_ratio_is_allocated_over_online_gpu_seconds() -> None:
+    state = domain.NodeState()
+    t = datetime(2026, 11, 28, 2, 0, 10, tzinfo=UTC)
+    touched: set[str] = set()
+    for gpu in range(10):
+        state.apply(
+            view(t, gpu=f"GPU-{gpu}", project="p1" if gpu < 9 else None), RETENTION, set(), touched
+        )
+    record, _ = domain.merge_partial(None, "n1", state.minute_partial(touched.pop()))
+    minute = domain.cluster_minute(
+        str(int(datetime(2026, 11, 28, 2, 0, tzinfo=UTC).timestamp())), record
+    )
+    assert minute.allocation_ratio == Decimal("0.9000")
+    assert minute.gpus_online == 10 and minute.gpus_allocated == 9
