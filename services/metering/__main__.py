@@ -10,6 +10,14 @@ from services.common.kafka_admin import ensure_topics
 from services.metering.app import DEAD_LETTER_MAX_BYTES, create_app
 from services.metering.settings import MeteringSettings
 
+FAUST_LOG_LEVELS = {
+    "CRITICAL": "crit",
+    "ERROR": "error",
+    "WARNING": "warn",
+    "INFO": "info",
+    "DEBUG": "debug",
+}
+
 
 def main() -> None:
     settings = MeteringSettings()
@@ -25,7 +33,8 @@ def main() -> None:
         )
     )
     app = create_app(settings)
-    sys.argv = [sys.argv[0], "worker", "--loglevel", settings.log_level.lower()]
+    level = FAUST_LOG_LEVELS.get(settings.log_level.upper(), "info")
+    sys.argv = [sys.argv[0], "worker", "--loglevel", level]
     app.main()
 
 

@@ -126,8 +126,12 @@ def create_app(settings: MeteringSettings) -> faust.App:
     resent_since_assignment: set[str] = set()
     hour_keys_since_assignment: set[str] = set()
 
+    # Parsed node states, so a batch does not re-parse its record; the table stays the truth.
+    live_states: dict[str, domain.NodeState] = {}
+
     async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
         resent_since_assignment.clear()
+        live_states.clear()
         hour_keys_since_assignment.clear()
 
     app.on_partitions_assigned.connect(on_assigned)  # type: ignore[arg-type]
@@ -170,8 +174,9 @@ def create_app(settings: MeteringSettings) -> faust.App:
                 by_node[usage.data.node].append((domain.SampleView.of(usage), event))
         newest = None
         for node, samples in by_node.items():
-            record = node_state.data.get(node)
-            state = domain.NodeState(record)
+            state = live_states.get(node)
+            if state is None:
+                state = live_states[node] = domain.NodeState(node_state.data.get(node))
             touched_hours: set[str] = set()
             touched_minutes: set[str] = set()
             for sample, event in samples:

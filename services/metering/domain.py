@@ -20,6 +20,7 @@ from typing import Any
 from schemas.metering import ClusterMinute, HourlyTotal, NodeSignal
 from schemas.usage import UsageEvent
 
+_MINUTE_DECIMALS = frozenset({"online_s", "alloc_s", "util_s", "energy_J"})
 RECENT_IDS_PER_GPU = 128  # bounded dedup memory: O(GPUs), not O(events)
 IDLE_UTIL_PCT = 5.0
 ZERO = Decimal(0)
@@ -105,18 +106,37 @@ class NodeState:
 
     def __init__(self, record: dict[str, Any] | None = None) -> None:
         record = record or {}
-        self.gpus: dict[str, dict[str, Any]] = record.get("gpus", {})
-        self.hours: dict[str, list[Any]] = record.get("hours", {})
-        self.minutes: dict[str, dict[str, Any]] = record.get("minutes", {})
-        self.max_end_s: str = record.get("max_end_s", "0")
+        # Decimals are kept live in memory and turned into strings only when the record is written.
+        self.gpus: dict[str, dict[str, Any]] = {
+            key: {"t": Decimal(cursor["t"]), "ids": list(cursor["ids"])}
+            for key, cursor in record.get("gpus", {}).items()
+        }
+        self.hours: dict[str, list[Any]] = {
+            key: [Decimal(t[0]), Decimal(t[1]), Decimal(t[2]), t[3]]
+            for key, t in record.get("hours", {}).items()
+        }
+        self.minutes: dict[str, dict[str, Any]] = {
+            key: {
+                name: (Decimal(v) if name in _MINUTE_DECIMALS else v) for name, v in minute.items()
+            }
+            for key, minute in record.get("minutes", {}).items()
+        }
+        self.max_end_s = Decimal(record.get("max_end_s", "0"))
         self.last_samples: dict[str, list[Any]] = record.get("last", {})
 
     def to_record(self) -> dict[str, Any]:
         return {
-            "gpus": self.gpus,
-            "hours": self.hours,
-            "minutes": self.minutes,
-            "max_end_s": self.max_end_s,
+            "gpus": {key: {"t": str(c["t"]), "ids": c["ids"]} for key, c in self.gpus.items()},
+            "hours": {
+                key: [str(t[0]), str(t[1]), str(t[2]), t[3]] for key, t in self.hours.items()
+            },
+            "minutes": {
+                key: {
+                    name: (str(v) if name in _MINUTE_DECIMALS else v) for name, v in minute.items()
+                }
+                for key, minute in self.minutes.items()
+            },
+            "max_end_s": str(self.max_end_s),
             "last": self.last_samples,
         }
 
@@ -128,21 +148,21 @@ class NodeState:
         touched_minutes: set[str],
     ) -> Outcome:
         cursor = self.gpus.get(sample.gpu_key)
-        if cursor is not None and sample.end_s <= Decimal(cursor["t"]):
+        if cursor is not None and sample.end_s <= cursor["t"]:
             return Outcome.DUPLICATE if sample.event_id in cursor["ids"] else Outcome.OUT_OF_ORDER
         start_s = sample.end_s - sample.interval_s
         hour = bucket_start(start_s, HOUR)
-        if Decimal(self.max_end_s) - hour > hour_retention_s:
+        if self.max_end_s - hour > hour_retention_s:
             return Outcome.BEYOND_RETENTION
         if cursor is None:
-            cursor = self.gpus[sample.gpu_key] = {"t": "0", "ids": []}
-        cursor["t"] = str(sample.end_s)
+            cursor = self.gpus[sample.gpu_key] = {"t": ZERO, "ids": []}
+        cursor["t"] = sample.end_s
         ids = cursor["ids"]
         ids.append(sample.event_id)
         if len(ids) > RECENT_IDS_PER_GPU:
             del ids[0]
-        if sample.end_s > Decimal(self.max_end_s):
-            self.max_end_s = str(sample.end_s)
+        if sample.end_s > self.max_end_s:
+            self.max_end_s = sample.end_s
 
         util_s = sample.util_pct * sample.interval_s / 100
         energy_j = sample.power_w * sample.interval_s
@@ -150,10 +170,10 @@ class NodeState:
             key = f"{sample.project_id}|{sample.gpu_model}|{iso(hour)}"
             totals = self.hours.get(key)
             if totals is None:
-                totals = self.hours[key] = ["0", "0", "0", 0]
-            totals[0] = str(Decimal(totals[0]) + sample.interval_s)
-            totals[1] = str(Decimal(totals[1]) + util_s)
-            totals[2] = str(Decimal(totals[2]) + energy_j)
+                totals = self.hours[key] = [ZERO, ZERO, ZERO, 0]
+            totals[0] += sample.interval_s
+            totals[1] += util_s
+            totals[2] += energy_j
             totals[3] += 1
             touched_hours.add(key)
 
@@ -163,22 +183,22 @@ class NodeState:
             minute = self.minutes[minute_key] = {
                 "gpus": [],
                 "alloc": [],
-                "online_s": "0",
-                "alloc_s": "0",
-                "util_s": "0",
-                "energy_J": "0",
+                "online_s": ZERO,
+                "alloc_s": ZERO,
+                "util_s": ZERO,
+                "energy_J": ZERO,
                 "xid": 0,
                 "samples": 0,
             }
         if sample.gpu_uuid not in minute["gpus"]:
             minute["gpus"].append(sample.gpu_uuid)
-        minute["online_s"] = str(Decimal(minute["online_s"]) + sample.interval_s)
+        minute["online_s"] += sample.interval_s
         if sample.project_id is not None:
             if sample.gpu_uuid not in minute["alloc"]:
                 minute["alloc"].append(sample.gpu_uuid)
-            minute["alloc_s"] = str(Decimal(minute["alloc_s"]) + sample.interval_s)
-        minute["util_s"] = str(Decimal(minute["util_s"]) + util_s)
-        minute["energy_J"] = str(Decimal(minute["energy_J"]) + energy_j)
+            minute["alloc_s"] += sample.interval_s
+        minute["util_s"] += util_s
+        minute["energy_J"] += energy_j
         minute["xid"] += sample.xid_errors
         minute["samples"] += 1
         touched_minutes.add(minute_key)
@@ -193,7 +213,7 @@ class NodeState:
 
     def expire(self, hour_retention_s: int, minute_retention_s: int) -> None:
         """Drop buckets that can no longer change: bounded state as time goes on."""
-        latest = Decimal(self.max_end_s)
+        latest = self.max_end_s
         for key in [k for k in self.hours if latest - _hour_of_key(k) > hour_retention_s + HOUR]:
             del self.hours[key]
         for key in [k for k in self.minutes if latest - int(k) > minute_retention_s]:
@@ -201,23 +221,28 @@ class NodeState:
 
     def hour_partial(self, key: str) -> dict[str, Any]:
         gpu_s, util_s, energy_j, samples = self.hours[key]
-        return {"gpu_s": gpu_s, "util_s": util_s, "energy_J": energy_j, "samples": samples}
+        return {
+            "gpu_s": str(gpu_s),
+            "util_s": str(util_s),
+            "energy_J": str(energy_j),
+            "samples": samples,
+        }
 
     def minute_partial(self, key: str) -> dict[str, Any]:
         minute = self.minutes[key]
         return {
             "gpus": len(minute["gpus"]),
             "alloc": len(minute["alloc"]),
-            "online_s": minute["online_s"],
-            "alloc_s": minute["alloc_s"],
-            "util_s": minute["util_s"],
-            "energy_J": minute["energy_J"],
+            "online_s": str(minute["online_s"]),
+            "alloc_s": str(minute["alloc_s"]),
+            "util_s": str(minute["util_s"]),
+            "energy_J": str(minute["energy_J"]),
             "xid": minute["xid"],
             "samples": minute["samples"],
         }
 
     def signal(self, node: str) -> NodeSignal:
-        latest = Decimal(self.max_end_s)
+        latest = self.max_end_s
         idle: dict[str, str] = {}
         xid_gpus = []
         xid_total = 0

@@ -79,7 +79,7 @@ def test_a_redelivered_sample_is_a_duplicate_and_an_unseen_older_one_is_out_of_o
         domain.Outcome.DUPLICATE,
         domain.Outcome.OUT_OF_ORDER,
     ]
-    assert state.hours["p1|H800|2026-11-28T02:00:00+00:00"][:2] == ["20.0", "10.00"]
+    assert state.hours["p1|H800|2026-11-28T02:00:00+00:00"][:2] == [Decimal(20), Decimal(10)]
 
 
 def test_unallocated_samples_count_for_utilization_but_never_for_billing() -> None:
