@@ -1,0 +1,439 @@
+"""Billing HTTP API (CONTRACTS §5): invoices, finalization, usage, subsidy report, catalog."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import secrets
+from collections.abc import Callable
+from decimal import Decimal
+from fractions import Fraction
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from schemas.catalog import Catalog
+from schemas.invoice import Invoice
+from services.billing import catalog as catalog_files
+from services.billing import domain, metrics, service, store
+from services.billing.export import invoices_csv
+from services.billing.settings import (
+    PROJECT_ROLE_PREFIX,
+    ROLE_ADMIN,
+    ROLE_BILLING,
+    BillingSettings,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_USAGE_ROWS = 50_000
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: Any, headers: dict[str, str] | None = None):
+        super().__init__(f"{error}: {detail}")
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.headers = headers
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: Any = None
+
+
+class InvoiceList(BaseModel):
+    period: str
+    invoices: list[Invoice]
+
+
+class FinalizeResponse(BaseModel):
+    period: str
+    invoice_ids: list[str]
+    forced: bool
+
+
+class UsageHourRow(BaseModel):
+    gpu_model: str
+    hour_start: dt.datetime
+    gpu_seconds: str
+    gpu_hours: str
+    util_gpu_seconds: str
+    energy_wh: str
+    samples: int
+    revision: int
+
+
+class UsageResponse(BaseModel):
+    project_id: str
+    start: dt.datetime | None = Field(None, description="inclusive lower bound on hour_start")
+    end: dt.datetime | None = Field(None, description="exclusive upper bound on hour_start")
+    hours: list[UsageHourRow]
+    truncated: bool
+
+
+class SubsidyReportRow(BaseModel):
+    project_id: str
+    scheme: str | None
+    subsidy_rate: str | None
+    cap_hkd: str | None
+    invoice_id: str | None
+    invoice_status: str | None
+    subsidised_gpu_hours: str
+    subsidy_hkd: str
+    cap_remaining_hkd: str | None = Field(description="after this period's subsidy")
+
+
+class SubsidyReportTotals(BaseModel):
+    subsidised_gpu_hours: str
+    subsidy_hkd: str
+
+
+class SubsidyReport(BaseModel):
+    period: str
+    projects: list[SubsidyReportRow]
+    totals: SubsidyReportTotals
+
+
+class CatalogApplied(BaseModel):
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+    unchanged: int
+    invoices_changed: list[str]
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 422, 503)
+}
+
+
+def error_response(
+    status: int, error: str, detail: Any, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+def period_param(period: str) -> str:
+    try:
+        return domain.parse_period(period)
+    except domain.InvalidPeriod as exc:
+        raise ApiError(400, "invalid_period", str(exc)) from None
+
+
+class Principal:
+    def __init__(self, role: str) -> None:
+        self.role = role
+
+    @property
+    def reads_all(self) -> bool:
+        return self.role in (ROLE_ADMIN, ROLE_BILLING)
+
+    @property
+    def project_id(self) -> str | None:
+        return self.role.removeprefix(PROJECT_ROLE_PREFIX) if not self.reads_all else None
+
+    def require_admin(self) -> None:
+        if self.role != ROLE_ADMIN:
+            raise ApiError(403, "forbidden", "this needs an admin token")
+
+    def require_read_all(self) -> None:
+        if not self.reads_all:
+            raise ApiError(403, "forbidden", "this needs an admin or billing token")
+
+    def require_project(self, project_id: str) -> None:
+        if not self.reads_all and self.project_id != project_id:
+            raise ApiError(403, "forbidden", f"this token may not read project {project_id!r}")
+
+
+BEARER = HTTPBearer(auto_error=False, description="TOKEN from API_TOKENS")
+
+
+def principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+) -> Principal:
+    """The caller's role from its bearer token: 401 without one or with an unknown one."""
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None:
+        raise ApiError(401, "unauthorized", "send Authorization: Bearer TOKEN", challenge)
+    tokens: dict[str, str] = request.app.state.api_tokens
+    for token, role in tokens.items():
+        if secrets.compare_digest(token.encode(), credentials.credentials.encode()):
+            return Principal(role)
+    raise ApiError(401, "unauthorized", "unknown token", challenge)
+
+
+Caller = Annotated[Principal, Depends(principal)]
+
+
+def create_api(
+    settings: BillingSettings,
+    store_: store.Store,
+    on_finalized: Callable[[], None] | None = None,
+    health: Callable[[], dict[str, Any]] | None = None,
+) -> FastAPI:
+    app = FastAPI(
+        title="gpumeter billing",
+        version="1.0.0",
+        description="Invoices with AISS subsidy for GPU usage (CONTRACTS §4-5). Money is HKD text.",
+    )
+    app.state.api_tokens = dict(settings.api_tokens)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.error, exc.detail, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        names = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(
+            exc.status_code,
+            names.get(exc.status_code, "http_error"),
+            exc.detail,
+            dict(exc.headers) if exc.headers else None,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors()
+        ]
+        return error_response(422, "invalid_request", "; ".join(problems))
+
+    @app.exception_handler(service.PeriodAlreadyFinalized)
+    async def _already(_request: Request, exc: service.PeriodAlreadyFinalized) -> JSONResponse:
+        return error_response(409, "period_already_finalized", str(exc))
+
+    @app.exception_handler(service.UnpricedUsage)
+    async def _unpriced(_request: Request, exc: service.UnpricedUsage) -> JSONResponse:
+        return error_response(
+            409, "unpriced_usage", {"message": str(exc), "unpriced_models": exc.unpriced}
+        )
+
+    async def _database_down(_request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %r", exc)
+        return error_response(503, "database_unavailable", "try again shortly")
+
+    for error_type in store.RETRYABLE_DB_ERRORS:
+        app.add_exception_handler(error_type, _database_down)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> JSONResponse:
+        report: dict[str, Any] = {"status": "ok", "database": await store_.ping()}
+        if health is not None:
+            report.update(health())
+        if not report["database"] or not all(v for k, v in report.items() if k != "status"):
+            report["status"] = "degraded"
+        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    async def prometheus_metrics() -> Response:
+        try:
+            async with store_.acquire() as conn:
+                metrics.UNPRICED_DRAFTS.set(await store.count_unpriced_drafts(conn))
+        except store.RETRYABLE_DB_ERRORS:
+            pass  # the gauge keeps its last value while the database is away
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/invoices", response_model=InvoiceList, responses=ERRORS, tags=["invoices"])
+    async def list_invoices(
+        caller: Caller, period: str, project_id: str | None = None
+    ) -> InvoiceList:
+        period = period_param(period)
+        if project_id is not None:
+            caller.require_project(project_id)
+        elif not caller.reads_all:
+            project_id = caller.project_id
+        async with store_.acquire() as conn:
+            found = await store.load_invoices(conn, period=period, project_id=project_id)
+        return InvoiceList(period=period, invoices=[invoice.document() for invoice in found])
+
+    async def one_invoice(caller: Principal, invoice_id: str) -> Invoice:
+        async with store_.acquire() as conn:
+            found = await store.load_invoice(conn, invoice_id)
+        if found is None:
+            raise ApiError(404, "not_found", f"no invoice {invoice_id!r}")
+        caller.require_project(found.project_id)
+        return found.document()
+
+    @app.get(
+        "/v1/invoices/{invoice_id}.csv",
+        response_class=Response,
+        responses={**ERRORS, 200: {"content": {"text/csv": {}}}},
+        tags=["invoices"],
+    )
+    async def invoice_as_csv(caller: Caller, invoice_id: str) -> Response:
+        invoice = await one_invoice(caller, invoice_id)
+        return Response(
+            invoices_csv([invoice]),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{invoice_id}.csv"'},
+        )
+
+    @app.get(
+        "/v1/invoices/{invoice_id}", response_model=Invoice, responses=ERRORS, tags=["invoices"]
+    )
+    async def get_invoice(caller: Caller, invoice_id: str) -> Invoice:
+        return await one_invoice(caller, invoice_id)
+
+    @app.post(
+        "/v1/periods/{period}/finalize",
+        response_model=FinalizeResponse,
+        responses=ERRORS,
+        tags=["periods"],
+    )
+    async def finalize(caller: Caller, period: str, force: bool = False) -> FinalizeResponse:
+        caller.require_admin()
+        period = period_param(period)
+        async with store_.acquire() as conn:
+            result = await service.finalize_period(conn, period, force)
+        metrics.PERIODS_FINALIZED.inc()
+        if on_finalized is not None:
+            on_finalized()
+        return FinalizeResponse(
+            period=result.period, invoice_ids=result.invoice_ids, forced=result.forced
+        )
+
+    @app.get(
+        "/v1/projects/{project_id}/usage",
+        response_model=UsageResponse,
+        responses=ERRORS,
+        tags=["usage"],
+    )
+    async def project_usage(
+        caller: Caller,
+        project_id: str,
+        start: Annotated[
+            dt.datetime | None,
+            Query(alias="from", description="RFC 3339; hours starting at or after it"),
+        ] = None,
+        end: Annotated[
+            dt.datetime | None, Query(alias="to", description="RFC 3339; hours starting before it")
+        ] = None,
+    ) -> UsageResponse:
+        caller.require_project(project_id)
+        start, end = as_utc(start), as_utc(end)
+        if start is not None and end is not None and end < start:
+            raise ApiError(400, "invalid_range", "'to' is before 'from'")
+        async with store_.acquire() as conn:
+            rows = await store.usage_rows(conn, project_id, start, end, MAX_USAGE_ROWS + 1)
+        hours = [
+            UsageHourRow(
+                gpu_model=row["gpu_model"],
+                hour_start=row["hour_start"],
+                gpu_seconds=str(row["gpu_seconds"]),
+                gpu_hours=domain.gpu_hours_text(row["gpu_seconds"]),
+                util_gpu_seconds=str(row["util_gpu_seconds"]),
+                energy_wh=str(row["energy_wh"]),
+                samples=row["samples"],
+                revision=row["revision"],
+            )
+            for row in rows[:MAX_USAGE_ROWS]
+        ]
+        return UsageResponse(
+            project_id=project_id,
+            start=start,
+            end=end,
+            hours=hours,
+            truncated=len(rows) > MAX_USAGE_ROWS,
+        )
+
+    @app.get("/v1/subsidy/report", response_model=SubsidyReport, responses=ERRORS, tags=["subsidy"])
+    async def subsidy_report(caller: Caller, period: str) -> SubsidyReport:
+        caller.require_read_all()
+        period = period_param(period)
+        async with store_.acquire() as conn:
+            invoices = {i.project_id: i for i in await store.load_invoices(conn, period=period)}
+            projects = {p.id: p for p in await store.projects(conn)}
+            rows = []
+            for project_id in sorted(
+                set(invoices) | {p.id for p in projects.values() if p.subsidy}
+            ):
+                project, invoice = projects.get(project_id), invoices.get(project_id)
+                subsidy = project.subsidy if project else None
+                subsidised_seconds = (
+                    sum(
+                        (line.gpu_seconds for line in invoice.lines if line.subsidised),
+                        Decimal(0),
+                    )
+                    if invoice
+                    else Decimal(0)
+                )
+                if invoice is not None:
+                    cap_remaining = invoice.subsidy_cap_remaining_hkd
+                elif subsidy is not None:
+                    used = await store.subsidy_used_through(conn, project_id, period)
+                    cap_remaining = subsidy.cap_hkd - used
+                else:
+                    cap_remaining = None
+                rows.append(
+                    SubsidyReportRow(
+                        project_id=project_id,
+                        scheme=subsidy.scheme if subsidy else None,
+                        subsidy_rate=str(subsidy.rate) if subsidy else None,
+                        cap_hkd=domain.money(subsidy.cap_hkd) if subsidy else None,
+                        invoice_id=invoice.invoice_id if invoice else None,
+                        invoice_status=invoice.status if invoice else None,
+                        subsidised_gpu_hours=domain.gpu_hours_text(subsidised_seconds),
+                        subsidy_hkd=domain.money(invoice.subsidy_hkd if invoice else Decimal(0)),
+                        cap_remaining_hkd=None
+                        if cap_remaining is None
+                        else domain.money(cap_remaining),
+                    )
+                )
+        total_seconds = sum(
+            (
+                line.gpu_seconds
+                for invoice in invoices.values()
+                for line in invoice.lines
+                if line.subsidised
+            ),
+            Decimal(0),
+        )
+        total_subsidy = sum((invoice.subsidy_hkd for invoice in invoices.values()), Decimal(0))
+        return SubsidyReport(
+            period=period,
+            projects=rows,
+            totals=SubsidyReportTotals(
+                subsidised_gpu_hours=str(domain.round_half_up(Fraction(total_seconds) / 3600, 6)),
+                subsidy_hkd=domain.money(total_subsidy),
+            ),
+        )
+
+    @app.get("/v1/catalog", response_model=Catalog, responses=ERRORS, tags=["catalog"])
+    async def get_catalog(caller: Caller) -> Catalog:
+        caller.require_read_all()
+        async with store_.acquire() as conn:
+            return await catalog_files.read_catalog(conn)
+
+    @app.put("/v1/catalog", response_model=CatalogApplied, responses=ERRORS, tags=["catalog"])
+    async def put_catalog(caller: Caller, catalog: Catalog, prune: bool = False) -> CatalogApplied:
+        """Apply a catalog (same rules as `gpumeter catalog apply`): idempotent upsert."""
+        caller.require_admin()
+        async with store_.acquire() as conn:
+            changes = await catalog_files.apply_catalog(conn, catalog, prune=prune)
+        return CatalogApplied(
+            added=changes.added,
+            changed=changes.changed,
+            removed=changes.removed,
+            unchanged=changes.unchanged,
+            invoices_changed=changes.invoices_changed,
+        )
+
+    return app
+
+
+def as_utc(moment: dt.datetime | None) -> dt.datetime | None:
+    """Query times without an offset are read as UTC."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)

@@ -1,0 +1,76 @@
+"""Composition root: builds the billing service's parts from settings and runs them in one loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+
+import uvicorn
+
+from services.billing import store
+from services.billing.api import create_api
+from services.billing.consumer import HourlyConsumer
+from services.billing.publisher import InvoicePublisher
+from services.billing.settings import BillingSettings
+from services.common.kafka_admin import ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the service stops all its parts on SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def run(settings: BillingSettings) -> None:
+    """Migrate, create topics, then serve the API, consume hourly totals and publish invoices."""
+    await store.migrate_with_retry(settings.database_url)
+    await ensure_topics(
+        settings.kafka_bootstrap_servers,
+        {
+            settings.topics.hourly: settings.topic_partitions,
+            settings.topics.invoices: settings.topic_partitions,
+        },
+        compacted={settings.topics.hourly},
+    )
+    store_ = await store.Store(settings.database_url, settings.database_pool_size).open()
+    publisher = InvoicePublisher(settings, store_)
+    consumer = HourlyConsumer(settings, store_)
+
+    def health() -> dict[str, object]:
+        return {"consumer": consumer.alive, "publisher": publisher.alive}
+
+    api = create_api(settings, store_, on_finalized=publisher.wake, health=health)
+    server = _Server(
+        uvicorn.Config(
+            api,
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level=settings.log_level.lower(),
+            access_log=False,
+            lifespan="off",
+        )
+    )
+    loop = asyncio.get_running_loop()
+
+    def request_stop(signum: int) -> None:
+        log.info("signal %d: stopping", signum)
+        server.should_exit = True
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, request_stop, signum)
+    publisher.start()
+    consumer.start()
+    try:
+        await server.serve()
+    finally:
+        await consumer.stop()
+        await publisher.stop()
+        await store_.close()
+        log.info("billing stopped")

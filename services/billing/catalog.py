@@ -1,0 +1,152 @@
+"""Catalog files (CONTRACTS §3): load with errors that name the bad field, apply idempotently."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import yaml
+from pydantic import ValidationError
+
+from schemas.catalog import Catalog, Project, RateCard
+from services.billing import service, store
+from services.billing.store import Connection
+
+
+class CatalogError(ValueError):
+    """A catalog file that cannot be read or does not validate; `errors` lists every problem."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        super().__init__(f"{source}: " + "; ".join(errors))
+        self.source = source
+        self.errors = errors
+
+
+def format_location(location: tuple[int | str, ...]) -> str:
+    """('rate_cards', 2, 'hkd_per_gpu_hour') -> 'rate_cards[2].hkd_per_gpu_hour'."""
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(catalog)"
+
+
+def describe_validation_error(exc: ValidationError) -> list[str]:
+    return [f"{format_location(tuple(error['loc']))}: {error['msg']}" for error in exc.errors()]
+
+
+class _CatalogLoader(yaml.SafeLoader):
+    """SafeLoader that leaves dates as text, so a bad date is reported with its field's name."""
+
+
+_CatalogLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def parse_catalog(text: str, source: str = "catalog") -> Catalog:
+    """YAML (or JSON, which is YAML) text -> Catalog, or CatalogError listing every problem."""
+    try:
+        document = yaml.load(text, Loader=_CatalogLoader)  # a SafeLoader subclass
+    except (yaml.YAMLError, ValueError) as exc:
+        raise CatalogError(source, [f"not valid YAML: {exc}"]) from None
+    if not isinstance(document, dict):
+        raise CatalogError(source, ["expected a mapping with currency, rate_cards and projects"])
+    try:
+        return Catalog.model_validate(document)
+    except ValidationError as exc:
+        raise CatalogError(source, describe_validation_error(exc)) from None
+
+
+def load_catalog_file(path: str | Path) -> Catalog:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CatalogError(str(path), [f"cannot read the file: {exc}"]) from None
+    return parse_catalog(text, str(path))
+
+
+@dataclass
+class CatalogChanges:
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    invoices_changed: list[str] = field(default_factory=list)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.added or self.changed or self.removed)
+
+    def summary(self) -> str:
+        if not self.any:
+            return f"catalog unchanged ({self.unchanged} entries)"
+        parts = [
+            f"{len(self.added)} added",
+            f"{len(self.changed)} changed",
+            f"{len(self.removed)} removed",
+            f"{self.unchanged} unchanged",
+            f"{len(self.invoices_changed)} draft invoices recomputed",
+        ]
+        return "catalog applied: " + ", ".join(parts)
+
+
+def card_name(card: RateCard) -> str:
+    return f"rate card {card.gpu_model} from {card.effective_from.isoformat()}"
+
+
+async def apply_catalog(
+    conn_or_dsn: Connection | str, catalog: Catalog, prune: bool = False
+) -> CatalogChanges:
+    """Upsert rate cards and projects; entries missing from the file are kept unless `prune`.
+
+    Applying the same catalog twice changes nothing. Draft invoices are recomputed when it changes.
+    """
+    if isinstance(conn_or_dsn, str):
+        conn = await asyncpg.connect(conn_or_dsn)
+        try:
+            return await _apply(conn, catalog, prune)
+        finally:
+            await conn.close()
+    return await _apply(conn_or_dsn, catalog, prune)
+
+
+async def _apply(conn: Any, catalog: Catalog, prune: bool) -> CatalogChanges:
+    changes = CatalogChanges()
+    async with conn.transaction():
+        await store.lock_writes(conn)
+        cards = {(c.gpu_model, c.effective_from): c for c in await store.rate_cards(conn)}
+        for card in catalog.rate_cards:
+            current = cards.pop((card.gpu_model, card.effective_from), None)
+            if current == card:
+                changes.unchanged += 1
+                continue
+            await store.upsert_rate_card(conn, card)
+            (changes.added if current is None else changes.changed).append(card_name(card))
+        projects: dict[str, Project] = {p.id: p for p in await store.projects(conn)}
+        for project in catalog.projects:
+            current_project = projects.pop(project.id, None)
+            if current_project == project:
+                changes.unchanged += 1
+                continue
+            await store.upsert_project(conn, project)
+            target = changes.added if current_project is None else changes.changed
+            target.append(f"project {project.id}")
+        if prune:
+            for card in cards.values():
+                await store.delete_rate_card(conn, card)
+                changes.removed.append(card_name(card))
+            for project_id in projects:
+                await store.delete_project(conn, project_id)
+                changes.removed.append(f"project {project_id}")
+        if changes.any:
+            changes.invoices_changed = await service.recompute_all_drafts(conn)
+    return changes
+
+
+async def read_catalog(conn: Connection) -> Catalog:
+    return Catalog(
+        currency="HKD", rate_cards=await store.rate_cards(conn), projects=await store.projects(conn)
+    )

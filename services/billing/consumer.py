@@ -1,0 +1,180 @@
+"""Kafka adapter: hourly totals in, ledger and draft invoices updated, offsets committed after.
+
+At-least-once delivery plus revision-guarded upserts gives an exactly-once effect: offsets are
+committed only after the database transaction that applied the batch has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata
+from pydantic import ValidationError
+
+from schemas.metering import HourlyTotal
+from services.billing import metrics, service, store
+from services.billing.settings import BillingSettings
+
+log = logging.getLogger(__name__)
+
+
+class BadHourlyRecord(ValueError):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_hourly(value: bytes) -> HourlyTotal:
+    """One message value -> HourlyTotal, or BadHourlyRecord naming what is wrong."""
+    try:
+        total = HourlyTotal.model_validate_json(value)
+    except ValidationError as exc:
+        json_broken = any(error["type"] == "json_invalid" for error in exc.errors())
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'value'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise BadHourlyRecord("not_json" if json_broken else "invalid_record", detail) from None
+    hour = total.hour_start.astimezone(dt.UTC)
+    if hour.minute or hour.second or hour.microsecond:
+        raise BadHourlyRecord("invalid_record", f"hour_start {hour.isoformat()} is not on an hour")
+    if total.gpu_seconds < 0 or total.util_gpu_seconds < 0 or total.energy_wh < 0:
+        raise BadHourlyRecord("invalid_record", "negative total")
+    return total.model_copy(update={"hour_start": hour})
+
+
+class HourlyConsumer:
+    """Reads settings.topics.hourly in the `billing` group until stop() is called."""
+
+    def __init__(
+        self,
+        settings: BillingSettings,
+        store_: store.Store,
+        on_invoices_changed: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store_
+        self.on_invoices_changed = on_invoices_changed
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.assigned = asyncio.Event()
+
+    def start(self) -> HourlyConsumer:
+        self._task = asyncio.create_task(self.run(), name="billing-hourly-consumer")
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        self._stopping.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+        except TimeoutError:
+            self._task.cancel()  # stuck retrying the database: offsets stay uncommitted
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def run(self) -> None:
+        consumer = AIOKafkaConsumer(
+            self.settings.topics.hourly,
+            group_id=self.settings.consumer_group,
+            **self.settings.consumer_kwargs(),
+        )
+        await consumer.start()
+        log.info(
+            "consuming %s as group %s", self.settings.topics.hourly, self.settings.consumer_group
+        )
+        try:
+            while not self._stopping.is_set():
+                batches = await consumer.getmany(
+                    timeout_ms=500, max_records=self.settings.consumer_max_records
+                )
+                if consumer.assignment():
+                    self.assigned.set()
+                if not batches:
+                    continue
+                await self.apply([record for records in batches.values() for record in records])
+                await self.commit(consumer, batches)
+        finally:
+            await consumer.stop()
+
+    async def apply(self, records: list[ConsumerRecord]) -> None:
+        totals = []
+        for record in records:
+            if record.value is None:
+                continue  # tombstone on a compacted topic: nothing to bill
+            try:
+                totals.append(decode_hourly(record.value))
+            except BadHourlyRecord as exc:
+                metrics.BAD_MESSAGES.labels(reason=exc.reason).inc()
+                log.warning(
+                    "skipping bad hourly record %s[%d]@%d: %s: %s",
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    exc.reason,
+                    exc.detail,
+                )
+        if totals:
+            await self.apply_totals(totals)
+
+    async def apply_totals(self, totals: list[HourlyTotal]) -> None:
+        started = time.perf_counter()
+        try:
+            result = await service.with_db_retry(
+                self.store,
+                lambda conn: service.apply_hourly_batch(conn, totals),
+                "apply_hourly_batch",
+                self.settings.db_retry_max_backoff_s,
+            )
+        except asyncpg.PostgresError as exc:
+            # A value the database refuses (say, out of a column's range) must not block the rest.
+            log.warning("batch refused (%r); applying its %d records one by one", exc, len(totals))
+            result = service.BatchResult()
+            for total in totals:
+                try:
+                    single = await service.with_db_retry(
+                        self.store,
+                        lambda conn, total=total: service.apply_hourly_batch(conn, [total]),  # type: ignore[misc]
+                        "apply_hourly_record",
+                        self.settings.db_retry_max_backoff_s,
+                    )
+                except asyncpg.PostgresError as record_exc:
+                    metrics.BAD_MESSAGES.labels(reason="refused_by_database").inc()
+                    log.warning("skipping hourly record %s: %r", total.key, record_exc)
+                    continue
+                result.hours_changed += single.hours_changed
+                result.invoices_changed.extend(single.invoices_changed)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        metrics.LAST_BATCH_TIMESTAMP.set(time.time())
+        metrics.HOURLY_RECORDS.labels(outcome="applied").inc(result.hours_changed)
+        metrics.HOURLY_RECORDS.labels(outcome="unchanged").inc(len(totals) - result.hours_changed)
+        metrics.INVOICES_RECOMPUTED.inc(len(result.invoices_changed))
+        if result.invoices_changed and self.on_invoices_changed:
+            self.on_invoices_changed()
+
+    async def commit(
+        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[ConsumerRecord]]
+    ) -> None:
+        offsets = {
+            partition: OffsetAndMetadata(records[-1].offset + 1, "")
+            for partition, records in batches.items()
+            if records
+        }
+        try:
+            await consumer.commit(offsets)
+        except KafkaError as exc:
+            # A rebalance took the partition: its next owner re-applies the batch, which changes nothing.
+            metrics.OFFSET_COMMIT_FAILURES.inc()
+            log.warning("offset commit failed (%r); the batch will be delivered again", exc)

@@ -1,0 +1,313 @@
+"""Invoice arithmetic of CONTRACTS §4, as plain functions over plain values.
+
+Imports only the standard library and schemas/: no I/O, no clock. Money is exact: products are taken
+as `Fraction`s and rounded half-up once, where each figure is defined.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+from fractions import Fraction
+from zoneinfo import ZoneInfo
+
+from schemas.catalog import Project, RateCard
+from schemas.invoice import Invoice, InvoiceLine
+
+HONG_KONG = ZoneInfo("Asia/Hong_Kong")
+SECONDS_PER_HOUR = 3600
+CENT = Decimal("0.01")
+GPU_HOURS_SHOWN = Decimal("0.000001")
+PERIOD_PATTERN = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+
+FLAG_UNKNOWN_PROJECT = "unknown_project"
+FLAG_UNPRICED_USAGE = "unpriced_usage"
+FLAG_SUBSIDY_CAPPED = "subsidy_capped"
+
+
+class InvalidPeriod(ValueError):
+    """A period that is not a calendar month written YYYY-MM."""
+
+
+# --- periods (calendar months in Asia/Hong_Kong) -------------------------------------------------
+
+
+def parse_period(text: str) -> str:
+    """Return `text` when it is a valid YYYY-MM period, else raise InvalidPeriod."""
+    match = PERIOD_PATTERN.match(text)
+    if not match or int(match.group(1)) < 1:
+        raise InvalidPeriod(f"period {text!r} is not a month written YYYY-MM")
+    return text
+
+
+def hk_date(moment: dt.datetime) -> dt.date:
+    """The Asia/Hong_Kong calendar date of an aware instant."""
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime: billing needs aware UTC instants")
+    return moment.astimezone(HONG_KONG).date()
+
+
+def period_of_date(day: dt.date) -> str:
+    return f"{day.year:04d}-{day.month:02d}"
+
+
+def period_of(moment: dt.datetime) -> str:
+    """The billing period (HK calendar month) of an aware instant."""
+    return period_of_date(hk_date(moment))
+
+
+def next_period(period: str) -> str:
+    year, month = (int(part) for part in parse_period(period).split("-"))
+    return f"{year + month // 12:04d}-{month % 12 + 1:02d}"
+
+
+def period_bounds(period: str) -> tuple[dt.datetime, dt.datetime]:
+    """[start, end) of a period as aware UTC instants (HK midnight of the 1st to the next 1st)."""
+    year, month = (int(part) for part in parse_period(period).split("-"))
+    following_year, following_month = (int(part) for part in next_period(period).split("-"))
+    start = dt.datetime(year, month, 1, tzinfo=HONG_KONG).astimezone(dt.UTC)
+    end = dt.datetime(following_year, following_month, 1, tzinfo=HONG_KONG).astimezone(dt.UTC)
+    return start, end
+
+
+def hour_of_sample(time: dt.datetime, interval_s: float | Decimal) -> dt.datetime:
+    """The UTC hour a sample belongs to: the hour containing `time - interval_s` (CONTRACTS §4)."""
+    start = time.astimezone(dt.UTC) - dt.timedelta(seconds=float(interval_s))
+    return start.replace(minute=0, second=0, microsecond=0)
+
+
+def invoice_period_for(usage_period: str, finalized: frozenset[str] | set[str]) -> str:
+    """Where usage of `usage_period` is invoiced: that period while open, else the next open one."""
+    period = usage_period
+    while period in finalized:
+        period = next_period(period)
+    return period
+
+
+def invoice_id(period: str, project_id: str) -> str:
+    return f"INV-{period}-{project_id}"
+
+
+# --- money ---------------------------------------------------------------------------------------
+
+
+def round_half_up(value: Fraction | Decimal | int, places: int = 2) -> Decimal:
+    """Round an exact value half away from zero (Decimal's ROUND_HALF_UP) to `places` decimals."""
+    exact = Fraction(value)
+    scale = 10**places
+    magnitude = abs(exact) * scale
+    units = int(magnitude + Fraction(1, 2))  # floor(|x| + 1/2): halves go away from zero
+    if exact < 0:
+        units = -units
+    return Decimal(units).scaleb(-places).quantize(Decimal(1).scaleb(-places))
+
+
+def money(value: Decimal) -> str:
+    """An HKD amount as a string with two decimals."""
+    return str(value.quantize(CENT, rounding=ROUND_HALF_UP))
+
+
+def gpu_hours_text(gpu_seconds: Decimal) -> str:
+    """GPU-hours shown to 6 decimals; amounts are never computed from this text."""
+    return str(round_half_up(Fraction(gpu_seconds) / SECONDS_PER_HOUR, 6))
+
+
+# --- catalog view --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """The parts of the catalog an invoice needs: rate cards per model, projects by id."""
+
+    rate_cards: tuple[RateCard, ...] = ()
+    projects: Mapping[str, Project] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, rate_cards: Iterable[RateCard], projects: Iterable[Project]) -> Pricing:
+        return cls(tuple(rate_cards), {project.id: project for project in projects})
+
+    def rate_for(self, gpu_model: str, day: dt.date) -> Decimal | None:
+        """Rate card with the latest effective_from not after `day`; None when there is none."""
+        best: RateCard | None = None
+        for card in self.rate_cards:
+            applies = card.gpu_model == gpu_model and card.effective_from <= day
+            if applies and (best is None or card.effective_from > best.effective_from):
+                best = card
+        return None if best is None else best.hkd_per_gpu_hour
+
+
+def is_subsidised(project: Project | None, day: dt.date) -> bool:
+    subsidy = project.subsidy if project else None
+    return subsidy is not None and subsidy.valid_from <= day <= subsidy.valid_to
+
+
+# --- usage and invoices --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UsageHour:
+    """GPU-seconds of one (GPU model, UTC hour) to invoice; may be a late delta of a finalized hour."""
+
+    gpu_model: str
+    hour_start: dt.datetime
+    gpu_seconds: Decimal
+
+
+@dataclass(frozen=True)
+class ComputedLine:
+    gpu_model: str
+    rate_hkd: Decimal | None
+    subsidised: bool
+    adjustment_for_period: str | None
+    gpu_seconds: Decimal
+    amount_hkd: Decimal | None
+
+    def document(self) -> InvoiceLine:
+        return InvoiceLine(
+            gpu_model=self.gpu_model,
+            gpu_hours=gpu_hours_text(self.gpu_seconds),
+            rate_hkd=None if self.rate_hkd is None else money(self.rate_hkd),
+            subsidised=self.subsidised,
+            amount_hkd=None if self.amount_hkd is None else money(self.amount_hkd),
+            adjustment_for_period=self.adjustment_for_period,
+        )
+
+
+@dataclass(frozen=True)
+class ComputedInvoice:
+    invoice_id: str
+    project_id: str
+    period: str
+    status: str
+    lines: tuple[ComputedLine, ...]
+    gross_hkd: Decimal
+    subsidy_hkd: Decimal
+    net_hkd: Decimal
+    subsidy_cap_remaining_hkd: Decimal | None
+    flags: tuple[str, ...] = ()
+
+    @property
+    def has_unpriced_usage(self) -> bool:
+        return any(line.rate_hkd is None for line in self.lines)
+
+    def document(self) -> Invoice:
+        return Invoice(
+            invoice_id=self.invoice_id,
+            project_id=self.project_id,
+            period=self.period,
+            status="finalized" if self.status == "finalized" else "draft",
+            lines=[line.document() for line in self.lines],
+            gross_hkd=money(self.gross_hkd),
+            subsidy_hkd=money(self.subsidy_hkd),
+            net_hkd=money(self.net_hkd),
+            subsidy_cap_remaining_hkd=(
+                None
+                if self.subsidy_cap_remaining_hkd is None
+                else money(self.subsidy_cap_remaining_hkd)
+            ),
+            flags=list(self.flags),
+        )
+
+
+def line_sort_key(line: ComputedLine) -> tuple:
+    # Regular lines first, then adjustments by period; within those by model, rate, subsidy.
+    return (
+        line.adjustment_for_period or "",
+        line.gpu_model,
+        line.rate_hkd is None,
+        line.rate_hkd or Decimal(0),
+        line.subsidised,
+    )
+
+
+def build_invoice(
+    project_id: str,
+    period: str,
+    usage: Iterable[UsageHour],
+    pricing: Pricing,
+    subsidy_used_before: Decimal,
+    status: str = "draft",
+) -> ComputedInvoice:
+    """One project's invoice for one period (CONTRACTS §4).
+
+    `usage` holds the hours invoiced here: hours of `period` itself, and late hours of finalized
+    earlier periods, which become adjustment lines naming their own period.
+    `subsidy_used_before` is the sum of the subsidy of the project's invoices of earlier periods.
+    """
+    project = pricing.projects.get(project_id)
+    seconds_by_key: dict[tuple[str, Decimal | None, bool, str | None], Decimal] = defaultdict(
+        Decimal
+    )
+    for hour in usage:
+        day = hk_date(hour.hour_start)
+        hour_period = period_of_date(day)
+        key = (
+            hour.gpu_model,
+            pricing.rate_for(hour.gpu_model, day),
+            is_subsidised(project, day),
+            None if hour_period == period else hour_period,
+        )
+        seconds_by_key[key] += hour.gpu_seconds
+
+    lines = []
+    for (gpu_model, rate, subsidised, adjustment_for_period), gpu_seconds in seconds_by_key.items():
+        amount = (
+            None
+            if rate is None
+            else round_half_up(Fraction(gpu_seconds) * Fraction(rate) / SECONDS_PER_HOUR, 2)
+        )
+        lines.append(
+            ComputedLine(gpu_model, rate, subsidised, adjustment_for_period, gpu_seconds, amount)
+        )
+    lines.sort(key=line_sort_key)
+
+    gross = sum((line.amount_hkd for line in lines if line.amount_hkd is not None), Decimal("0.00"))
+    flags = []
+    subsidy = Decimal("0.00")
+    cap_remaining_after: Decimal | None = None
+    if project is None:
+        flags.append(FLAG_UNKNOWN_PROJECT)
+    elif project.subsidy is not None:
+        subsidised_amount = sum(
+            (line.amount_hkd for line in lines if line.subsidised and line.amount_hkd is not None),
+            Decimal("0.00"),
+        )
+        uncapped = round_half_up(Fraction(subsidised_amount) * Fraction(project.subsidy.rate), 2)
+        cap_remaining = project.subsidy.cap_hkd - subsidy_used_before
+        subsidy = min(uncapped, cap_remaining)
+        if subsidy < uncapped:
+            flags.append(FLAG_SUBSIDY_CAPPED)
+        cap_remaining_after = cap_remaining - subsidy
+    if any(line.rate_hkd is None for line in lines):
+        flags.append(FLAG_UNPRICED_USAGE)
+
+    return ComputedInvoice(
+        invoice_id=invoice_id(period, project_id),
+        project_id=project_id,
+        period=period,
+        status=status,
+        lines=tuple(lines),
+        gross_hkd=gross,
+        subsidy_hkd=subsidy,
+        net_hkd=gross - subsidy,
+        subsidy_cap_remaining_hkd=cap_remaining_after,
+        flags=tuple(flags),
+    )
+
+
+def assign_usage(
+    unbilled: Iterable[UsageHour], finalized: frozenset[str] | set[str]
+) -> dict[str, list[UsageHour]]:
+    """Group not-yet-invoiced usage by the period of the invoice that carries it.
+
+    Usage of an open period is invoiced in that period; usage of a finalized period (late usage,
+    given as the part not already on a finalized invoice) goes to the next open period.
+    """
+    plan: dict[str, list[UsageHour]] = defaultdict(list)
+    for hour in unbilled:
+        plan[invoice_period_for(period_of(hour.hour_start), finalized)].append(hour)
+    return dict(plan)

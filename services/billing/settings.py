@@ -1,0 +1,67 @@
+"""Billing settings, read once from the environment and validated at start-up."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+
+from services.common.settings import CommonSettings
+
+Role = str  # "admin", "billing" or "project:<id>"
+ROLE_ADMIN = "admin"
+ROLE_BILLING = "billing"
+PROJECT_ROLE_PREFIX = "project:"
+
+
+def parse_api_tokens(text: str) -> dict[str, Role]:
+    """`token1=admin,token2=billing,token3=project:hkgai-llm` -> {token: role}; lists every error."""
+    tokens: dict[str, Role] = {}
+    errors = []
+    for index, entry in enumerate(part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        token, separator, role = (piece.strip() for piece in entry.partition("="))
+        if not separator or not token or not role:
+            errors.append(f"entry {index + 1}: expected TOKEN=ROLE")
+            continue
+        if role not in (ROLE_ADMIN, ROLE_BILLING) and not (
+            role.startswith(PROJECT_ROLE_PREFIX) and len(role) > len(PROJECT_ROLE_PREFIX)
+        ):
+            errors.append(
+                f"entry {index + 1}: unknown role {role!r} (admin, billing, project:<id>)"
+            )
+            continue
+        if token in tokens:
+            errors.append(f"entry {index + 1}: token appears twice")
+            continue
+        tokens[token] = role
+    if errors:
+        raise ValueError("API_TOKENS: " + "; ".join(errors))
+    return tokens
+
+
+class BillingSettings(CommonSettings):
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/gpumeter"
+    http_port: int = Field(8080, ge=0, le=65535)
+    api_tokens: Annotated[dict[str, Role], NoDecode] = Field(
+        default_factory=dict,
+        description="TOKEN=ROLE pairs separated by commas; roles admin, billing, project:<id>",
+    )
+    topic_partitions: int = Field(4, ge=1, description="partitions of topics billing creates")
+    consumer_max_records: int = Field(1000, ge=1)
+    database_pool_size: int = Field(5, ge=2)
+    publish_interval_s: float = Field(
+        2.0, gt=0, description="how often unpublished invoices are retried"
+    )
+    db_retry_max_backoff_s: float = Field(5.0, gt=0)
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _parse_tokens(cls, value: object) -> object:
+        return parse_api_tokens(value) if isinstance(value, str) else value
+
+    @property
+    def consumer_group(self) -> str:
+        return self.group("billing")

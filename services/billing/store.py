@@ -1,0 +1,498 @@
+"""PostgreSQL adapter (asyncpg): migrations, the hourly ledger, catalog tables and invoices.
+
+Functions take a connection so that callers decide the transaction; rows come back as domain values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Iterable, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from schemas.catalog import Project, RateCard, Subsidy
+from schemas.metering import HourlyTotal
+from services.billing.domain import ComputedInvoice, ComputedLine, Pricing, UsageHour
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+MIGRATION_LOCK_ID = 0x6270_6D01  # pg advisory lock: one migrator at a time
+WRITE_LOCK_ID = 0x6270_6D02  # serializes ledger, invoice and finalization writes
+
+# Errors after which the same operation may succeed on a fresh connection (server restart,
+# network, startup, or a transaction PostgreSQL asks us to retry).
+RETRYABLE_DB_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+Connection = Any  # asyncpg.Connection or a pool's proxy of one
+
+
+# --- migrations ----------------------------------------------------------------------------------
+
+
+def migration_files() -> list[tuple[str, str]]:
+    """(version, sql) in order; the version is the file name without .sql."""
+    return [(path.stem, path.read_text()) for path in sorted(MIGRATIONS_DIR.glob("[0-9]*.sql"))]
+
+
+async def migrate(dsn: str) -> list[str]:
+    """Apply the migrations not yet recorded in schema_migrations; returns the versions applied."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {
+                row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")
+            }
+            applied = []
+            for version, sql in migration_files():
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version) VALUES ($1)", version
+                    )
+                log.info("applied migration %s", version)
+                applied.append(version)
+            return applied
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+    finally:
+        await conn.close()
+
+
+async def migrate_with_retry(dsn: str, attempts: int = 60, delay_s: float = 1.0) -> list[str]:
+    """migrate(), waiting for a database that is still starting."""
+    for attempt in range(attempts):
+        try:
+            return await migrate(dsn)
+        except RETRYABLE_DB_ERRORS as exc:
+            if attempt == attempts - 1:
+                raise
+            log.warning("database not ready (%s); retrying", exc)
+            await asyncio.sleep(delay_s)
+    raise AssertionError("unreachable")
+
+
+# --- connection pool -----------------------------------------------------------------------------
+
+
+class Store:
+    """A connection pool; opened by the composition root, never at import time."""
+
+    def __init__(self, dsn: str, max_size: int = 5) -> None:
+        self.dsn = dsn
+        self.max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> Store:
+        self._pool = await asyncpg.create_pool(
+            self.dsn, min_size=0, max_size=self.max_size, command_timeout=60
+        )
+        return self
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    def acquire(self) -> Any:
+        if self._pool is None:
+            raise RuntimeError("store is not open")
+        return self._pool.acquire()
+
+    async def ping(self, timeout_s: float = 2.0) -> bool:
+        try:
+            async with asyncio.timeout(timeout_s), self.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+            return True
+        except (*RETRYABLE_DB_ERRORS, asyncpg.PostgresError):
+            return False
+
+
+async def lock_writes(conn: Connection) -> None:
+    """Take the billing write lock for the current transaction."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK_ID)
+
+
+# --- ledger --------------------------------------------------------------------------------------
+
+
+def latest_revisions(totals: Iterable[HourlyTotal]) -> list[HourlyTotal]:
+    """Keep, per natural key, the record with the highest revision (one statement may not hit a row twice)."""
+    best: dict[tuple[str, str, dt.datetime], HourlyTotal] = {}
+    for total in totals:
+        key = (total.project_id, total.gpu_model, total.hour_start.astimezone(dt.UTC))
+        if key not in best or total.revision > best[key].revision:
+            best[key] = total
+    return list(best.values())
+
+
+UPSERT_HOURLY = """
+INSERT INTO usage_hourly AS u
+    (project_id, gpu_model, hour_start, gpu_seconds, util_gpu_seconds, energy_wh, samples, revision)
+SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::numeric[], $5::numeric[],
+                     $6::numeric[], $7::integer[], $8::bigint[])
+ON CONFLICT (project_id, gpu_model, hour_start) DO UPDATE SET
+    gpu_seconds = EXCLUDED.gpu_seconds,
+    util_gpu_seconds = EXCLUDED.util_gpu_seconds,
+    energy_wh = EXCLUDED.energy_wh,
+    samples = EXCLUDED.samples,
+    revision = EXCLUDED.revision,
+    updated_at = now()
+WHERE u.revision < EXCLUDED.revision
+RETURNING project_id, gpu_model, hour_start
+"""
+
+
+async def upsert_hourly(
+    conn: Connection, totals: Sequence[HourlyTotal]
+) -> list[tuple[str, str, dt.datetime]]:
+    """Insert new hours, update those whose revision is higher; returns the keys that changed."""
+    rows = latest_revisions(totals)
+    if not rows:
+        return []
+    changed = await conn.fetch(
+        UPSERT_HOURLY,
+        [r.project_id for r in rows],
+        [r.gpu_model for r in rows],
+        [r.hour_start for r in rows],
+        [r.gpu_seconds for r in rows],
+        [r.util_gpu_seconds for r in rows],
+        [r.energy_wh for r in rows],
+        [r.samples for r in rows],
+        [r.revision for r in rows],
+    )
+    return [(row["project_id"], row["gpu_model"], row["hour_start"]) for row in changed]
+
+
+UNBILLED_USAGE = """
+SELECT u.gpu_model, u.hour_start, u.gpu_seconds - COALESCE(b.billed, 0) AS unbilled
+FROM usage_hourly u
+LEFT JOIN (
+    SELECT gpu_model, hour_start, sum(gpu_seconds) AS billed
+    FROM billed_usage WHERE project_id = $1 GROUP BY gpu_model, hour_start
+) b USING (gpu_model, hour_start)
+WHERE u.project_id = $1 AND u.gpu_seconds <> COALESCE(b.billed, 0)
+ORDER BY u.hour_start, u.gpu_model
+"""
+
+
+async def unbilled_usage(conn: Connection, project_id: str) -> list[UsageHour]:
+    """Per hour, the ledger's GPU-seconds not yet on any finalized invoice."""
+    rows = await conn.fetch(UNBILLED_USAGE, project_id)
+    return [UsageHour(r["gpu_model"], r["hour_start"], r["unbilled"]) for r in rows]
+
+
+async def usage_rows(
+    conn: Connection,
+    project_id: str,
+    start: dt.datetime | None,
+    end: dt.datetime | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT gpu_model, hour_start, gpu_seconds, util_gpu_seconds, energy_wh, samples, revision"
+        " FROM usage_hourly WHERE project_id = $1"
+        " AND ($2::timestamptz IS NULL OR hour_start >= $2)"
+        " AND ($3::timestamptz IS NULL OR hour_start < $3)"
+        " ORDER BY hour_start, gpu_model LIMIT $4",
+        project_id,
+        start,
+        end,
+        limit,
+    )
+
+
+async def billable_project_ids(conn: Connection) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT project_id FROM usage_hourly UNION SELECT project_id FROM invoices ORDER BY 1"
+    )
+    return [row["project_id"] for row in rows]
+
+
+# --- catalog -------------------------------------------------------------------------------------
+
+
+async def rate_cards(conn: Connection) -> list[RateCard]:
+    rows = await conn.fetch(
+        "SELECT gpu_model, hkd_per_gpu_hour, effective_from FROM rate_cards"
+        " ORDER BY gpu_model, effective_from"
+    )
+    return [RateCard(**dict(row)) for row in rows]
+
+
+async def projects(conn: Connection) -> list[Project]:
+    rows = await conn.fetch("SELECT * FROM projects ORDER BY project_id")
+    return [project_from_row(row) for row in rows]
+
+
+def project_from_row(row: asyncpg.Record) -> Project:
+    subsidy = None
+    if row["subsidy_scheme"] is not None:
+        subsidy = Subsidy(
+            scheme=row["subsidy_scheme"],
+            rate=row["subsidy_rate"],
+            cap_hkd=row["subsidy_cap_hkd"],
+            valid_from=row["subsidy_valid_from"],
+            valid_to=row["subsidy_valid_to"],
+        )
+    return Project(id=row["project_id"], name=row["name"], subsidy=subsidy)
+
+
+async def load_pricing(conn: Connection) -> Pricing:
+    return Pricing.of(await rate_cards(conn), await projects(conn))
+
+
+async def upsert_rate_card(conn: Connection, card: RateCard) -> None:
+    await conn.execute(
+        "INSERT INTO rate_cards (gpu_model, effective_from, hkd_per_gpu_hour) VALUES ($1, $2, $3)"
+        " ON CONFLICT (gpu_model, effective_from) DO UPDATE"
+        " SET hkd_per_gpu_hour = EXCLUDED.hkd_per_gpu_hour, updated_at = now()",
+        card.gpu_model,
+        card.effective_from,
+        card.hkd_per_gpu_hour,
+    )
+
+
+async def delete_rate_card(conn: Connection, card: RateCard) -> None:
+    await conn.execute(
+        "DELETE FROM rate_cards WHERE gpu_model = $1 AND effective_from = $2",
+        card.gpu_model,
+        card.effective_from,
+    )
+
+
+async def upsert_project(conn: Connection, project: Project) -> None:
+    subsidy = project.subsidy
+    await conn.execute(
+        "INSERT INTO projects (project_id, name, subsidy_scheme, subsidy_rate, subsidy_cap_hkd,"
+        " subsidy_valid_from, subsidy_valid_to) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        " ON CONFLICT (project_id) DO UPDATE SET name = EXCLUDED.name,"
+        " subsidy_scheme = EXCLUDED.subsidy_scheme, subsidy_rate = EXCLUDED.subsidy_rate,"
+        " subsidy_cap_hkd = EXCLUDED.subsidy_cap_hkd, subsidy_valid_from = EXCLUDED.subsidy_valid_from,"
+        " subsidy_valid_to = EXCLUDED.subsidy_valid_to, updated_at = now()",
+        project.id,
+        project.name,
+        subsidy.scheme if subsidy else None,
+        subsidy.rate if subsidy else None,
+        subsidy.cap_hkd if subsidy else None,
+        subsidy.valid_from if subsidy else None,
+        subsidy.valid_to if subsidy else None,
+    )
+
+
+async def delete_project(conn: Connection, project_id: str) -> None:
+    await conn.execute("DELETE FROM projects WHERE project_id = $1", project_id)
+
+
+# --- periods -------------------------------------------------------------------------------------
+
+
+async def finalized_periods(conn: Connection) -> frozenset[str]:
+    rows = await conn.fetch("SELECT period FROM finalized_periods")
+    return frozenset(row["period"] for row in rows)
+
+
+async def insert_finalized_period(conn: Connection, period: str, forced: bool) -> None:
+    await conn.execute(
+        "INSERT INTO finalized_periods (period, forced) VALUES ($1, $2)", period, forced
+    )
+
+
+# --- invoices ------------------------------------------------------------------------------------
+
+
+async def invoice_subsidies(conn: Connection, project_id: str) -> dict[str, tuple[str, Decimal]]:
+    """period -> (status, subsidy_hkd) of a project's stored invoices."""
+    rows = await conn.fetch(
+        "SELECT period, status, subsidy_hkd FROM invoices WHERE project_id = $1", project_id
+    )
+    return {row["period"]: (row["status"], row["subsidy_hkd"]) for row in rows}
+
+
+async def load_invoices(
+    conn: Connection,
+    *,
+    invoice_ids: Sequence[str] | None = None,
+    period: str | None = None,
+    project_id: str | None = None,
+    status: str | None = None,
+    unpublished_only: bool = False,
+) -> list[ComputedInvoice]:
+    heads = await conn.fetch(
+        "SELECT * FROM invoices WHERE ($1::text[] IS NULL OR invoice_id = ANY($1))"
+        " AND ($2::text IS NULL OR period = $2) AND ($3::text IS NULL OR project_id = $3)"
+        " AND ($4::text IS NULL OR status = $4)"
+        " AND (NOT $5 OR (status = 'finalized' AND published_at IS NULL))"
+        " ORDER BY period, project_id",
+        None if invoice_ids is None else list(invoice_ids),
+        period,
+        project_id,
+        status,
+        unpublished_only,
+    )
+    if not heads:
+        return []
+    line_rows = await conn.fetch(
+        "SELECT * FROM invoice_lines WHERE invoice_id = ANY($1) ORDER BY invoice_id, line_no",
+        [head["invoice_id"] for head in heads],
+    )
+    lines: dict[str, list[ComputedLine]] = {head["invoice_id"]: [] for head in heads}
+    for row in line_rows:
+        lines[row["invoice_id"]].append(
+            ComputedLine(
+                gpu_model=row["gpu_model"],
+                rate_hkd=row["rate_hkd"],
+                subsidised=row["subsidised"],
+                adjustment_for_period=row["adjustment_for_period"],
+                gpu_seconds=row["gpu_seconds"],
+                amount_hkd=row["amount_hkd"],
+            )
+        )
+    return [
+        ComputedInvoice(
+            invoice_id=head["invoice_id"],
+            project_id=head["project_id"],
+            period=head["period"],
+            status=head["status"],
+            lines=tuple(lines[head["invoice_id"]]),
+            gross_hkd=head["gross_hkd"],
+            subsidy_hkd=head["subsidy_hkd"],
+            net_hkd=head["net_hkd"],
+            subsidy_cap_remaining_hkd=head["subsidy_cap_remaining_hkd"],
+            flags=tuple(head["flags"]),
+        )
+        for head in heads
+    ]
+
+
+async def load_invoice(conn: Connection, invoice_id: str) -> ComputedInvoice | None:
+    found = await load_invoices(conn, invoice_ids=[invoice_id])
+    return found[0] if found else None
+
+
+async def save_draft_invoice(conn: Connection, invoice: ComputedInvoice) -> bool:
+    """Write a draft when it differs from the stored one; returns whether anything changed."""
+    stored = await load_invoice(conn, invoice.invoice_id)
+    if stored == invoice:
+        return False
+    if stored is not None and stored.status == "finalized":
+        raise RuntimeError(f"invoice {invoice.invoice_id} is finalized")  # caller bug
+    await conn.execute(
+        "INSERT INTO invoices (invoice_id, project_id, period, status, gross_hkd, subsidy_hkd,"
+        " net_hkd, subsidy_cap_remaining_hkd, flags, has_unpriced_usage)"
+        " VALUES ($1, $2, $3, 'draft', $4, $5, $6, $7, $8, $9)"
+        " ON CONFLICT (invoice_id) DO UPDATE SET gross_hkd = EXCLUDED.gross_hkd,"
+        " subsidy_hkd = EXCLUDED.subsidy_hkd, net_hkd = EXCLUDED.net_hkd,"
+        " subsidy_cap_remaining_hkd = EXCLUDED.subsidy_cap_remaining_hkd, flags = EXCLUDED.flags,"
+        " has_unpriced_usage = EXCLUDED.has_unpriced_usage, updated_at = now()",
+        invoice.invoice_id,
+        invoice.project_id,
+        invoice.period,
+        invoice.gross_hkd,
+        invoice.subsidy_hkd,
+        invoice.net_hkd,
+        invoice.subsidy_cap_remaining_hkd,
+        list(invoice.flags),
+        invoice.has_unpriced_usage,
+    )
+    await conn.execute("DELETE FROM invoice_lines WHERE invoice_id = $1", invoice.invoice_id)
+    await conn.executemany(
+        "INSERT INTO invoice_lines (invoice_id, line_no, gpu_model, gpu_seconds, rate_hkd,"
+        " subsidised, amount_hkd, adjustment_for_period) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        [
+            (
+                invoice.invoice_id,
+                line_no,
+                line.gpu_model,
+                line.gpu_seconds,
+                line.rate_hkd,
+                line.subsidised,
+                line.amount_hkd,
+                line.adjustment_for_period,
+            )
+            for line_no, line in enumerate(invoice.lines, start=1)
+        ],
+    )
+    return True
+
+
+async def finalize_invoice(
+    conn: Connection,
+    invoice: ComputedInvoice,
+    billed: Sequence[UsageHour],
+    extra_flags: Sequence[str],
+) -> None:
+    """Freeze a draft and record, per hour, the GPU-seconds it charged."""
+    await conn.executemany(
+        "INSERT INTO billed_usage (invoice_id, project_id, gpu_model, hour_start, gpu_seconds)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        [
+            (
+                invoice.invoice_id,
+                invoice.project_id,
+                hour.gpu_model,
+                hour.hour_start,
+                hour.gpu_seconds,
+            )
+            for hour in billed
+        ],
+    )
+    await conn.execute(
+        "UPDATE invoices SET status = 'finalized', finalized_at = now(), updated_at = now(),"
+        " flags = flags || $2::text[] WHERE invoice_id = $1 AND status = 'draft'",
+        invoice.invoice_id,
+        list(extra_flags),
+    )
+
+
+async def mark_published(conn: Connection, invoice_id: str) -> None:
+    await conn.execute(
+        "UPDATE invoices SET published_at = now() WHERE invoice_id = $1 AND published_at IS NULL",
+        invoice_id,
+    )
+
+
+async def invoice_updated_at(conn: Connection, invoice_id: str) -> dt.datetime | None:
+    value: dt.datetime | None = await conn.fetchval(
+        "SELECT updated_at FROM invoices WHERE invoice_id = $1", invoice_id
+    )
+    return value
+
+
+async def count_unpriced_drafts(conn: Connection) -> int:
+    value: int = await conn.fetchval(
+        "SELECT count(*) FROM invoices WHERE status = 'draft' AND has_unpriced_usage"
+    )
+    return value
+
+
+async def subsidy_used_through(conn: Connection, project_id: str, period: str) -> Decimal:
+    """Sum of the subsidy of a project's invoices up to and including `period`."""
+    value: Decimal = await conn.fetchval(
+        "SELECT COALESCE(sum(subsidy_hkd), 0) FROM invoices WHERE project_id = $1 AND period <= $2",
+        project_id,
+        period,
+    )
+    return value

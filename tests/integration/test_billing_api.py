@@ -1,0 +1,384 @@
+"""`python -m services.billing` as a real process: HTTP API, auth, finalization, publication, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import signal
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from schemas.metering import HourlyTotal
+from services.billing import cli
+from services.common.kafka_admin import ensure_topics
+from tests.fixtures.processes import ServiceProcess, wait_until
+
+UTC = dt.UTC
+TOKENS = (
+    "adm-token=admin,bill-token=billing,llm-token=project:hkgai-llm,cv-token=project:hku-vision-lab"
+)
+ADMIN = {"Authorization": "Bearer adm-token"}
+BILLING = {"Authorization": "Bearer bill-token"}
+LLM = {"Authorization": "Bearer llm-token"}
+VISION = {"Authorization": "Bearer cv-token"}
+SAMPLE_CATALOG = Path(__file__).resolve().parents[2] / "deploy" / "catalog.sample.yaml"
+
+
+def hourly(
+    project_id: str, hour: dt.datetime, gpu_seconds: str, revision: int, gpu_model: str = "H800"
+) -> HourlyTotal:
+    return HourlyTotal(
+        project_id=project_id,
+        gpu_model=gpu_model,
+        hour_start=hour,
+        gpu_seconds=Decimal(gpu_seconds),
+        util_gpu_seconds=Decimal(gpu_seconds),
+        energy_wh=Decimal("250.5"),
+        samples=revision,
+        revision=revision,
+    )
+
+
+def produce(bootstrap_servers: str, topic: str, totals: list[HourlyTotal]) -> None:
+    async def run() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers)
+        await producer.start()
+        try:
+            for total in totals:
+                await producer.send(
+                    topic, key=total.key.encode(), value=total.model_dump_json().encode()
+                )
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
+
+
+def read_topic(bootstrap_servers: str, topic: str, timeout_s: float = 20.0) -> dict[str, dict]:
+    """Every message on the topic so far, by key (no consumer group)."""
+
+    async def run() -> dict[str, dict]:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap_servers, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        try:
+            partitions = consumer.partitions_for_topic(topic) or set()
+            assigned = [TopicPartition(topic, p) for p in partitions]
+            consumer.assign(assigned)
+            await consumer.seek_to_beginning(*assigned)
+            ends = await consumer.end_offsets(assigned)
+            found: dict[str, dict] = {}
+            async with asyncio.timeout(timeout_s):
+                while [tp for tp in assigned if await consumer.position(tp) < ends[tp]]:
+                    for records in (await consumer.getmany(timeout_ms=500)).values():
+                        for record in records:
+                            found[record.key.decode()] = json.loads(record.value)
+            return found
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def billing_service(
+    database_url: str,
+    bootstrap_servers: str,
+    topic_prefix: str,
+    http_port: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[ServiceProcess]:
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
+        "DATABASE_URL": database_url,
+        "TOPIC_PREFIX": topic_prefix,
+        "HTTP_PORT": str(http_port),
+        "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
+        "API_TOKENS": TOKENS,
+        "PUBLISH_INTERVAL_S": "0.5",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)  # the CLI, run in this process, reads the same settings
+    assert cli.main(["catalog", "apply", str(SAMPLE_CATALOG)]) == 0
+    asyncio.run(ensure_topics(bootstrap_servers, {f"{topic_prefix}metering.usage.hourly.v1": 4}))
+    service = ServiceProcess("services.billing", env, tmp_path / "billing.log", http_port).start()
+    yield service
+    service.stop()
+
+
+def api(http_port: int) -> httpx.Client:
+    return httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=10)
+
+
+def assert_error(response: httpx.Response, status: int, error: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"}, body
+    if error is not None:
+        assert body["error"] == error, body
+    return body
+
+
+def test_api_answers_with_exact_invoices_and_json_errors_for_every_refusal(
+    billing_service: ServiceProcess, bootstrap_servers: str, topic_prefix: str, http_port: int
+) -> None:
+    hour = dt.datetime(2026, 11, 12, 1, tzinfo=UTC)
+    produce(
+        bootstrap_servers,
+        f"{topic_prefix}metering.usage.hourly.v1",
+        [
+            hourly("hkgai-llm", hour, "3600", 1),
+            hourly("hkgai-llm", hour, "7200", 2),  # two H800 hours by revision 2
+            hourly("hkgai-llm", hour, "900", 1, gpu_model="A100"),
+            hourly("hku-vision-lab", hour, "1800", 1, gpu_model="H100"),
+        ],
+    )
+    with api(http_port) as client:
+        llm = wait_until(
+            lambda: (
+                (r := client.get("/v1/invoices/INV-2026-11-hkgai-llm", headers=LLM)).status_code
+                == 200
+                and r.json()["gross_hkd"] == "55.25"
+                and r.json()
+            ),
+            timeout_s=30,
+            what="hkgai-llm's November invoice",
+        )
+        # 2 h * 26.00 = 52.00; 0.25 h * 13.00 = 3.25; subsidy 0.70 * 55.25 = 38.675 -> 38.68
+        assert llm == {
+            "invoice_id": "INV-2026-11-hkgai-llm",
+            "project_id": "hkgai-llm",
+            "period": "2026-11",
+            "currency": "HKD",
+            "status": "draft",
+            "lines": [
+                {
+                    "gpu_model": "A100",
+                    "gpu_hours": "0.250000",
+                    "rate_hkd": "13.00",
+                    "subsidised": True,
+                    "amount_hkd": "3.25",
+                    "adjustment_for_period": None,
+                },
+                {
+                    "gpu_model": "H800",
+                    "gpu_hours": "2.000000",
+                    "rate_hkd": "26.00",
+                    "subsidised": True,
+                    "amount_hkd": "52.00",
+                    "adjustment_for_period": None,
+                },
+            ],
+            "gross_hkd": "55.25",
+            "subsidy_hkd": "38.68",
+            "net_hkd": "16.57",
+            "subsidy_cap_remaining_hkd": "29999961.32",
+            "flags": [],
+        }
+
+        # authentication: none or unknown -> 401; authorization: wrong role or project -> 403
+        assert_error(client.get("/v1/invoices/INV-2026-11-hkgai-llm"), 401, "unauthorized")
+        assert_error(
+            client.get(
+                "/v1/invoices/INV-2026-11-hkgai-llm", headers={"Authorization": "Bearer nope"}
+            ),
+            401,
+        )
+        assert_error(
+            client.get("/v1/invoices/INV-2026-11-hkgai-llm", headers=VISION), 403, "forbidden"
+        )
+        assert_error(
+            client.get("/v1/invoices?period=2026-11&project_id=hkgai-llm", headers=VISION), 403
+        )
+        assert_error(client.get("/v1/projects/hkgai-llm/usage", headers=VISION), 403)
+        assert_error(client.post("/v1/periods/2026-11/finalize", headers=BILLING), 403)
+        assert_error(client.get("/v1/subsidy/report?period=2026-11", headers=LLM), 403)
+        assert_error(client.get("/v1/catalog", headers=LLM), 403)
+        # bad input -> 4xx JSON, never 500
+        assert_error(
+            client.get("/v1/invoices?period=2026-13", headers=BILLING), 400, "invalid_period"
+        )
+        assert_error(client.get("/v1/invoices", headers=BILLING), 422, "invalid_request")
+        assert_error(client.post("/v1/periods/november/finalize", headers=ADMIN), 400)
+        assert_error(client.post("/v1/periods/2026-11/finalize?force=maybe", headers=ADMIN), 422)
+        assert_error(client.get("/v1/projects/hkgai-llm/usage?from=yesterday", headers=LLM), 422)
+        assert_error(client.get("/v1/invoices/INV-nope", headers=BILLING), 404, "not_found")
+        assert_error(client.get("/v1/nowhere", headers=BILLING), 404)
+        assert_error(client.put("/v1/catalog", headers=ADMIN, json={"currency": "USD"}), 422)
+
+        # a project token sees only its own invoices; billing sees all
+        own = client.get("/v1/invoices?period=2026-11", headers=LLM).json()["invoices"]
+        assert [i["invoice_id"] for i in own] == ["INV-2026-11-hkgai-llm"]
+        every = client.get("/v1/invoices?period=2026-11", headers=BILLING).json()["invoices"]
+        assert [i["invoice_id"] for i in every] == [
+            "INV-2026-11-hkgai-llm",
+            "INV-2026-11-hku-vision-lab",
+        ]
+
+        csv_text = client.get("/v1/invoices/INV-2026-11-hkgai-llm.csv", headers=LLM).text
+        assert csv_text.splitlines()[0].startswith("invoice_id,project_id,period,status,record")
+        assert "INV-2026-11-hkgai-llm,hkgai-llm,2026-11,draft,net,,,,,16.57," in csv_text
+
+        usage = client.get(
+            "/v1/projects/hkgai-llm/usage?from=2026-11-12T00:00:00Z&to=2026-11-12T02:00:00%2B00:00",
+            headers=LLM,
+        ).json()
+        assert [(h["gpu_model"], h["gpu_seconds"], h["revision"]) for h in usage["hours"]] == [
+            ("A100", "900", 1),
+            ("H800", "7200", 2),
+        ]
+
+        report = client.get("/v1/subsidy/report?period=2026-11", headers=BILLING).json()
+        rows = {row["project_id"]: row for row in report["projects"]}
+        assert rows["hkgai-llm"]["subsidised_gpu_hours"] == "2.250000"
+        assert rows["hkgai-llm"]["cap_remaining_hkd"] == "29999961.32"
+        # hku-vision-lab: 0.5 h * 28.00 = 14.00, subsidy 9.80 of a 4000000.00 cap
+        assert (
+            rows["hku-vision-lab"]["subsidy_hkd"],
+            rows["hku-vision-lab"]["cap_remaining_hkd"],
+        ) == (
+            "9.80",
+            "3999990.20",
+        )
+        assert rows["startup-legaltech"]["subsidy_hkd"] == "0.00"
+        assert report["totals"] == {"subsidised_gpu_hours": "2.750000", "subsidy_hkd": "48.48"}
+
+        catalog = client.get("/v1/catalog", headers=BILLING).json()
+        assert len(catalog["projects"]) == 12 and catalog["currency"] == "HKD"
+        assert client.get("/openapi.json").json()["paths"]["/v1/periods/{period}/finalize"]
+        metrics_text = client.get("/metrics").text
+        assert "billing_hourly_records_total" in metrics_text
+        assert client.get("/healthz").json()["status"] == "ok"
+
+    # and SIGTERM stops the service cleanly
+    assert billing_service.process is not None
+    billing_service.process.send_signal(signal.SIGTERM)
+    assert billing_service.process.wait(20) == 0
+
+
+def test_finalized_invoices_are_published_frozen_and_late_usage_becomes_an_adjustment(
+    billing_service: ServiceProcess,
+    bootstrap_servers: str,
+    topic_prefix: str,
+    http_port: int,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    hourly_topic = f"{topic_prefix}metering.usage.hourly.v1"
+    last_november_hour = dt.datetime(2026, 11, 30, 15, tzinfo=UTC)  # HK 23:00, 30 November
+    produce(
+        bootstrap_servers,
+        hourly_topic,
+        [
+            hourly("polyu-climate", last_november_hour, "36000", 1),  # 10 h, rate 0.90
+            hourly("polyu-climate", last_november_hour, "1800", 1, gpu_model="MI300X"),  # no rate
+        ],
+    )
+    with api(http_port) as client:
+        wait_until(
+            lambda: (
+                client.get("/v1/invoices/INV-2026-11-polyu-climate", headers=BILLING).status_code
+                == 200
+            ),
+            timeout_s=30,
+            what="the polyu-climate invoice",
+        )
+        # finalization refuses unpriced usage, saying why
+        refused = assert_error(client.post("/v1/periods/2026-11/finalize", headers=ADMIN), 409)
+        assert refused["error"] == "unpriced_usage"
+        assert refused["detail"]["unpriced_models"] == {"INV-2026-11-polyu-climate": ["MI300X"]}
+
+        forced = client.post("/v1/periods/2026-11/finalize?force=true", headers=ADMIN)
+        assert forced.status_code == 200, forced.text
+        assert forced.json() == {
+            "period": "2026-11",
+            "invoice_ids": ["INV-2026-11-polyu-climate"],
+            "forced": True,
+        }
+        assert_error(
+            client.post("/v1/periods/2026-11/finalize", headers=ADMIN),
+            409,
+            "period_already_finalized",
+        )
+        frozen = client.get("/v1/invoices/INV-2026-11-polyu-climate", headers=BILLING).json()
+        # 10 h * 26.00 = 260.00; subsidy 0.90 -> 234.00
+        assert (
+            frozen["status"],
+            frozen["gross_hkd"],
+            frozen["subsidy_hkd"],
+            frozen["net_hkd"],
+        ) == ("finalized", "260.00", "234.00", "26.00")
+
+        # the finalized invoice is published on the invoices topic, keyed by its id
+        invoices_topic = f"{topic_prefix}billing.invoices.v1"
+        published = wait_until(
+            lambda: read_topic(bootstrap_servers, invoices_topic).get("INV-2026-11-polyu-climate"),
+            timeout_s=30,
+            what="the published invoice",
+        )
+        assert published == frozen
+
+        # when 30 more minutes of November arrive late
+        produce(
+            bootstrap_servers,
+            hourly_topic,
+            [hourly("polyu-climate", last_november_hour, "37800", 2)],
+        )
+        december = wait_until(
+            lambda: (
+                (
+                    r := client.get("/v1/invoices/INV-2026-12-polyu-climate", headers=BILLING)
+                ).status_code
+                == 200
+                and r.json()
+            ),
+            timeout_s=30,
+            what="December's adjustment",
+        )
+        # then December carries it as an adjustment for November, and November is untouched
+        assert [
+            (ln["adjustment_for_period"], ln["gpu_hours"], ln["amount_hkd"])
+            for ln in december["lines"]
+        ] == [("2026-11", "0.500000", "13.00")]
+        assert (december["gross_hkd"], december["subsidy_hkd"], december["net_hkd"]) == (
+            "13.00",
+            "11.70",
+            "1.30",
+        )
+        assert (
+            client.get("/v1/invoices/INV-2026-11-polyu-climate", headers=BILLING).json() == frozen
+        )
+
+    # the CLI reads the same invoices
+    capsys.readouterr()
+    assert cli.main(["invoices", "list", "--period", "2026-12"]) == 0
+    assert "INV-2026-12-polyu-climate" in capsys.readouterr().out
+    assert cli.main(["invoices", "show", "INV-2026-11-polyu-climate"]) == 0
+    assert json.loads(capsys.readouterr().out) == frozen
+    out = tmp_path / "export.json"
+    assert (
+        cli.main(
+            ["invoices", "export", "--period", "2026-11", "--format", "json", "--out", str(out)]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text()) == [frozen]
+    assert cli.main(["invoices", "export", "--period", "2026-12", "--format", "csv"]) == 0
+    assert ",line,H800,0.500000,26.00,true,13.00,2026-11" in capsys.readouterr().out
+    assert cli.main(["periods", "finalize", "2026-11"]) == 1
+    assert "already finalized" in capsys.readouterr().err
+    assert cli.main(["periods", "finalize", "2026-12"]) == 0
+    assert "1 invoices finalized" in capsys.readouterr().out
+    assert cli.main(["catalog", "apply", str(SAMPLE_CATALOG)]) == 0
+    assert "catalog unchanged" in capsys.readouterr().out
+    assert cli.main(["invoices", "show", "INV-nope"]) == 1
+    assert cli.main(["invoices", "list", "--period", "2026-1"]) == 1

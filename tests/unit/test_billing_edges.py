@@ -1,0 +1,96 @@
+"""Edges of the billing service that need no broker or database: tokens, record decoding, CSV."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.invoice import Invoice, InvoiceLine
+from services.billing.consumer import BadHourlyRecord, decode_hourly
+from services.billing.export import invoices_csv
+from services.billing.settings import BillingSettings, parse_api_tokens
+
+GOOD = (
+    b'{"project_id": "p", "gpu_model": "H800", "hour_start": "2026-11-30T23:00:00+08:00",'
+    b' "gpu_seconds": "10.5", "util_gpu_seconds": "5", "energy_wh": "1", "samples": 1, "revision": 3}'
+)
+
+
+def test_api_tokens_are_read_from_one_variable_with_every_error_listed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("API_TOKENS", "t1=admin, t2=billing,t3=project:hkgai-llm")
+    assert BillingSettings().api_tokens == {
+        "t1": "admin",
+        "t2": "billing",
+        "t3": "project:hkgai-llm",
+    }
+    with pytest.raises(ValueError) as caught:
+        parse_api_tokens("a=root,b,a=admin,c=admin,c=billing,d=project:")
+    message = str(caught.value)
+    assert "entry 1: unknown role 'root'" in message
+    assert "entry 2: expected TOKEN=ROLE" in message
+    assert "entry 5: token appears twice" in message
+    assert "entry 6: unknown role 'project:'" in message
+    assert parse_api_tokens("") == {}
+
+
+def test_hourly_records_are_decoded_to_utc_hours() -> None:
+    total = decode_hourly(GOOD)
+    assert total.hour_start.isoformat() == "2026-11-30T15:00:00+00:00"
+    assert (str(total.gpu_seconds), total.revision) == ("10.5", 3)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "detail"),
+    [
+        (b"{nope", "not_json", ""),
+        (b'{"project_id": "p"}', "invalid_record", "gpu_model"),
+        (GOOD.replace(b"+08:00", b""), "invalid_record", "hour_start"),
+        (GOOD.replace(b"23:00:00", b"23:30:00"), "invalid_record", "not on an hour"),
+        (GOOD.replace(b'"10.5"', b'"-1"'), "invalid_record", "negative"),
+        (GOOD.replace(b'"10.5"', b'"NaN"'), "invalid_record", "gpu_seconds"),
+    ],
+)
+def test_bad_hourly_records_are_named(raw: bytes, reason: str, detail: str) -> None:
+    with pytest.raises(BadHourlyRecord) as caught:
+        decode_hourly(raw)
+    assert caught.value.reason == reason
+    assert detail in caught.value.detail
+
+
+def test_csv_has_one_row_per_line_then_the_totals() -> None:
+    invoice = Invoice(
+        invoice_id="INV-2026-11-p",
+        project_id="p",
+        period="2026-11",
+        status="draft",
+        lines=[
+            InvoiceLine(
+                gpu_model="H800",
+                gpu_hours="1.000000",
+                rate_hkd="26.00",
+                subsidised=True,
+                amount_hkd="26.00",
+            ),
+            InvoiceLine(
+                gpu_model="X",
+                gpu_hours="0.500000",
+                rate_hkd=None,
+                subsidised=False,
+                amount_hkd=None,
+                adjustment_for_period="2026-10",
+            ),
+        ],
+        gross_hkd="26.00",
+        subsidy_hkd="18.20",
+        net_hkd="7.80",
+        subsidy_cap_remaining_hkd="1.80",
+    )
+    assert invoices_csv([invoice]).splitlines() == [
+        "invoice_id,project_id,period,status,record,gpu_model,gpu_hours,rate_hkd,subsidised,amount_hkd,adjustment_for_period",
+        "INV-2026-11-p,p,2026-11,draft,line,H800,1.000000,26.00,true,26.00,",
+        "INV-2026-11-p,p,2026-11,draft,line,X,0.500000,,false,,2026-10",
+        "INV-2026-11-p,p,2026-11,draft,gross,,,,,26.00,",
+        "INV-2026-11-p,p,2026-11,draft,subsidy,,,,,18.20,",
+        "INV-2026-11-p,p,2026-11,draft,net,,,,,7.80,",
+    ]
