@@ -1,0 +1,85 @@
+"""Read side over HTTP: GET /v1/alerts, /healthz, /metrics. Errors are JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.alerts.metrics import AlertsMetrics
+from services.alerts.store import Store
+
+STATUS_FILTERS: dict[str, list[str]] = {
+    "active": ["pending", "firing"],
+    "firing": ["firing"],
+    "pending": ["pending"],
+    "resolved": ["resolved"],
+    "all": ["pending", "firing", "resolved"],
+}
+
+
+class AlertView(BaseModel):
+    fingerprint: str
+    rule: str
+    status: Literal["pending", "firing", "resolved", "inactive"]
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    pending_since: datetime | None
+    starts_at: datetime | None
+    ends_at: datetime | None
+    last_value: Decimal | None
+    last_notified_at: datetime | None
+    updated_at: datetime
+
+
+class AlertList(BaseModel):
+    alerts: list[AlertView]
+
+
+def create_api(
+    store: Store, metrics: AlertsMetrics, *, recent_s: float, health: Callable[[], dict[str, Any]]
+) -> FastAPI:
+    api = FastAPI(title="gpumeter alerts", version="1")
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = "not_found" if exc.status_code == 404 else "http_error"
+        return JSONResponse({"error": error, "detail": exc.detail}, status_code=exc.status_code)
+
+    @api.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        return JSONResponse({"error": "invalid_request", "detail": detail}, status_code=400)
+
+    @api.get("/v1/alerts", response_model=AlertList)
+    async def list_alerts(
+        status: Literal["active", "firing", "pending", "resolved", "all"] = "all",
+        fingerprint: str | None = None,
+        limit: int = Query(500, ge=1, le=5000),
+    ) -> AlertList:
+        """Pending and firing alerts, and those resolved within the recent window."""
+        rows = await store.list_alerts(
+            statuses=STATUS_FILTERS[status], recent_s=recent_s, fingerprint=fingerprint, limit=limit
+        )
+        return AlertList(alerts=[AlertView.model_validate(row) for row in rows])
+
+    @api.get("/healthz")
+    async def healthz() -> JSONResponse:
+        report = health()
+        return JSONResponse(report, status_code=200 if report.get("status") == "ok" else 503)
+
+    @api.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return api

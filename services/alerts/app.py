@@ -1,0 +1,263 @@
+"""Composition root: consumer -> evaluator -> store (state + outbox) -> notifier, plus the API.
+
+One asyncio loop runs it all: the Kafka consumer (getmany batches), the notifier's receiver loops,
+the Alertmanager re-send loop and uvicorn. Run one replica: the evaluator sees every partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Generator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import uvicorn
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.errors import CommitFailedError, KafkaError
+from pydantic import ValidationError
+
+from schemas.metering import ClusterMinute, NodeSignal
+from services.alerts.api import create_api
+from services.alerts.config import KAFKA_RECEIVER, AlertConfig
+from services.alerts.domain import Evaluator, StateChange, route
+from services.alerts.metrics import AlertsMetrics
+from services.alerts.notifier import (
+    HttpSender,
+    KafkaSender,
+    Notifier,
+    Sender,
+    resend_to_alertmanagers,
+)
+from services.alerts.settings import AlertsSettings
+from services.alerts.store import Store
+from services.common.kafka_admin import ensure_topics
+
+log = logging.getLogger(__name__)
+
+# Partition counts used if this service creates the topics first (metering's defaults).
+CLUSTER_MINUTELY_PARTITIONS = 1
+NODE_SIGNALS_PARTITIONS = 4
+ALERTS_PARTITIONS = 1
+
+
+class _Server(uvicorn.Server):
+    """uvicorn inside our loop: signals are ours, not uvicorn's."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class AlertsService:
+    def __init__(self, settings: AlertsSettings, config: AlertConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self.metrics = AlertsMetrics()
+        self.stopping = asyncio.Event()
+        self.ready = False
+        self.consumer: AIOKafkaConsumer | None = None
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def health(self) -> dict[str, Any]:
+        assignment = self.consumer.assignment() if self.consumer is not None else set()
+        return {
+            "status": "ok" if self.ready and not self.stopping.is_set() else "starting",
+            "assigned_partitions": len(assignment),
+            "receivers": sorted(self.config.receivers),
+            "disabled_receivers": self.config.disabled,
+        }
+
+    def receivers_for(self, change: StateChange) -> list[str]:
+        names = [KAFKA_RECEIVER]
+        for name in route(self.config.routes, change.labels):
+            receiver = self.config.receivers.get(name)
+            if receiver is not None and (change.status == "firing" or receiver.send_resolved):
+                names.append(name)
+        return names
+
+    async def run(self) -> None:
+        settings, topics = self.settings, self.settings.topics
+        for name, why in sorted(self.config.disabled.items()):
+            log.warning("receiver %s is disabled: %s", name, why)
+        store = await Store.connect(settings.database_url)
+        applied = await store.migrate()
+        if applied:
+            log.info("applied migrations %s", ", ".join(applied))
+        await ensure_topics(
+            settings.kafka_bootstrap_servers,
+            {
+                topics.cluster_minutely: CLUSTER_MINUTELY_PARTITIONS,
+                topics.node_signals: NODE_SIGNALS_PARTITIONS,
+                topics.alerts: ALERTS_PARTITIONS,
+            },
+        )
+        loaded = await store.load()
+        evaluator = Evaluator(
+            self.config.rules,
+            started_at=datetime.now(UTC),
+            minute_lateness=timedelta(seconds=settings.alert_minute_lateness_s),
+            states=loaded.states,
+            pending_minutes=loaded.pending_minutes,
+            watermark=loaded.watermark,
+            nodes=loaded.nodes,
+        )
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all")
+        await producer.start()
+        client = httpx.AsyncClient(timeout=settings.alert_notify_timeout_s)
+        ttl = timedelta(seconds=4 * settings.alertmanager_resend_interval_s)
+        http_senders = {
+            name: HttpSender(receiver, client, settings.external_url, ttl)
+            for name, receiver in self.config.receivers.items()
+        }
+        senders: dict[str, Sender] = {
+            KAFKA_RECEIVER: KafkaSender(producer, topics.alerts),
+            **http_senders,
+        }
+        notifier = Notifier(
+            store,
+            senders,
+            self.metrics,
+            backoff_initial_s=settings.alert_notify_backoff_initial_s,
+            backoff_max_s=settings.alert_notify_backoff_max_s,
+            poll_interval_s=settings.alert_outbox_poll_interval_s,
+        )
+        self.consumer = AIOKafkaConsumer(
+            topics.cluster_minutely,
+            topics.node_signals,
+            group_id=settings.consumer_group,
+            **settings.consumer_kwargs(),
+        )
+        await self.consumer.start()
+        api = create_api(store, self.metrics, recent_s=settings.alert_recent_s, health=self.health)
+        server = _Server(
+            uvicorn.Config(
+                api,
+                host=settings.http_host,
+                port=settings.http_port,
+                log_level="warning",
+                lifespan="off",
+            )
+        )
+        alertmanagers = [s for s in http_senders.values() if s.config.type == "alertmanager"]
+        tasks = [
+            asyncio.create_task(self._consume(evaluator, store, notifier), name="consume"),
+            asyncio.create_task(notifier.run(), name="notifier"),
+            asyncio.create_task(server.serve(), name="http"),
+            asyncio.create_task(self.stopping.wait(), name="stop"),
+        ]
+        if alertmanagers:
+            tasks.append(
+                asyncio.create_task(
+                    resend_to_alertmanagers(
+                        store,
+                        alertmanagers,
+                        self.config.routes,
+                        self.metrics,
+                        interval_s=settings.alertmanager_resend_interval_s,
+                        resolved_within_s=settings.alertmanager_resolved_resend_s,
+                        stopped=self.stopping.is_set,
+                    ),
+                    name="alertmanager-resend",
+                )
+            )
+        self.ready = True
+        log.info(
+            "alerts service up: %d rules, receivers %s, http port %d",
+            len(self.config.rules),
+            ", ".join(senders),
+            settings.http_port,
+        )
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            self.stopping.set()
+            notifier.stop()
+            server.should_exit = True
+            for task in tasks:
+                if task.get_name() not in ("http", "notifier"):
+                    task.cancel()
+            await asyncio.wait(tasks, timeout=10)
+            with contextlib.suppress(KafkaError):
+                await self.consumer.stop()
+            with contextlib.suppress(KafkaError):
+                await producer.stop()
+            await client.aclose()
+            await store.close()
+            log.info("alerts service stopped")
+
+    async def _consume(self, evaluator: Evaluator, store: Store, notifier: Notifier) -> None:
+        assert self.consumer is not None
+        consumer, settings = self.consumer, self.settings
+        interval_s = settings.alert_absence_check_interval_s
+        next_absence_check = time.monotonic() + interval_s
+        late_seen = evaluator.late_minutes
+        while not self.stopping.is_set():
+            timeout_ms = int(max(50, min(500, interval_s * 1000)))
+            batch = await consumer.getmany(timeout_ms=timeout_ms, max_records=1000)
+            received_at = datetime.now(UTC)
+            changes: list[StateChange] = []
+            for partition, messages in batch.items():
+                for message in messages:
+                    changes.extend(self._handle(evaluator, partition.topic, message, received_at))
+            # Minutes are ingested for the whole batch first, then evaluated in minute order.
+            changes.extend(evaluator.evaluate_complete_minutes())
+            if time.monotonic() >= next_absence_check:
+                changes.extend(evaluator.check_absence(datetime.now(UTC)))
+                next_absence_check = time.monotonic() + interval_s
+            dirty = evaluator.drain()
+            notifications = [(name, c) for c in changes for name in self.receivers_for(c)]
+            if dirty or notifications:
+                await store.apply(dirty, evaluator.watermark, notifications)
+            if batch:
+                try:
+                    await consumer.commit()
+                except CommitFailedError as exc:
+                    log.warning(
+                        "offset commit failed (a rebalance); input will be replayed: %s", exc
+                    )
+            for change in changes:
+                self.metrics.state_changes.labels(change.rule, change.status).inc()
+                log.info("%s %s %s", change.status, change.rule, change.labels)
+            for rule, count in evaluator.evaluations.items():
+                self.metrics.evaluations.labels(rule).inc(count)
+            evaluator.evaluations.clear()
+            if evaluator.late_minutes > late_seen:
+                self.metrics.late_minutes.inc(evaluator.late_minutes - late_seen)
+                late_seen = evaluator.late_minutes
+            if notifications:
+                notifier.wake()
+
+    def _handle(
+        self, evaluator: Evaluator, topic: str, message: ConsumerRecord, received_at: datetime
+    ) -> list[StateChange]:
+        topics = self.settings.topics
+        try:
+            if topic == topics.cluster_minutely:
+                evaluator.ingest_cluster_minute(ClusterMinute.model_validate_json(message.value))
+                changes = []
+            else:
+                changes = evaluator.on_node_signal(
+                    NodeSignal.model_validate_json(message.value), received_at
+                )
+        except (ValidationError, ValueError, TypeError) as exc:
+            # Metering's output is trusted but checked: a bad message is counted and skipped.
+            self.metrics.input_messages.labels(topic, "invalid").inc()
+            log.warning(
+                "skipped invalid message %s[%d]@%d: %s",
+                topic,
+                message.partition,
+                message.offset,
+                str(exc)[:300],
+            )
+            return []
+        self.metrics.input_messages.labels(topic, "ok").inc()
+        return changes

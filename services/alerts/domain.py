@@ -1,0 +1,505 @@
+"""Alert rule evaluation: pure functions over plain values (CONTRACTS §6).
+
+Stream rules run on event time: a cluster minute is evaluated once it is complete (a minute at least
+`lateness` later has been seen), so replaying the same minutes gives the same state changes.
+The absence rule (a silent node) runs on the processing clock, from when each node was last heard.
+
+Per series (rule + labels) the state machine is Prometheus's: inactive -> pending -> firing after
+`for`; while firing, the series stays firing as long as the value stays on the firing side of the
+clear threshold (hysteresis), and resolves when it crosses it (after `keep_firing_for`, if set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+from schemas.alert import AlertEvent
+from schemas.metering import ClusterMinute, NodeSignal
+
+MINUTE = timedelta(minutes=1)
+
+CLUSTER_FIELDS = (
+    "allocation_ratio",
+    "mean_util_pct",
+    "mean_power_w",
+    "xid_errors",
+    "nodes_reporting",
+    "gpus_online",
+    "gpus_allocated",
+)
+NODE_SILENCE = "node.silence_seconds"  # processing clock
+NODE_XID = "node.xid_errors"  # event time, per node
+GPU_IDLE = (
+    "gpu.idle_allocated"  # event time, per node/gpu/project: 1 while idle inside an allocation
+)
+SIGNALS = (*(f"cluster.{name}" for name in CLUSTER_FIELDS), NODE_SILENCE, NODE_XID, GPU_IDLE)
+
+Op = Literal[">=", "<="]
+Status = Literal["inactive", "pending", "firing", "resolved"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    signal: str
+    op: Op
+    threshold: Decimal
+    clear_threshold: Decimal | None = None  # None: clears as soon as the firing condition fails
+    for_: timedelta = timedelta(0)
+    keep_firing_for: timedelta = timedelta(0)
+    repeat_interval: timedelta | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    def breaches(self, value: Decimal) -> bool:
+        return value >= self.threshold if self.op == ">=" else value <= self.threshold
+
+    def holds(self, value: Decimal) -> bool:
+        """While firing: still on the firing side of the clear threshold."""
+        clear = self.threshold if self.clear_threshold is None else self.clear_threshold
+        return value >= clear if self.op == ">=" else value <= clear
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.signal not in SIGNALS:
+            found.append(
+                f"rule {self.name}: unknown signal {self.signal!r}; one of {', '.join(SIGNALS)}"
+            )
+        if self.op not in (">=", "<="):
+            found.append(f"rule {self.name}: op must be '>=' or '<=', not {self.op!r}")
+        if self.clear_threshold is not None:
+            if self.op == ">=" and self.clear_threshold > self.threshold:
+                found.append(
+                    f"rule {self.name}: clear_threshold must not be above threshold for '>='"
+                )
+            if self.op == "<=" and self.clear_threshold < self.threshold:
+                found.append(
+                    f"rule {self.name}: clear_threshold must not be below threshold for '<='"
+                )
+        if self.for_ < timedelta(0) or self.keep_firing_for < timedelta(0):
+            found.append(f"rule {self.name}: durations must not be negative")
+        if self.repeat_interval is not None and self.repeat_interval <= timedelta(0):
+            found.append(f"rule {self.name}: repeat_interval must be positive")
+        return found
+
+
+def fingerprint(rule_name: str, labels: Mapping[str, str]) -> str:
+    """Stable across processes and releases: sha256 of the rule name and the sorted labels."""
+    text = "\x00".join([rule_name, *(f"{k}\x01{v}" for k, v in sorted(labels.items()))])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class SeriesState:
+    fingerprint: str
+    rule: str
+    labels: dict[str, str]
+    status: Status = "inactive"
+    pending_since: datetime | None = None
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    last_value: Decimal | None = None
+    last_observed_at: datetime | None = None  # end of the latest observation: replays stop here
+    last_active_at: datetime | None = None  # latest time the firing condition held
+    last_notified_at: datetime | None = None
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A value over [start, end): a cluster minute; or at one instant (start == end)."""
+
+    value: Decimal
+    start: datetime
+    end: datetime
+    context: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StateChange:
+    fingerprint: str
+    rule: str
+    status: Literal["firing", "resolved"]
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    starts_at: datetime
+    ends_at: datetime | None
+    value: Decimal
+    repeat: bool = False
+
+    def to_event(self) -> AlertEvent:
+        return AlertEvent(
+            fingerprint=self.fingerprint,
+            rule=self.rule,
+            status=self.status,
+            labels=self.labels,
+            annotations=self.annotations,
+            starts_at=self.starts_at,
+            ends_at=self.ends_at,
+            value=float(self.value),
+        )
+
+
+class _Template(dict):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def render_annotations(rule: Rule, labels: Mapping[str, str], obs: Observation) -> dict[str, str]:
+    values = _Template({**labels, **obs.context, "value": _show(obs.value)})
+    rendered = {}
+    for name, template in rule.annotations.items():
+        try:
+            rendered[name] = template.format_map(values)
+        except (ValueError, IndexError, AttributeError):
+            rendered[name] = template  # a malformed template is shown as written
+    return rendered
+
+
+def _show(value: Decimal) -> str:
+    return format(value.normalize(), "f") if value == value.to_integral_value() else str(value)
+
+
+def observe(rule: Rule, state: SeriesState, obs: Observation) -> StateChange | None:
+    """Advance one series by one observation; return the notification it causes, if any."""
+    if state.last_observed_at is not None and obs.end <= state.last_observed_at:
+        return None  # seen before: a replay changes nothing
+    contiguous = (
+        obs.start >= obs.end
+        or state.last_observed_at is None
+        or obs.start <= state.last_observed_at
+    )
+    state.last_observed_at = obs.end
+    state.last_value = obs.value
+    change: StateChange | None = None
+
+    if state.status == "firing":
+        if rule.holds(obs.value):
+            state.last_active_at = obs.end
+            state.annotations = render_annotations(rule, state.labels, obs)
+            due = state.last_notified_at is None or (
+                rule.repeat_interval is not None
+                and obs.end - state.last_notified_at >= rule.repeat_interval
+            )
+            if due:
+                state.last_notified_at = obs.end
+                change = _change(state, "firing", obs.value, repeat=True)
+        elif (
+            rule.keep_firing_for > timedelta(0)
+            and state.last_active_at is not None
+            and obs.end - state.last_active_at < rule.keep_firing_for
+        ):
+            pass
+        else:
+            state.status = "resolved"
+            state.ends_at = obs.start
+            state.pending_since = None
+            state.last_notified_at = obs.end
+            change = _change(state, "resolved", obs.value)
+        return change
+
+    if not rule.breaches(obs.value):
+        if state.status == "pending":
+            state.status = "inactive"
+            state.pending_since = None
+        return None
+
+    if state.status != "pending" or state.pending_since is None or not contiguous:
+        state.status = "pending"
+        state.pending_since = obs.start
+    if obs.end - state.pending_since >= rule.for_:
+        state.status = "firing"
+        state.starts_at = max(obs.start, state.pending_since + rule.for_)
+        state.ends_at = None
+        state.last_active_at = obs.end
+        state.last_notified_at = obs.end
+        state.annotations = render_annotations(rule, state.labels, obs)
+        change = _change(state, "firing", obs.value)
+    return change
+
+
+def _change(
+    state: SeriesState,
+    status: Literal["firing", "resolved"],
+    value: Decimal,
+    *,
+    repeat: bool = False,
+) -> StateChange:
+    assert state.starts_at is not None
+    return StateChange(
+        fingerprint=state.fingerprint,
+        rule=state.rule,
+        status=status,
+        labels=dict(state.labels),
+        annotations=dict(state.annotations),
+        starts_at=state.starts_at,
+        ends_at=state.ends_at if status == "resolved" else None,
+        value=value,
+        repeat=repeat,
+    )
+
+
+@dataclass
+class NodeSeen:
+    node: str
+    last_received_at: datetime  # processing clock
+    last_sample_time: datetime  # event time
+
+
+@dataclass
+class Dirty:
+    """What the last steps changed, for the store to write in one transaction."""
+
+    states: dict[str, SeriesState] = field(default_factory=dict)
+    minutes_upserted: dict[datetime, ClusterMinute] = field(default_factory=dict)
+    minutes_removed: set[datetime] = field(default_factory=set)
+    nodes: dict[str, NodeSeen] = field(default_factory=dict)
+    watermark_changed: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.states
+            or self.minutes_upserted
+            or self.minutes_removed
+            or self.nodes
+            or self.watermark_changed
+        )
+
+
+@dataclass
+class Watermark:
+    max_minute_seen: datetime | None = None
+    last_evaluated_minute: datetime | None = None
+
+
+class Evaluator:
+    """Holds every series' state; each `on_*` step returns the notifications it causes."""
+
+    def __init__(
+        self,
+        rules: Iterable[Rule],
+        *,
+        started_at: datetime,
+        minute_lateness: timedelta = MINUTE,
+        states: Iterable[SeriesState] = (),
+        pending_minutes: Iterable[ClusterMinute] = (),
+        watermark: Watermark | None = None,
+        nodes: Iterable[NodeSeen] = (),
+    ) -> None:
+        self.rules = list(rules)
+        self.rules_by_name = {rule.name: rule for rule in self.rules}
+        self.started_at = started_at
+        self.minute_lateness = minute_lateness
+        self.states = {state.fingerprint: state for state in states}
+        self.pending_minutes = {_utc(m.minute_start): m for m in pending_minutes}
+        self.watermark = watermark or Watermark()
+        self.nodes = {seen.node: seen for seen in nodes}
+        self.dirty = Dirty()
+        self.evaluations: dict[str, int] = {}
+        self.late_minutes = 0
+        self._series_by_node: dict[tuple[str, str], set[str]] = {}
+        for state in self.states.values():
+            self._index(state)
+
+    def drain(self) -> Dirty:
+        dirty, self.dirty = self.dirty, Dirty()
+        return dirty
+
+    # cluster minutes: event time -------------------------------------------------------------
+    def on_cluster_minute(self, minute: ClusterMinute) -> list[StateChange]:
+        self.ingest_cluster_minute(minute)
+        return self.evaluate_complete_minutes()
+
+    def ingest_cluster_minute(self, minute: ClusterMinute) -> None:
+        """Hold the latest revision of a minute until it is complete.
+
+        A consumer ingests a whole batch before evaluating, so minutes that metering emits out of
+        order within one batch are still evaluated in minute order.
+        """
+        start = _utc(minute.minute_start)
+        done = self.watermark.last_evaluated_minute
+        if done is not None and start <= done:
+            self.late_minutes += 1  # already evaluated: a late revision or a replay
+            return
+        held = self.pending_minutes.get(start)
+        if held is None or minute.revision > held.revision:
+            self.pending_minutes[start] = minute
+            self.dirty.minutes_upserted[start] = minute
+        if self.watermark.max_minute_seen is None or start > self.watermark.max_minute_seen:
+            self.watermark.max_minute_seen = start
+            self.dirty.watermark_changed = True
+
+    def evaluate_complete_minutes(self) -> list[StateChange]:
+        seen = self.watermark.max_minute_seen
+        if seen is None:
+            return []
+        changes: list[StateChange] = []
+        for start in sorted(self.pending_minutes):
+            if start + MINUTE + self.minute_lateness > seen:
+                break
+            minute = self.pending_minutes.pop(start)
+            self.dirty.minutes_upserted.pop(start, None)
+            self.dirty.minutes_removed.add(start)
+            self.watermark.last_evaluated_minute = start
+            self.dirty.watermark_changed = True
+            for rule in self.rules:
+                if not rule.signal.startswith("cluster."):
+                    continue
+                value = Decimal(str(getattr(minute, rule.signal.removeprefix("cluster."))))
+                obs = Observation(value, start, start + MINUTE)
+                changes.extend(self._observe(rule, {}, obs))
+        return changes
+
+    # node signals: event time for idle/XID, processing clock for silence --------------------
+    def on_node_signal(self, signal: NodeSignal, received_at: datetime) -> list[StateChange]:
+        sample_time = _utc(signal.last_sample_time)
+        seen = self.nodes.get(signal.node)
+        if seen is None:
+            seen = NodeSeen(signal.node, received_at, sample_time)
+        else:
+            seen = replace(
+                seen,
+                last_received_at=max(seen.last_received_at, received_at),
+                last_sample_time=max(seen.last_sample_time, sample_time),
+            )
+        self.nodes[signal.node] = seen
+        self.dirty.nodes[signal.node] = seen
+        node_labels = {"node": signal.node}
+        changes: list[StateChange] = []
+        for rule in self.rules:
+            if rule.signal == NODE_SILENCE:
+                obs = Observation(Decimal(0), received_at, received_at)
+                changes.extend(self._observe(rule, node_labels, obs, persist_quiet=False))
+            elif rule.signal == NODE_XID:
+                context = {"xid_gpus": ", ".join(signal.xid_gpus)}
+                obs = Observation(Decimal(signal.xid_errors), sample_time, sample_time, context)
+                changes.extend(self._observe(rule, node_labels, obs))
+            elif rule.signal == GPU_IDLE:
+                changes.extend(self._observe_idle(rule, signal, sample_time))
+        return changes
+
+    def _observe_idle(self, rule: Rule, signal: NodeSignal, at: datetime) -> list[StateChange]:
+        changes: list[StateChange] = []
+        idle = set(signal.idle_allocated_gpus)
+        touched = set()
+        for gpu in sorted(idle):
+            labels = {"node": signal.node, "gpu": gpu, "project": signal.idle_projects.get(gpu, "")}
+            touched.add(self._fingerprint(rule, labels))
+            changes.extend(self._observe(rule, labels, Observation(Decimal(1), at, at)))
+        for fp in sorted(self._series_by_node.get((rule.name, signal.node), set()) - touched):
+            state = self.states[fp]
+            changes.extend(self._observe(rule, state.labels, Observation(Decimal(0), at, at)))
+        return changes
+
+    def check_absence(self, now: datetime) -> list[StateChange]:
+        """Processing clock: how long each known node has been silent (never before start-up)."""
+        changes: list[StateChange] = []
+        for node in sorted(self.nodes):
+            heard = max(self.nodes[node].last_received_at, self.started_at)
+            silence = Decimal(max(0, int((now - heard).total_seconds())))
+            for rule in self.rules:
+                if rule.signal == NODE_SILENCE:
+                    obs = Observation(silence, now, now)
+                    changes.extend(self._observe(rule, {"node": node}, obs, persist_quiet=False))
+        return changes
+
+    # one series ------------------------------------------------------------------------------
+    def _fingerprint(self, rule: Rule, series_labels: Mapping[str, str]) -> str:
+        return fingerprint(rule.name, self._labels(rule, series_labels))
+
+    @staticmethod
+    def _labels(rule: Rule, series_labels: Mapping[str, str]) -> dict[str, str]:
+        return {"alertname": rule.name, **rule.labels, **series_labels}
+
+    def _observe(
+        self,
+        rule: Rule,
+        series_labels: Mapping[str, str],
+        obs: Observation,
+        *,
+        persist_quiet: bool = True,
+    ) -> list[StateChange]:
+        labels = self._labels(rule, series_labels)
+        fp = fingerprint(rule.name, labels)
+        state = self.states.get(fp)
+        if state is None:
+            if not rule.breaches(obs.value):
+                return []  # nothing to remember about a series that never breached
+            state = SeriesState(fingerprint=fp, rule=rule.name, labels=labels)
+            self.states[fp] = state
+            self._index(state)
+        before = (state.status, state.pending_since, state.last_notified_at)
+        self.evaluations[rule.name] = self.evaluations.get(rule.name, 0) + 1
+        change = observe(rule, state, obs)
+        # Processing-clock series are observed every tick: write them only when something moved.
+        if persist_quiet or before != (state.status, state.pending_since, state.last_notified_at):
+            self.dirty.states[fp] = state
+        return [change] if change else []
+
+    def _index(self, state: SeriesState) -> None:
+        node = state.labels.get("node")
+        if node is not None:
+            self._series_by_node.setdefault((state.rule, node), set()).add(state.fingerprint)
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.astimezone(UTC)
+
+
+# routing ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Route:
+    receivers: tuple[str, ...]
+    match: Mapping[str, str] = field(default_factory=dict)
+    match_re: Mapping[str, str] = field(default_factory=dict)
+    continue_: bool = False
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if any(labels.get(name) != value for name, value in self.match.items()):
+            return False
+        return all(
+            re.fullmatch(pattern, labels.get(name, "")) for name, pattern in self.match_re.items()
+        )
+
+
+def route(routes: Iterable[Route], labels: Mapping[str, str]) -> list[str]:
+    """Receivers for an alert, Alertmanager style: first matching route, more while `continue`."""
+    chosen: list[str] = []
+    for candidate in routes:
+        if not candidate.matches(labels):
+            continue
+        chosen.extend(name for name in candidate.receivers if name not in chosen)
+        if not candidate.continue_:
+            break
+    return chosen
+
+
+# durations ----------------------------------------------------------------------------------
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: Any) -> timedelta:
+    """Prometheus-style durations: '90s', '5m', '1h30m'; a bare number is seconds."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return timedelta(seconds=float(text))
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"not a duration: {text!r}")
+    spec = text.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", spec):
+        return timedelta(seconds=float(spec))
+    pos, total = 0, 0.0
+    for match in _DURATION.finditer(spec):
+        if match.start() != pos:
+            raise ValueError(f"not a duration: {text!r}")
+        total += float(match.group(1)) * _UNIT_S[match.group(2)]
+        pos = match.end()
+    if pos != len(spec) or pos == 0:
+        raise ValueError(f"not a duration: {text!r}")
+    return timedelta(seconds=total)

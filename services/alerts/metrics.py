@@ -1,0 +1,49 @@
+"""Prometheus metrics of the alerts service, in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class AlertsMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.notifications_sent = Counter(
+            "alerts_notifications_sent",
+            "Notifications a receiver accepted",
+            ["receiver"],
+            registry=r,
+        )
+        self.notifications_failed = Counter(
+            "alerts_notifications_failed",
+            "Failed deliveries: retry (will be retried) or rejected (4xx, given up)",
+            ["receiver", "reason"],
+            registry=r,
+        )
+        self.outbox_depth = Gauge(
+            "alerts_outbox_depth", "Notifications waiting for delivery", ["receiver"], registry=r
+        )
+        self.evaluations = Counter(
+            "alerts_evaluations", "Observations evaluated against a rule", ["rule"], registry=r
+        )
+        self.state_changes = Counter(
+            "alerts_state_changes",
+            "Notifications caused (firing, resolved)",
+            ["rule", "status"],
+            registry=r,
+        )
+        self.input_messages = Counter(
+            "alerts_input_messages", "Input messages consumed", ["topic", "outcome"], registry=r
+        )
+        self.late_minutes = Counter(
+            "alerts_late_cluster_minutes",
+            "Cluster minute revisions that arrived after their minute was evaluated",
+            registry=r,
+        )
+        self.alertmanager_resends = Counter(
+            "alerts_alertmanager_resends",
+            "Periodic re-sends of active alerts to Alertmanager",
+            ["receiver", "outcome"],
+            registry=r,
+        )

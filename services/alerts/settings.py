@@ -1,0 +1,55 @@
+"""The alerts service's settings, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import CommonSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class AlertsSettings(CommonSettings):
+    model_config = SettingsConfigDict(**CommonSettings.model_config, populate_by_name=True)
+
+    database_url: str
+    http_port: int = 8082
+    rules_file: Path = Field(Path("deploy/alert-rules.yaml"), validation_alias="ALERT_RULES_FILE")
+    # A cluster minute is evaluated once a minute this much later than its end has been seen.
+    alert_minute_lateness_s: float = Field(60.0, ge=0)
+    # How often silent nodes are looked for (processing clock).
+    alert_absence_check_interval_s: float = Field(5.0, gt=0)
+    alert_notify_backoff_initial_s: float = Field(1.0, gt=0)
+    alert_notify_backoff_max_s: float = Field(300.0, gt=0)
+    alert_notify_timeout_s: float = Field(10.0, gt=0)
+    alert_outbox_poll_interval_s: float = Field(1.0, gt=0)
+    # Alertmanager forgets a firing alert after its endsAt: re-send active ones this often.
+    alertmanager_resend_interval_s: float = Field(60.0, gt=0)
+    # Resolved alerts are re-sent to Alertmanager for this long after they resolve.
+    alertmanager_resolved_resend_s: float = Field(300.0, ge=0)
+    alert_external_url: str | None = None
+    # GET /v1/alerts lists resolved alerts that changed within this window.
+    alert_recent_s: float = Field(86400.0, gt=0)
+
+    @property
+    def consumer_group(self) -> str:
+        return self.group("alerts")
+
+    @property
+    def rules_path(self) -> Path:
+        if self.rules_file.is_absolute() or self.rules_file.exists():
+            return self.rules_file
+        return REPO_ROOT / self.rules_file
+
+    @property
+    def external_url(self) -> str:
+        return self.alert_external_url or f"http://{self.http_host}:{self.http_port}"
+
+    def receiver_env(self, name: str) -> str | None:
+        """Receiver URLs and keys named in the rules file (`url_env`), read here like all config."""
+        value = os.environ.get(name)
+        return value if value else None

@@ -1,0 +1,326 @@
+"""PostgreSQL adapter (asyncpg): series state, the notification outbox, evaluator progress.
+
+A state change and its outbox rows are written in one transaction; Kafka offsets are committed by
+the caller only after it, so input is at-least-once and replays are absorbed by the state rows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from schemas.alert import AlertEvent
+from schemas.metering import ClusterMinute
+from services.alerts.domain import Dirty, NodeSeen, SeriesState, StateChange, Watermark
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+MIGRATION_LOCK = 0x616C65727473  # pg_advisory_lock key: "alerts"
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    seq: int
+    receiver: str
+    fingerprint: str
+    status: str
+    event: AlertEvent
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Loaded:
+    states: list[SeriesState]
+    pending_minutes: list[ClusterMinute]
+    watermark: Watermark
+    nodes: list[NodeSeen]
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, max_size: int = 5) -> Store:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, init=_init_connection)
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def migrate(self) -> list[str]:
+        """Apply the versioned SQL files not applied yet, in name order; returns what it applied."""
+        applied = []
+        async with self.pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+            try:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS alerts_schema_migrations ("
+                    " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                done = {
+                    r["version"]
+                    for r in await conn.fetch("SELECT version FROM alerts_schema_migrations")
+                }
+                for path in sorted(MIGRATIONS.glob("*.sql")):
+                    if path.stem in done:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(path.read_text())
+                        await conn.execute(
+                            "INSERT INTO alerts_schema_migrations (version) VALUES ($1)", path.stem
+                        )
+                    applied.append(path.stem)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        return applied
+
+    async def ping(self) -> None:
+        await self.pool.fetchval("SELECT 1")
+
+    # evaluator state ---------------------------------------------------------------------------
+    async def load(self) -> Loaded:
+        async with self.pool.acquire() as conn:
+            state_rows = await conn.fetch("SELECT * FROM alert_states")
+            minute_rows = await conn.fetch("SELECT payload FROM alert_cluster_minutes")
+            mark = await conn.fetchrow("SELECT * FROM alert_watermark WHERE id = 1")
+            node_rows = await conn.fetch("SELECT * FROM alert_nodes")
+        return Loaded(
+            states=[
+                SeriesState(
+                    fingerprint=r["fingerprint"],
+                    rule=r["rule"],
+                    labels=r["labels"],
+                    status=r["status"],
+                    pending_since=r["pending_since"],
+                    starts_at=r["starts_at"],
+                    ends_at=r["ends_at"],
+                    last_value=r["last_value"],
+                    last_observed_at=r["last_observed_at"],
+                    last_active_at=r["last_active_at"],
+                    last_notified_at=r["last_notified_at"],
+                    annotations=r["annotations"],
+                )
+                for r in state_rows
+            ],
+            pending_minutes=[ClusterMinute.model_validate(r["payload"]) for r in minute_rows],
+            watermark=Watermark(mark["max_minute_seen"], mark["last_evaluated_minute"])
+            if mark
+            else Watermark(),
+            nodes=[
+                NodeSeen(r["node"], r["last_received_at"], r["last_sample_time"]) for r in node_rows
+            ],
+        )
+
+    async def apply(
+        self, dirty: Dirty, watermark: Watermark, notifications: list[tuple[str, StateChange]]
+    ) -> None:
+        """Write one batch's effects atomically: states, minutes, nodes, watermark, outbox."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if dirty.states:
+                await conn.executemany(
+                    """
+                    INSERT INTO alert_states (fingerprint, rule, labels, annotations, status,
+                        pending_since, starts_at, ends_at, last_value, last_observed_at,
+                        last_active_at, last_notified_at, updated_at)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, now())
+                    ON CONFLICT (fingerprint) DO UPDATE SET
+                        annotations = EXCLUDED.annotations, status = EXCLUDED.status,
+                        pending_since = EXCLUDED.pending_since, starts_at = EXCLUDED.starts_at,
+                        ends_at = EXCLUDED.ends_at, last_value = EXCLUDED.last_value,
+                        last_observed_at = EXCLUDED.last_observed_at,
+                        last_active_at = EXCLUDED.last_active_at,
+                        last_notified_at = EXCLUDED.last_notified_at,
+                        updated_at = CASE WHEN alert_states.status = EXCLUDED.status
+                            THEN alert_states.updated_at ELSE now() END
+                    """,
+                    [
+                        (
+                            s.fingerprint,
+                            s.rule,
+                            s.labels,
+                            s.annotations,
+                            s.status,
+                            s.pending_since,
+                            s.starts_at,
+                            s.ends_at,
+                            s.last_value,
+                            s.last_observed_at,
+                            s.last_active_at,
+                            s.last_notified_at,
+                        )
+                        for s in dirty.states.values()
+                    ],
+                )
+            if dirty.minutes_upserted:
+                await conn.executemany(
+                    """
+                    INSERT INTO alert_cluster_minutes (minute_start, revision, payload)
+                    VALUES ($1, $2, $3)
+                    ON CONFLICT (minute_start) DO UPDATE
+                        SET revision = EXCLUDED.revision, payload = EXCLUDED.payload
+                        WHERE alert_cluster_minutes.revision < EXCLUDED.revision
+                    """,
+                    [
+                        (start, m.revision, m.model_dump(mode="json"))
+                        for start, m in dirty.minutes_upserted.items()
+                    ],
+                )
+            if dirty.minutes_removed:
+                await conn.execute(
+                    "DELETE FROM alert_cluster_minutes WHERE minute_start = ANY($1::timestamptz[])",
+                    sorted(dirty.minutes_removed),
+                )
+            if dirty.nodes:
+                await conn.executemany(
+                    """
+                    INSERT INTO alert_nodes (node, last_received_at, last_sample_time)
+                    VALUES ($1, $2, $3)
+                    ON CONFLICT (node) DO UPDATE SET
+                        last_received_at = GREATEST(alert_nodes.last_received_at, EXCLUDED.last_received_at),
+                        last_sample_time = GREATEST(alert_nodes.last_sample_time, EXCLUDED.last_sample_time)
+                    """,
+                    [
+                        (n.node, n.last_received_at, n.last_sample_time)
+                        for n in dirty.nodes.values()
+                    ],
+                )
+            if dirty.watermark_changed:
+                await conn.execute(
+                    """
+                    INSERT INTO alert_watermark (id, max_minute_seen, last_evaluated_minute)
+                    VALUES (1, $1, $2)
+                    ON CONFLICT (id) DO UPDATE SET max_minute_seen = EXCLUDED.max_minute_seen,
+                        last_evaluated_minute = EXCLUDED.last_evaluated_minute
+                    """,
+                    watermark.max_minute_seen,
+                    watermark.last_evaluated_minute,
+                )
+            if notifications:
+                await conn.executemany(
+                    "INSERT INTO alert_outbox (receiver, fingerprint, status, event)"
+                    " VALUES ($1, $2, $3, $4)",
+                    [
+                        (
+                            receiver,
+                            change.fingerprint,
+                            change.status,
+                            change.to_event().model_dump(mode="json"),
+                        )
+                        for receiver, change in notifications
+                    ],
+                )
+
+    # outbox -------------------------------------------------------------------------------------
+    async def undelivered(self, receiver: str, limit: int = 50) -> list[OutboxRow]:
+        rows = await self.pool.fetch(
+            """
+            SELECT seq, receiver, fingerprint, status, event, attempts FROM alert_outbox
+            WHERE receiver = $1 AND delivered_at IS NULL AND rejected_at IS NULL
+            ORDER BY seq LIMIT $2
+            """,
+            receiver,
+            limit,
+        )
+        return [
+            OutboxRow(
+                r["seq"],
+                r["receiver"],
+                r["fingerprint"],
+                r["status"],
+                AlertEvent.model_validate(r["event"]),
+                r["attempts"],
+            )
+            for r in rows
+        ]
+
+    async def mark_delivered(self, seq: int) -> None:
+        await self.pool.execute(
+            "UPDATE alert_outbox SET delivered_at = now(), attempts = attempts + 1 WHERE seq = $1",
+            seq,
+        )
+
+    async def mark_failed(self, seq: int, error: str, *, rejected: bool) -> None:
+        await self.pool.execute(
+            """
+            UPDATE alert_outbox SET attempts = attempts + 1, last_error = $2,
+                rejected_at = CASE WHEN $3 THEN now() ELSE rejected_at END
+            WHERE seq = $1
+            """,
+            seq,
+            error[:2000],
+            rejected,
+        )
+
+    async def outbox_depths(self) -> dict[str, int]:
+        rows = await self.pool.fetch(
+            "SELECT receiver, count(*) AS depth FROM alert_outbox"
+            " WHERE delivered_at IS NULL AND rejected_at IS NULL GROUP BY receiver"
+        )
+        return {r["receiver"]: r["depth"] for r in rows}
+
+    # read side ----------------------------------------------------------------------------------
+    async def list_alerts(
+        self,
+        *,
+        statuses: list[str],
+        recent_s: float,
+        fingerprint: str | None = None,
+        limit: int = 500,
+    ) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            """
+            SELECT * FROM alert_states
+            WHERE status = ANY($1::text[])
+              AND (status <> 'resolved' OR updated_at > now() - make_interval(secs => $2))
+              AND ($3::text IS NULL OR fingerprint = $3)
+            ORDER BY CASE status WHEN 'firing' THEN 0 WHEN 'pending' THEN 1 ELSE 2 END,
+                     updated_at DESC
+            LIMIT $4
+            """,
+            statuses,
+            recent_s,
+            fingerprint,
+            limit,
+        )
+        return [dict(r) for r in rows]
+
+    async def alertmanager_snapshot(
+        self, resolved_within_s: float
+    ) -> list[tuple[AlertEvent, datetime]]:
+        """Firing alerts, and those resolved recently, with when the row last changed."""
+        rows = await self.pool.fetch(
+            """
+            SELECT *, now() AS db_now FROM alert_states
+            WHERE status = 'firing'
+               OR (status = 'resolved' AND updated_at > now() - make_interval(secs => $1))
+            ORDER BY fingerprint
+            """,
+            resolved_within_s,
+        )
+        return [
+            (
+                AlertEvent(
+                    fingerprint=r["fingerprint"],
+                    rule=r["rule"],
+                    status=r["status"],
+                    labels=r["labels"],
+                    annotations=r["annotations"],
+                    starts_at=r["starts_at"],
+                    ends_at=r["ends_at"] if r["status"] == "resolved" else None,
+                    value=float(r["last_value"]) if r["last_value"] is not None else None,
+                ),
+                r["db_now"],
+            )
+            for r in rows
+            if r["starts_at"] is not None
+        ]
