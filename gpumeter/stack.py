@@ -244,7 +244,7 @@ class Stack:
             self.options.duration_s is None or time.monotonic() - started < self.options.duration_s
         ):
             for name, child in self.children.items():
-                if child.poll() is not None and name != "agent":
+                if child.poll() is not None and (name != "agent" or child.returncode != 0):
                     raise SystemExit(
                         f"{name} exited with {child.returncode}; see {self.logs / (name + '.log')}"
                     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,9 +38,13 @@ def postgres_server(workdir: Path) -> Iterator[EmbeddedPostgres | None]:
     if os.environ.get("DATABASE_URL"):
         yield None
         return
-    server = EmbeddedPostgres(workdir / "pgdata").start()
+    # Not under pytest's temp root: a later pytest run resets that to mode 0700, and PostgreSQL runs
+    # as its own user (it refuses root), so it would lose its data directory mid-session.
+    data_root = Path(tempfile.mkdtemp(prefix="gpumeter-pg-"))
+    server = EmbeddedPostgres(data_root / "pgdata").start()
     yield server
     server.stop()
+    shutil.rmtree(data_root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
