@@ -1,6 +1,8 @@
-"""`python -m services.agent` runs the node agent; `--simulate` drives a simulated fleet instead of NVML.
+"""`python -m services.agent` runs the node agent: NVML or dcgm-exporter readings of this node's GPUs,
+attributed to Slurm jobs, sent to Kafka through an on-disk spool. `--simulate` drives a simulated
+fleet instead.
 
---once      print one round of samples as JSON and exit
+--once      print one round of samples as JSON and exit (nothing is sent)
 """
 
 from __future__ import annotations
@@ -9,18 +11,38 @@ import argparse
 import json
 import logging
 import re
+import shutil
 import signal
+import socket
 import sys
+import tempfile
+import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from services.agent.publisher import AgentMetrics, Publisher
+from services.agent.allocation import (
+    AllocationSource,
+    FileProjectLookup,
+    JobMapDirSource,
+    NoAllocation,
+    ProjectLookup,
+    ScontrolProjectLookup,
+    SlurmSource,
+)
+from services.agent.publisher import AgentMetrics, Delivery, kafka_producer_factory
+from services.agent.readers import DcgmReader, GpuReader, NvmlReader, ReaderError
+from services.agent.sampler import NodeSampler
 from services.agent.settings import AgentSettings
 from services.agent.simulator import FleetConfig, FleetSimulator, aligned
+from services.agent.spool import Spool
 from services.common.http import serve_health_and_metrics
 
 log = logging.getLogger("gpumeter.agent")
+Round = tuple[datetime, dict[str, list[dict]]]
+DEFAULT_SPOOL_DIR = "/var/spool/gpumeter-agent"
+SIM_BACKLOG_SAMPLES = 20000  # flat-out simulation waits for the broker beyond this many spooled
 
 
 def parse_when(text: str, now: datetime) -> datetime:
@@ -35,10 +57,121 @@ def parse_when(text: str, now: datetime) -> datetime:
     return when.astimezone(UTC)
 
 
+class SimulatedRounds:
+    """Simulated time stepping by the interval at `speed` x real time, never ahead of the clock."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.config = FleetConfig(
+            nodes=settings.agent_sim_nodes,
+            gpus_per_node=settings.agent_sim_gpus_per_node,
+            seed=settings.agent_sim_seed,
+            interval_s=settings.agent_interval_s,
+            target_allocation=settings.agent_sim_target_allocation,
+            silence_per_node_day=settings.agent_sim_silence_per_node_day,
+        )
+        self.fleet = FleetSimulator(self.config)
+        self.speed = settings.agent_sim_speed
+        now = datetime.now(UTC)
+        start = parse_when(settings.agent_sim_start, now) if settings.agent_sim_start else now
+        self.time = aligned(start, self.config.interval_s)
+        self.until = parse_when(settings.agent_sim_until, now) if settings.agent_sim_until else None
+        self.step = timedelta(seconds=self.config.interval_s)
+        self._real_start, self._sim_start = time.monotonic(), self.time
+        self.finished = False
+
+    def first(self) -> Round:
+        at = self.time + self.step
+        return at, self.fleet.round(at)
+
+    def next(self, stop: threading.Event) -> Round | None:
+        at = self.time + self.step
+        if self.until is not None and at > self.until:
+            self.finished = True
+            return None
+        # Never run ahead of the real clock: metering rejects samples from the future.
+        wall_now = datetime.now(UTC)
+        if at > wall_now:
+            if stop.wait((at - wall_now).total_seconds()):
+                return None
+        elif self.speed > 0:
+            due = self._real_start + (at - self._sim_start).total_seconds() / self.speed
+            delay = due - time.monotonic()
+            if delay > 0 and stop.wait(delay):
+                return None
+        self.time = at
+        return at, self.fleet.round(at)
+
+    def describe(self) -> dict[str, Any]:
+        return {"simulated_time": self.time.isoformat()}
+
+
+class RealRounds:
+    """Rounds on wall-clock boundaries of the interval (…:00, :10, :20 for 10 s)."""
+
+    def __init__(self, sampler: NodeSampler, interval_s: float, metrics: AgentMetrics) -> None:
+        self.sampler = sampler
+        self.interval_s = interval_s
+        self.metrics = metrics
+        self.last: datetime | None = None
+        self.finished = False
+        self._allocation_errors = 0
+
+    def first(self) -> Round:
+        at = aligned(datetime.now(UTC), self.interval_s)
+        return at, self.sampler.round(at)
+
+    def next(self, stop: threading.Event) -> Round | None:
+        while True:
+            at = aligned(datetime.now(UTC), self.interval_s) + timedelta(seconds=self.interval_s)
+            if self.last is not None and at <= self.last:
+                at = self.last + timedelta(seconds=self.interval_s)
+            if stop.wait(max(0.0, (at - datetime.now(UTC)).total_seconds())):
+                return None
+            self.last = at
+            try:
+                per_node = self.sampler.round(at)
+            except ReaderError as exc:
+                log.error("no samples for %s: %s", at.isoformat(), exc)
+                self.metrics.read_errors.labels("reader").inc()
+                continue
+            new_errors = self.sampler.allocation_errors - self._allocation_errors
+            if new_errors:
+                self.metrics.read_errors.labels("allocation").inc(new_errors)
+                self._allocation_errors = self.sampler.allocation_errors
+            return at, per_node
+
+    def describe(self) -> dict[str, Any]:
+        return {"last_round": self.last.isoformat() if self.last else None}
+
+
+def build_sampler(settings: AgentSettings) -> NodeSampler:
+    hostname = socket.gethostname().split(".")[0]
+    node = settings.agent_node or None
+    reader: GpuReader
+    if settings.agent_reader == "dcgm":
+        reader = DcgmReader(settings.agent_dcgm_url)
+    else:
+        reader = NvmlReader()
+        node = node or hostname
+    allocation: AllocationSource
+    if settings.agent_allocation == "slurm":
+        allocation = SlurmSource(node or hostname, settings.agent_scontrol)
+    elif settings.agent_allocation == "jobmap":
+        lookup: ProjectLookup = (
+            FileProjectLookup(Path(settings.agent_job_projects_file))
+            if settings.agent_job_projects_file
+            else ScontrolProjectLookup(settings.agent_scontrol)
+        )
+        allocation = JobMapDirSource(Path(settings.agent_job_map_dir), lookup)
+    else:
+        allocation = NoAllocation()
+    return NodeSampler(node, reader, allocation, settings.agent_interval_s, hostname)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.agent", description=__doc__)
     parser.add_argument(
-        "--simulate", action="store_true", help="run a simulated fleet (the default for now)"
+        "--simulate", action="store_true", help="run a simulated fleet instead of reading GPUs"
     )
     parser.add_argument("--once", action="store_true", help="print one round as JSON and exit")
     args = parser.parse_args(argv)
@@ -46,28 +179,45 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s agent %(message)s"
     )
-
-    config = FleetConfig(
-        nodes=settings.agent_sim_nodes,
-        seed=settings.agent_sim_seed,
-        interval_s=settings.agent_interval_s,
-        target_allocation=settings.agent_sim_target_allocation,
-        silence_per_node_day=settings.agent_sim_silence_per_node_day,
-    )
-    fleet = FleetSimulator(config)
-    now = datetime.now(UTC)
-    sim_time = aligned(
-        parse_when(settings.agent_sim_start, now) if settings.agent_sim_start else now,
-        config.interval_s,
-    )
-    until = parse_when(settings.agent_sim_until, now) if settings.agent_sim_until else None
-    if args.once:
-        json.dump(fleet.round(sim_time), sys.stdout, indent=2)
-        print()
-        return 0
-
+    if settings.log_level.upper() != "DEBUG":
+        # kafka-python logs every refused reconnect; the sender reports outages once, itself.
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
     metrics = AgentMetrics()
-    state: dict[str, Any] = {"sim_time": sim_time, "running": True}
+    rounds: SimulatedRounds | RealRounds
+    sampler: NodeSampler | None = None
+    try:
+        if args.simulate:
+            rounds = SimulatedRounds(settings)
+        else:
+            sampler = build_sampler(settings)
+            rounds = RealRounds(sampler, settings.agent_interval_s, metrics)
+        if args.once:
+            json.dump(rounds.first()[1], sys.stdout, indent=2)
+            print()
+            return 0
+    except ReaderError as exc:
+        log.error("%s", exc)
+        return 2
+    finally:
+        if args.once and sampler is not None:
+            sampler.close()
+
+    temporary_spool = args.simulate and not settings.agent_spool_dir
+    spool_dir = Path(
+        settings.agent_spool_dir
+        or (tempfile.mkdtemp(prefix="gpumeter-agent-spool-") if args.simulate else "")
+        or DEFAULT_SPOOL_DIR
+    )
+    spool = Spool(spool_dir, settings.agent_spool_max_bytes, settings.agent_spool_fsync)
+    timeout_ms = settings.agent_kafka_timeout_ms
+    delivery = Delivery(
+        spool,
+        settings.topics.usage,
+        metrics,
+        kafka_producer_factory(settings.kafka_bootstrap_servers, timeout_ms),
+        ack_timeout_s=timeout_ms / 1000 + 5,
+    ).start()
+    stop = threading.Event()
     serve_health_and_metrics(
         settings.http_host,
         settings.agent_http_port,
@@ -75,50 +225,49 @@ def main(argv: list[str] | None = None) -> int:
         lambda: {
             "status": "ok",
             "service": "agent",
-            "simulated_time": state["sim_time"].isoformat(),
+            **rounds.describe(),
+            "broker_up": delivery.broker_up,
+            "spool_samples": spool.samples,
+            "spool_bytes": spool.bytes,
         },
     )
-    publisher = Publisher(settings.kafka_bootstrap_servers, settings.topics.usage, metrics)
 
-    def stop(signum: int, frame: object) -> None:
-        state["running"] = False
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    step = timedelta(seconds=config.interval_s)
-    real_start, sim_start = time.monotonic(), sim_time
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     log.info(
-        "simulating %d nodes x %d GPUs from %s at %gx",
-        config.nodes,
-        config.gpus_per_node,
-        sim_time.isoformat(),
-        settings.agent_sim_speed,
+        "%s, spool %s (at most %d bytes), sending to %s",
+        f"simulating {settings.agent_sim_nodes} nodes" if args.simulate else "reading GPUs",
+        spool_dir,
+        settings.agent_spool_max_bytes,
+        settings.topics.usage,
     )
     progress_at = time.monotonic()
-    while state["running"] and (until is None or sim_time <= until):
-        sim_time += step
-        # Never run ahead of the real clock: metering rejects samples from the future.
-        wall_now = datetime.now(UTC)
-        if sim_time > wall_now:
-            time.sleep((sim_time - wall_now).total_seconds())
-        elif settings.agent_sim_speed > 0:
-            due = real_start + (sim_time - sim_start).total_seconds() / settings.agent_sim_speed
-            delay = due - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        publisher.publish(fleet.round(sim_time))
+    while not stop.is_set():
+        if isinstance(rounds, SimulatedRounds) and rounds.speed <= 0:
+            # Flat out, simulated time is free: wait for the broker rather than fill the spool.
+            while spool.samples > SIM_BACKLOG_SAMPLES and not stop.wait(0.05):
+                pass
+        produced = rounds.next(stop)
+        if produced is None:
+            break
+        delivery.submit(produced[1])
         metrics.rounds.inc()
-        state["sim_time"] = sim_time
         if time.monotonic() - progress_at > 10:
             progress_at = time.monotonic()
-            log.info(
-                "simulated time %s, %d/%d GPUs allocated",
-                sim_time.isoformat(),
-                fleet.allocated_gpus(),
-                fleet.total_gpus,
-            )
-    publisher.close()
-    log.info("stopped at simulated time %s", sim_time.isoformat())
+            log.info("at %s; %d samples spooled", json.dumps(rounds.describe()), spool.samples)
+    if rounds.finished:
+        log.info("simulation reached its end; sending what is spooled")
+        while spool.samples and not stop.wait(0.2):
+            pass
+    drained = delivery.close(settings.agent_shutdown_flush_s)
+    if sampler is not None:
+        sampler.close()
+    if temporary_spool and drained:
+        shutil.rmtree(spool_dir, ignore_errors=True)
+    log.info("stopped; %s", json.dumps(rounds.describe()))
     return 0
 
 
