@@ -19,6 +19,7 @@ run-no-fleet: $(STAMP)
 	$(PY) -m gpumeter up --no-fleet $(ARGS)
 
 test: $(STAMP)
+	bash scripts/ensure-system-packages.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy schemas services gpumeter

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from schemas.alert import AlertEvent
+from schemas.billing import SubsidyUsage, UnpricedUsage
 from schemas.catalog import Catalog
 from schemas.dead_letter import DeadLetter
 from schemas.invoice import Invoice
@@ -24,6 +25,8 @@ MODELS: dict[str, type[BaseModel]] = {
     "catalog": Catalog,
     "invoice.v1": Invoice,
     "alert-event.v1": AlertEvent,
+    "subsidy-usage.v1": SubsidyUsage,
+    "unpriced-usage.v1": UnpricedUsage,
 }
 
 

@@ -10,6 +10,7 @@ HOURLY = "metering.usage.hourly.v1"
 CLUSTER_MINUTELY = "metering.cluster.minutely.v1"
 INVOICES = "billing.invoices.v1"
 ALERTS = "alerts.v1"
+BILLING_SIGNALS = "billing.signals.v1"
 # Internal to metering: per-node partial totals, re-keyed for the cross-node sums.
 NODE_HOURLY = "metering.internal.node-hourly.v1"
 NODE_MINUTELY = "metering.internal.node-minutely.v1"
@@ -51,6 +52,10 @@ class Topics:
         return self.name(ALERTS)
 
     @property
+    def billing_signals(self) -> str:
+        return self.name(BILLING_SIGNALS)
+
+    @property
     def node_hourly(self) -> str:
         return self.name(NODE_HOURLY)
 
@@ -73,4 +78,10 @@ class Topics:
         ]
 
     def all(self) -> list[str]:
-        return [*self.public(), self.node_hourly, self.node_minutely, self.node_signals]
+        return [
+            *self.public(),
+            self.billing_signals,
+            self.node_hourly,
+            self.node_minutely,
+            self.node_signals,
+        ]

@@ -1,0 +1,32 @@
+"""Billing facts the alerts service watches, on billing.signals.v1 (latest value per key wins)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel
+
+
+class SubsidyUsage(BaseModel):
+    """How much of a project's approved subsidy is used, drafts included. Key: f"subsidy|{project_id}"."""
+
+    kind: Literal["subsidy_usage"] = "subsidy_usage"
+    project_id: str
+    scheme: str
+    cap_hkd: Decimal
+    used_hkd: Decimal
+    used_ratio: Decimal  # used / cap, 0 when the cap is 0
+    as_of: AwareDatetime
+
+
+class UnpricedUsage(BaseModel):
+    """Usage of a GPU model with no rate card in an open period. Key: f"unpriced|{gpu_model}|{period}".
+    gpu_hours 0 means the model has been priced since (the alert resolves)."""
+
+    kind: Literal["unpriced_usage"] = "unpriced_usage"
+    gpu_model: str
+    period: str
+    gpu_hours: Decimal
+    projects: list[str]
+    as_of: AwareDatetime
