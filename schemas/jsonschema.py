@@ -12,7 +12,7 @@ from schemas.billing import SubsidyUsage, UnpricedUsage
 from schemas.catalog import Catalog
 from schemas.dead_letter import DeadLetter
 from schemas.invoice import Invoice
-from schemas.metering import ClusterMinute, HourlyTotal
+from schemas.metering import ClusterMinute, HourCompleteness, HourlyTotal
 from schemas.usage import UsageEvent
 
 SCHEMA_DIR = Path(__file__).parent / "json"
@@ -22,6 +22,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "dead-letter.v1": DeadLetter,
     "hourly-total.v1": HourlyTotal,
     "cluster-minute.v1": ClusterMinute,
+    "hour-completeness.v1": HourCompleteness,
     "catalog": Catalog,
     "invoice.v1": Invoice,
     "alert-event.v1": AlertEvent,

@@ -59,3 +59,17 @@ class NodeSignal(BaseModel):
     )
     xid_errors: int = 0
     xid_gpus: list[str] = Field(default_factory=list)
+
+
+class HourCompleteness(BaseModel):
+    """Whether every node that was online in an hour has reported through its end (a watermark
+    billing shows before a period is finalized). On metering.completeness.v1, key = hour ISO."""
+
+    hour_start: AwareDatetime
+    nodes_online: int = Field(ge=0, description="nodes that sent any sample in this hour")
+    nodes_through: int = Field(
+        ge=0, description="of those, nodes whose newest sample ends at or after the hour's end"
+    )
+    missing_nodes: list[str] = Field(default_factory=list)
+    complete: bool
+    revision: int = Field(ge=0)

@@ -11,6 +11,7 @@ CLUSTER_MINUTELY = "metering.cluster.minutely.v1"
 INVOICES = "billing.invoices.v1"
 ALERTS = "alerts.v1"
 BILLING_SIGNALS = "billing.signals.v1"
+COMPLETENESS = "metering.completeness.v1"
 # Internal to metering: per-node partial totals, re-keyed for the cross-node sums.
 NODE_HOURLY = "metering.internal.node-hourly.v1"
 NODE_MINUTELY = "metering.internal.node-minutely.v1"
@@ -50,6 +51,10 @@ class Topics:
     @property
     def alerts(self) -> str:
         return self.name(ALERTS)
+
+    @property
+    def completeness(self) -> str:
+        return self.name(COMPLETENESS)
 
     @property
     def billing_signals(self) -> str:
