@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import signal
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -111,10 +112,10 @@ def test_every_sample_taken_while_the_broker_is_unreachable_arrives_later_in_per
     topic_prefix: str,
     tmp_path: Path,
 ) -> None:
-    # Given an agent for 2 nodes x 4 GPUs sampling 60 rounds of 10 s at 20x real time
+    # Given an agent for 2 nodes x 4 GPUs sampling 120 rounds of 10 s at 20x real time
     create_topics(bootstrap_servers, topic_prefix)
     start = aligned(datetime.now(UTC) - timedelta(hours=2), INTERVAL_S)
-    rounds = 60
+    rounds = 120
     until = start + timedelta(seconds=INTERVAL_S * rounds)
     service = agent(
         agents,
@@ -130,10 +131,18 @@ def test_every_sample_taken_while_the_broker_is_unreachable_arrives_later_in_per
     ).start()
     wait_until(lambda: metric(service, "gpumeter_agent_samples_sent_total") >= 40, 30)
 
-    # When the broker becomes unreachable for a while (at least 12 s of sampling)
+    # When the broker is cut off for 30 s while the agent keeps sampling
     proxy.cut()
+    cut_at = time.monotonic()
     wait_until(lambda: metric(service, "gpumeter_agent_broker_up") == 0, 20, what="down")
-    wait_until(lambda: metric(service, "gpumeter_agent_spool_samples") >= 8 * 24, 30)
+    wait_until(
+        lambda: (
+            time.monotonic() - cut_at >= 30
+            and metric(service, "gpumeter_agent_spool_samples") >= 8 * 40
+        ),
+        60,
+        what="30 s of outage with samples spooled",
+    )
     assert metric(service, "gpumeter_agent_spool_bytes") > 0
     proxy.restore()
 
