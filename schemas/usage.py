@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-USAGE_EVENT_TYPE = "io.gpumeter.gpu.usage.v1"
+from schemas.identity import USAGE_EVENT_TYPE, usage_event_id
+
+__all__ = ["USAGE_EVENT_TYPE", "UsageData", "UsageEvent", "usage_event_id"]
+
 MAX_INTERVAL_S = 3600.0
 MAX_FUTURE_SKEW_S = 300.0
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -53,8 +55,3 @@ class UsageEvent(BaseModel):
     def identity(self) -> tuple[str, str]:
         """CloudEvents identity: source + id."""
         return (self.source, self.id)
-
-
-def usage_event_id(node: str, gpu_uuid: str, time: datetime) -> str:
-    """Stable id for a sample: the same GPU and interval always get the same id (retries dedup)."""
-    return f"{node}/{gpu_uuid}/{int(time.timestamp())}"

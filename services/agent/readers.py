@@ -31,10 +31,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import ModuleType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +323,9 @@ class DcgmReader:
 
     def __init__(self, url: str, timeout_s: float = 5.0, client: httpx.Client | None = None):
         self.url = url
+        import httpx  # only the dcgm reader needs it: keeps the NVML agent's memory down
+
+        self._http_error = httpx.HTTPError
         self.client = client or httpx.Client(timeout=timeout_s)
         self._last_xid: dict[str, float] = {}
 
@@ -328,7 +333,7 @@ class DcgmReader:
         try:
             response = self.client.get(self.url)
             response.raise_for_status()
-        except httpx.HTTPError as exc:
+        except self._http_error as exc:
             raise ReaderError(f"dcgm-exporter {self.url}: {exc}") from exc
         devices = parse_dcgm_metrics(response.text)
         parents = {d.index: d for d in devices if d.instance is None}

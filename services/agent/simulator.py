@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from schemas.usage import USAGE_EVENT_TYPE, usage_event_id
+from schemas.identity import USAGE_EVENT_TYPE, usage_event_id
 
 HKT = ZoneInfo("Asia/Hong_Kong")
 DEFAULT_PROJECTS = {
