@@ -7,6 +7,7 @@ every child process. KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL name existing server
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -235,48 +236,95 @@ class Stack:
         say("")
 
     def watch(self) -> None:
-        """Print how the centre is doing until Ctrl-C (or the duration runs out)."""
-        api = f"http://127.0.0.1:{self.ports['billing']}"
-        headers = {"Authorization": f"Bearer {self.billing_token}"}
+        """Show how the centre is doing until Ctrl-C (or the duration runs out): a live rich view
+        on a terminal, plain progress lines otherwise (logs, CI)."""
         started = time.monotonic()
+        view = LiveView(self) if sys.stdout.isatty() else None
         seen_alerts = 0
-        while (
-            self.options.duration_s is None or time.monotonic() - started < self.options.duration_s
-        ):
-            for name, child in self.children.items():
-                if child.poll() is not None and (name != "agent" or child.returncode != 0):
-                    raise SystemExit(
-                        f"{name} exited with {child.returncode}; see {self.logs / (name + '.log')}"
-                    )
-            periods = sorted({datetime.now(HKT).strftime("%Y-%m")})
-            try:
-                invoices: list[dict[str, Any]] = []
-                for period in periods:
-                    response = httpx.get(
-                        f"{api}/v1/invoices", params={"period": period}, headers=headers, timeout=5
-                    )
-                    if response.status_code == 200:
-                        body = response.json()
-                        invoices.extend(
-                            body if isinstance(body, list) else body.get("invoices", [])
+        try:
+            while (
+                self.options.duration_s is None
+                or time.monotonic() - started < self.options.duration_s
+            ):
+                self.check_children()
+                snapshot = self.snapshot()
+                if view is not None:
+                    view.update(snapshot)
+                else:
+                    say(plain_line(snapshot))
+                while seen_alerts < len(self.inbox.received):
+                    payload = self.inbox.received[seen_alerts]
+                    seen_alerts += 1
+                    for alert in payload.get("alerts", []):
+                        line = (
+                            f"    ALERT {alert.get('status', '?').upper()}: "
+                            f"{alert.get('labels', {}).get('alertname')} "
+                            f"{alert.get('annotations', {}).get('summary', '')}"
                         )
-                gross = sum(Decimal(i["gross_hkd"]) for i in invoices)
-                subsidy = sum(Decimal(i["subsidy_hkd"]) for i in invoices)
-                say(
-                    f"[{time.strftime('%H:%M:%S')}] {len(invoices)} draft invoices for {','.join(periods)}: "
-                    f"gross HK${gross:,.2f}, subsidy HK${subsidy:,.2f}, net HK${gross - subsidy:,.2f}"
+                        if view is not None:
+                            view.events.append(line.strip())
+                        else:
+                            say(line)
+                time.sleep(2 if view is not None else 5)
+        finally:
+            if view is not None:
+                view.close()
+
+    def check_children(self) -> None:
+        for name, child in self.children.items():
+            if child.poll() is not None and (name != "agent" or child.returncode != 0):
+                raise SystemExit(
+                    f"{name} exited with {child.returncode}; see {self.logs / (name + '.log')}"
                 )
-            except httpx.HTTPError as exc:
-                say(f"billing API not answering: {exc}")
-            while seen_alerts < len(self.inbox.received):
-                payload = self.inbox.received[seen_alerts]
-                seen_alerts += 1
-                for alert in payload.get("alerts", []):
-                    say(
-                        f"    ALERT {alert.get('status', '?').upper()}: {alert.get('labels', {}).get('alertname')} "
-                        f"{alert.get('annotations', {}).get('summary', '')}"
-                    )
-            time.sleep(5)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the services say now, through their public APIs and /metrics."""
+        period = datetime.now(HKT).strftime("%Y-%m")
+        snap: dict[str, Any] = {"period": period, "at": time.strftime("%H:%M:%S"), "invoices": []}
+        headers = {"Authorization": f"Bearer {self.billing_token}"}
+        try:
+            response = httpx.get(
+                f"http://127.0.0.1:{self.ports['billing']}/v1/invoices",
+                params={"period": period},
+                headers=headers,
+                timeout=5,
+            )
+            if response.status_code == 200:
+                body = response.json()
+                snap["invoices"] = body if isinstance(body, list) else body.get("invoices", [])
+        except httpx.HTTPError as exc:
+            snap["billing_error"] = str(exc)
+        metrics = scrape(f"http://127.0.0.1:{self.ports['metering']}/metrics")
+        counted = sum(
+            v
+            for k, v in metrics.items()
+            if k.startswith("gpumeter_metering_samples_total") and 'outcome="counted"' in k
+        )
+        now = time.monotonic()
+        previous = getattr(self, "_previous_counted", None)
+        snap["samples_per_s"] = (counted - previous[1]) / (now - previous[0]) if previous else 0.0
+        self._previous_counted = (now, counted)
+        snap["samples_counted"] = counted
+        snap["lag"] = sum(
+            v for k, v in metrics.items() if k.startswith("gpumeter_metering_consumer_lag")
+        )
+        try:
+            alerts = httpx.get(
+                f"http://127.0.0.1:{self.ports['alerts']}/v1/alerts",
+                params={"status": "firing"},
+                timeout=5,
+            ).json()
+            snap["active_alerts"] = alerts.get("alerts", []) if isinstance(alerts, dict) else alerts
+        except (httpx.HTTPError, ValueError):
+            snap["active_alerts"] = []
+        if "agent" in self.ports and "agent" in self.children:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                snap["simulated_time"] = (
+                    httpx.get(f"http://127.0.0.1:{self.ports['agent']}/healthz", timeout=2)
+                    .json()
+                    .get("simulated_time")
+                )
+        return snap
 
     def stop(self) -> None:
         for name in ("agent", "alerts", "billing", "metering"):
@@ -297,6 +345,99 @@ class Stack:
         if self.broker:
             self.broker.stop()
         say("stopped: no process left behind")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text format -> {series: value}; empty when the endpoint does not answer."""
+    try:
+        text = httpx.get(url, timeout=3).text
+    except httpx.HTTPError:
+        return {}
+    series: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                series[name] = float(value)
+            except ValueError:
+                continue
+    return series
+
+
+def totals(snapshot: dict[str, Any]) -> tuple[Decimal, Decimal]:
+    gross = sum((Decimal(i["gross_hkd"]) for i in snapshot["invoices"]), Decimal(0))
+    subsidy = sum((Decimal(i["subsidy_hkd"]) for i in snapshot["invoices"]), Decimal(0))
+    return gross, subsidy
+
+
+def plain_line(snapshot: dict[str, Any]) -> str:
+    gross, subsidy = totals(snapshot)
+    return (
+        f"[{snapshot['at']}] {len(snapshot['invoices'])} draft invoices for {snapshot['period']}: "
+        f"gross HK${gross:,.2f}, subsidy HK${subsidy:,.2f}, net HK${gross - subsidy:,.2f}; "
+        f"{snapshot['samples_per_s']:,.0f} samples/s, lag {snapshot['lag']:,.0f}, "
+        f"{len(snapshot['active_alerts'])} alerts firing"
+    )
+
+
+class LiveView:
+    """The rich terminal view: spend and subsidy per project, pipeline rate and lag, alerts."""
+
+    def __init__(self, stack: Stack) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.stack = stack
+        self.events: list[str] = []
+        self.live = Live(console=Console(), refresh_per_second=2, transient=False)
+        self.live.start()
+
+    def update(self, snapshot: dict[str, Any]) -> None:
+        from rich.console import Group
+        from rich.panel import Panel
+        from rich.table import Table
+
+        gross, subsidy = totals(snapshot)
+        header = (
+            f"[b]{snapshot['period']}[/b]  simulated time {snapshot.get('simulated_time', '-')}  "
+            f"samples/s {snapshot['samples_per_s']:,.0f}  counted {snapshot['samples_counted']:,.0f}  "
+            f"lag {snapshot['lag']:,.0f}\n"
+            f"gross HK${gross:,.2f}  subsidy HK${subsidy:,.2f}  net HK${gross - subsidy:,.2f}"
+        )
+        table = Table(title="draft invoices", expand=True)
+        for column in ("project", "gross HK$", "subsidy HK$", "net HK$", "cap remaining HK$"):
+            table.add_column(column, justify="left" if column == "project" else "right")
+        for invoice in sorted(snapshot["invoices"], key=lambda i: -Decimal(i["gross_hkd"])):
+            table.add_row(
+                invoice["project_id"],
+                invoice["gross_hkd"],
+                invoice["subsidy_hkd"],
+                invoice["net_hkd"],
+                invoice.get("subsidy_cap_remaining_hkd") or "-",
+            )
+        alerts = Table(title="alerts firing", expand=True)
+        alerts.add_column("alert")
+        alerts.add_column("labels")
+        for alert in snapshot["active_alerts"][:10]:
+            labels = alert.get("labels", {})
+            alerts.add_row(
+                str(labels.get("alertname", alert.get("rule", "?"))),
+                ", ".join(f"{k}={v}" for k, v in labels.items() if k != "alertname"),
+            )
+        recent = "\n".join(self.events[-5:]) or "no notifications yet"
+        self.live.update(
+            Group(
+                Panel(header, title="gpumeter"),
+                table,
+                alerts,
+                Panel(recent, title="webhook notifications"),
+            )
+        )
+
+    def close(self) -> None:
+        self.live.stop()
+        api = f"http://127.0.0.1:{self.stack.ports['billing']}"
+        say(f"billing API {api} (token in {self.stack.options.data_dir / 'api-tokens.json'})")
 
 
 def say(text: str) -> None:
