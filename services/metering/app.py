@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from datetime import UTC, datetime
 from typing import Any
 
 import faust
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from schemas.codec import InvalidUsage, dead_letter, decode_usage_message
+from schemas.codec import InvalidUsage, dead_letter
 from services.metering import domain
+from services.metering.fast_decode import decode_samples
 from services.metering.settings import MeteringSettings
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ DEAD_LETTER_MAX_BYTES = (
     3 * 1024 * 1024
 )  # producer and DLQ topic limit: a 1 MiB+ message, base64'd, fits
 MAX_DEAD_LETTER_RAW = 2 * 1024 * 1024
+RATE_WINDOW_S = 10.0
 
 
 class MeteringMetrics:
@@ -61,6 +63,35 @@ class MeteringMetrics:
         self.nodes = Gauge(
             "gpumeter_metering_nodes", "Nodes held in state by this worker", registry=self.registry
         )
+        self.consumer_lag = Gauge(
+            "gpumeter_metering_consumer_lag",
+            "Usage messages not yet committed, per assigned partition (highwater - committed)",
+            ["partition"],
+            registry=self.registry,
+        )
+        self.samples_per_second = Gauge(
+            "gpumeter_metering_samples_per_second",
+            f"Samples counted per second over the last {RATE_WINDOW_S:g} s",
+            registry=self.registry,
+        )
+        self._counted_total = 0
+        self._counted_history: deque[tuple[float, int]] = deque()
+
+    def record_counted(self, samples: int) -> None:
+        self._counted_total += samples
+        now = time.monotonic()
+        self._counted_history.append((now, self._counted_total))
+        while len(self._counted_history) > 2 and now - self._counted_history[1][0] > RATE_WINDOW_S:
+            self._counted_history.popleft()
+
+    def counted_rate(self) -> float:
+        if not self._counted_history:
+            return 0.0
+        since, counted_then = self._counted_history[0]
+        if len(self._counted_history) == 1:
+            counted_then = 0
+        elapsed = time.monotonic() - since
+        return (self._counted_total - counted_then) / elapsed if elapsed > 0 else 0.0
 
 
 def create_app(settings: MeteringSettings) -> faust.App:
@@ -87,7 +118,12 @@ def create_app(settings: MeteringSettings) -> faust.App:
         web_port=settings.http_port,
         web_in_thread=False,
         table_cleanup_interval=3600.0,
-        stream_buffer_maxsize=max(4096, settings.batch_max * 2),
+        # Big fetches and buffers: the consumer must never pause partitions for a full buffer.
+        stream_buffer_maxsize=max(4096, settings.batch_max * 4),
+        broker_max_poll_records=settings.batch_max,
+        consumer_max_fetch_size=8 * 1024 * 1024,
+        producer_linger=0.02,
+        producer_max_batch_size=1024 * 1024,
     )
     metrics = MeteringMetrics()
     app.gpumeter_metrics = metrics  # type: ignore[attr-defined]
@@ -114,11 +150,23 @@ def create_app(settings: MeteringSettings) -> faust.App:
     hourly_topic = app.topic(topics.hourly, value_serializer="raw", key_serializer="raw")
     cluster_topic = app.topic(topics.cluster_minutely, value_serializer="raw", key_serializer="raw")
     signals_topic = app.topic(topics.node_signals, value_serializer="raw", key_serializer="raw")
+    node_completeness_topic = app.topic(
+        settings.node_completeness_topic,
+        value_serializer="raw",
+        key_serializer="raw",
+        partitions=settings.internal_partitions,
+    )
+    completeness_topic = app.topic(
+        topics.completeness, value_serializer="raw", key_serializer="raw"
+    )
 
     node_state = app.Table("node-state", key_type=str, partitions=settings.usage_partitions)
     hour_totals = app.Table("hour-totals", key_type=str, partitions=settings.internal_partitions)
     minute_totals = app.Table(
         "minute-totals", key_type=str, partitions=settings.internal_partitions
+    )
+    hour_completeness = app.Table(
+        "hour-completeness", key_type=str, partitions=settings.internal_partitions
     )
 
     # Nodes whose partials were re-sent in full since the last rebalance. After a crash, outputs that
@@ -164,15 +212,16 @@ def create_app(settings: MeteringSettings) -> faust.App:
             metrics.messages.inc()
             message = event.message
             try:
-                decoded = decode_usage_message(message.value, now=now, key=message.key)
+                decoded = decode_samples(message.value, now=now, key=message.key)
             except InvalidUsage as error:
                 send_dead_letter(error, error.detail, event)
                 continue
             for bad in decoded.errors:
                 send_dead_letter(bad, bad.detail, event)
-            for usage in decoded.events:
-                by_node[usage.data.node].append((domain.SampleView.of(usage), event))
+            for sample in decoded.samples:
+                by_node[sample.node].append((sample, event))
         newest = None
+        outcomes: dict[domain.Outcome, int] = defaultdict(int)
         for node, samples in by_node.items():
             state = live_states.get(node)
             if state is None:
@@ -183,7 +232,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
                 outcome = state.apply(
                     sample, settings.hour_retention_s, touched_hours, touched_minutes
                 )
-                metrics.samples.labels(outcome.value).inc()
+                outcomes[outcome] += 1
                 if outcome in (domain.Outcome.OUT_OF_ORDER, domain.Outcome.BEYOND_RETENTION):
                     send_dead_letter(
                         outcome.value,
@@ -191,7 +240,8 @@ def create_app(settings: MeteringSettings) -> faust.App:
                         f"{outcome.value.replace('_', ' ')}",
                         event,
                     )
-            if node not in resent_since_assignment:
+            resend = node not in resent_since_assignment
+            if resend:
                 resent_since_assignment.add(node)
                 touched_hours = set(state.hours)
                 touched_minutes = set(state.minutes)
@@ -207,6 +257,10 @@ def create_app(settings: MeteringSettings) -> faust.App:
                     node_minutely_topic.send_soon(
                         key=key.encode(), value=json.dumps(payload).encode()
                     )
+            for hour_iso, fact in state.completeness_facts(everything=resend).items():
+                node_completeness_topic.send_soon(
+                    key=hour_iso.encode(), value=json.dumps({"node": node, **fact}).encode()
+                )
             signal = state.signal(node)
             signals_topic.send_soon(key=node.encode(), value=signal.model_dump_json().encode())
             newest = max(newest or signal.last_sample_time, signal.last_sample_time)
@@ -216,25 +270,35 @@ def create_app(settings: MeteringSettings) -> faust.App:
             new_record = state.to_record()
             node_state.data[node] = new_record
             node_state.send_changelog(samples[-1][1].message.partition, node, new_record)
+        for outcome, count in outcomes.items():
+            metrics.samples.labels(outcome.value).inc(count)
+        metrics.record_counted(outcomes[domain.Outcome.COUNTED])
         if newest is not None:
             metrics.event_lag.set((now - newest).total_seconds())
         metrics.nodes.set(len(node_state.data))
         metrics.batch_seconds.labels("usage").observe(time.perf_counter() - started)
 
-    def merge_partials(events: list[Any], table: Any, retention_s: int) -> set[str]:
+    def merge_partials(events: list[Any], table: Any, merge: Any = None) -> set[str]:
         touched: set[str] = set()
+        changed_keys: dict[str, int] = {}
         for event in events:
             message = event.message
             key = message.key.decode()
             payload = json.loads(message.value)
-            record, changed = domain.merge_partial(
-                table.data.get(key), payload["node"], payload["partial"]
-            )
+            if merge is None:
+                record, changed = domain.merge_partial(
+                    table.data.get(key), payload["node"], payload["partial"]
+                )
+            else:
+                record, changed = merge(table.data.get(key), payload["node"], payload)
             if changed:
                 record["p"] = message.partition
                 table.data[key] = record
-                table.send_changelog(message.partition, key, record)
+                changed_keys[key] = message.partition
             touched.add(key)
+        # One changelog write per changed key and batch: a record holds every node's partial.
+        for key, partition in changed_keys.items():
+            table.send_changelog(partition, key, table.data[key])
         return touched
 
     def expire_sums(table: Any, newest_epoch: int, retention_s: int, epoch_of: Any) -> None:
@@ -243,7 +307,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
             del table.data[key]
             table.send_changelog(partition, key, None)
 
-    batches = {"hour": 0, "minute": 0}
+    batches = {"hour": 0, "minute": 0, "completeness": 0}
 
     @app.agent(usage_topic)
     async def meter_usage(stream: Any) -> None:
@@ -254,7 +318,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
     async def sum_hours(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
             started = time.perf_counter()
-            touched = merge_partials(events, hour_totals, settings.table_retention_s)
+            touched = merge_partials(events, hour_totals)
             for key in touched:
                 total = domain.hourly_total(key, hour_totals.data[key])
                 hourly_topic.send_soon(key=key.encode(), value=total.model_dump_json().encode())
@@ -269,7 +333,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
     async def sum_minutes(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
             started = time.perf_counter()
-            touched = merge_partials(events, minute_totals, settings.minute_retention_s)
+            touched = merge_partials(events, minute_totals)
             for key in touched:
                 minute = domain.cluster_minute(key, minute_totals.data[key])
                 cluster_topic.send_soon(
@@ -286,12 +350,49 @@ def create_app(settings: MeteringSettings) -> faust.App:
                 )
             metrics.batch_seconds.labels("minutely").observe(time.perf_counter() - started)
 
+    @app.agent(node_completeness_topic)
+    async def track_completeness(stream: Any) -> None:
+        async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+            started = time.perf_counter()
+            touched = merge_partials(events, hour_completeness, domain.merge_completeness)
+            for key in touched:
+                completeness = domain.hour_completeness(key, hour_completeness.data[key])
+                completeness_topic.send_soon(
+                    key=key.encode(), value=completeness.model_dump_json().encode()
+                )
+            batches["completeness"] += 1
+            if batches["completeness"] % 500 == 0 and touched:
+                newest = max(domain.hour_epoch(k) for k in touched)
+                expire_sums(
+                    hour_completeness, newest, settings.table_retention_s, domain.hour_epoch
+                )
+            metrics.batch_seconds.labels("completeness").observe(time.perf_counter() - started)
+
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
         return web.json({"status": "ok", "service": "metering", "app_id": settings.faust_id})
 
+    async def measure_lag() -> None:
+        consumer = app.consumer
+        partitions = [tp for tp in consumer.assignment() if tp.topic == topics.usage]
+        highwaters = await consumer.highwaters(*partitions) if partitions else {}
+        metrics.consumer_lag.clear()
+        for tp in partitions:
+            # Faust keeps the offsets it committed, without a public getter.
+            committed = getattr(consumer, "_committed_offset", {}).get(tp)
+            if committed is None:
+                committed = await consumer.position(tp) or 0
+            highwater = highwaters.get(tp)
+            if highwater is not None:
+                metrics.consumer_lag.labels(str(tp.partition)).set(max(highwater - committed, 0))
+
     @app.page("/metrics")
     async def prometheus(web: Any, request: Any) -> Any:
+        metrics.samples_per_second.set(metrics.counted_rate())
+        try:
+            await measure_lag()
+        except Exception as error:  # noqa: BLE001 - a scrape during a rebalance still answers
+            log.debug("consumer lag unavailable: %r", error)
         return web.bytes(
             generate_latest(metrics.registry), content_type="text/plain; version=0.0.4"
         )

@@ -11,17 +11,22 @@ Exactly-once without transactions rests on three facts:
 
 from __future__ import annotations
 
+import base64
 import enum
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from schemas.metering import ClusterMinute, HourlyTotal, NodeSignal
+from schemas.metering import ClusterMinute, HourCompleteness, HourlyTotal, NodeSignal
 from schemas.usage import UsageEvent
 
 _MINUTE_DECIMALS = frozenset({"online_s", "alloc_s", "util_s", "energy_J"})
 RECENT_IDS_PER_GPU = 128  # bounded dedup memory: O(GPUs), not O(events)
+# Recent ids are kept as 64-bit digests: the state record stays small (it is written every batch),
+# and a collision could only turn an out-of-order dead letter into a duplicate, never count twice.
+ID_DIGEST_BYTES = 8
 IDLE_UTIL_PCT = 5.0
 ZERO = Decimal(0)
 HOUR = 3600
@@ -55,6 +60,16 @@ def bucket_start(start_s: Decimal, width_s: int) -> int:
     )
 
 
+def id_digest(event_id: str) -> bytes:
+    return hashlib.blake2b(event_id.encode(), digest_size=ID_DIGEST_BYTES).digest()
+
+
+def _holds_digest(ring: bytearray, digest: bytes) -> bool:
+    return any(
+        ring[i : i + ID_DIGEST_BYTES] == digest for i in range(0, len(ring), ID_DIGEST_BYTES)
+    )
+
+
 def iso(epoch_s: int) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).isoformat()
 
@@ -78,39 +93,85 @@ class SampleView:
     @classmethod
     def of(cls, event: UsageEvent) -> SampleView:
         data = event.data
-        interval = to_decimal(data.interval_s)
-        start = interval_start(event.time, interval)
-        return cls(
+        return cls.make(
             node=data.node,
-            gpu_key=f"{event.source}|{data.gpu_uuid}",
+            source=event.source,
             event_id=event.id,
-            end_s=start + interval,
-            interval_s=interval,
+            end=event.time,
+            interval_s=data.interval_s,
             project_id=data.project_id,
             gpu_model=data.gpu_model,
-            util_pct=to_decimal(data.util_pct),
-            power_w=to_decimal(data.power_w),
+            util_pct=data.util_pct,
+            power_w=data.power_w,
             xid_errors=data.xid_errors,
             gpu_uuid=data.gpu_uuid,
         )
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        node: str,
+        source: str,
+        event_id: str,
+        end: datetime,
+        interval_s: float,
+        project_id: str | None,
+        gpu_model: str,
+        util_pct: float,
+        power_w: float,
+        xid_errors: int,
+        gpu_uuid: str,
+    ) -> SampleView:
+        interval = _interval_decimal(interval_s)
+        start = interval_start(end, interval)
+        return cls(
+            node=node,
+            gpu_key=f"{source}|{gpu_uuid}",
+            event_id=event_id,
+            end_s=start + interval,
+            interval_s=interval,
+            project_id=project_id,
+            gpu_model=gpu_model,
+            util_pct=to_decimal(util_pct),
+            power_w=to_decimal(power_w),
+            xid_errors=xid_errors,
+            gpu_uuid=gpu_uuid,
+        )
+
+
+_INTERVALS: dict[float, Decimal] = {}
+
+
+def _interval_decimal(interval_s: float) -> Decimal:
+    """Intervals repeat (agents sample at a fixed period): make each one's Decimal once."""
+    decimal = _INTERVALS.get(interval_s)
+    if decimal is None:
+        decimal = to_decimal(interval_s)
+        if len(_INTERVALS) < 1024:
+            _INTERVALS[interval_s] = decimal
+    return decimal
 
 
 class NodeState:
     """Everything metering knows about one node: JSON-able, stored as one changelog record.
 
-    gpus:    gpu_key -> {"t": last counted end (str decimal), "ids": recent event ids}
+    gpus:    gpu_key -> {"t": last counted end (str decimal),
+                         "ids": digests of the recent event ids, concatenated, base64}
     hours:   "project|model|hour_iso" -> [gpu_s, util_gpu_s, energy_J, samples]
-    minutes: minute_epoch(str) -> {"gpus": [...], "alloc": [...], "online_s", "alloc_s",
-             "util_s", "energy_J", "xid", "samples"}
+    minutes: minute_epoch(str) -> {"gpus": bitmask of GPUs online (bit = position in gpus),
+             "alloc": bitmask of GPUs allocated, "online_s", "alloc_s", "util_s", "energy_J",
+             "xid", "samples"}
     """
 
     def __init__(self, record: dict[str, Any] | None = None) -> None:
         record = record or {}
         # Decimals are kept live in memory and turned into strings only when the record is written.
         self.gpus: dict[str, dict[str, Any]] = {
-            key: {"t": Decimal(cursor["t"]), "ids": list(cursor["ids"])}
+            key: {"t": Decimal(cursor["t"]), "ids": bytearray(base64.b64decode(cursor["ids"]))}
             for key, cursor in record.get("gpus", {}).items()
         }
+        self.gpu_bits = {key: 1 << position for position, key in enumerate(self.gpus)}
         self.hours: dict[str, list[Any]] = {
             key: [Decimal(t[0]), Decimal(t[1]), Decimal(t[2]), t[3]]
             for key, t in record.get("hours", {}).items()
@@ -123,10 +184,20 @@ class NodeState:
         }
         self.max_end_s = Decimal(record.get("max_end_s", "0"))
         self.last_samples: dict[str, list[Any]] = record.get("last", {})
+        # Completeness: hour epoch -> whether the node's newest sample has passed the hour's end.
+        self.online_hours: dict[int, bool] = {
+            int(hour): through for hour, through in record.get("online_hours", {}).items()
+        }
+        # Counted samples ever: the node's revision for its completeness facts (only grows).
+        self.counted: int = record.get("counted", 0)
+        self._changed_hours: set[int] = set()
 
     def to_record(self) -> dict[str, Any]:
         return {
-            "gpus": {key: {"t": str(c["t"]), "ids": c["ids"]} for key, c in self.gpus.items()},
+            "gpus": {
+                key: {"t": str(c["t"]), "ids": base64.b64encode(c["ids"]).decode()}
+                for key, c in self.gpus.items()
+            },
             "hours": {
                 key: [str(t[0]), str(t[1]), str(t[2]), t[3]] for key, t in self.hours.items()
             },
@@ -138,6 +209,8 @@ class NodeState:
             },
             "max_end_s": str(self.max_end_s),
             "last": self.last_samples,
+            "online_hours": {str(hour): through for hour, through in self.online_hours.items()},
+            "counted": self.counted,
         }
 
     def apply(
@@ -149,20 +222,27 @@ class NodeState:
     ) -> Outcome:
         cursor = self.gpus.get(sample.gpu_key)
         if cursor is not None and sample.end_s <= cursor["t"]:
-            return Outcome.DUPLICATE if sample.event_id in cursor["ids"] else Outcome.OUT_OF_ORDER
+            if _holds_digest(cursor["ids"], id_digest(sample.event_id)):
+                return Outcome.DUPLICATE
+            return Outcome.OUT_OF_ORDER
         start_s = sample.end_s - sample.interval_s
         hour = bucket_start(start_s, HOUR)
         if self.max_end_s - hour > hour_retention_s:
             return Outcome.BEYOND_RETENTION
         if cursor is None:
-            cursor = self.gpus[sample.gpu_key] = {"t": ZERO, "ids": []}
+            cursor = self.gpus[sample.gpu_key] = {"t": ZERO, "ids": bytearray()}
+            self.gpu_bits[sample.gpu_key] = 1 << (len(self.gpus) - 1)
         cursor["t"] = sample.end_s
         ids = cursor["ids"]
-        ids.append(sample.event_id)
-        if len(ids) > RECENT_IDS_PER_GPU:
-            del ids[0]
+        ids += id_digest(sample.event_id)
+        if len(ids) > RECENT_IDS_PER_GPU * ID_DIGEST_BYTES:
+            del ids[:ID_DIGEST_BYTES]
         if sample.end_s > self.max_end_s:
             self.max_end_s = sample.end_s
+        self.counted += 1
+        if hour not in self.online_hours:
+            self.online_hours[hour] = False
+            self._changed_hours.add(hour)
 
         util_s = sample.util_pct * sample.interval_s / 100
         energy_j = sample.power_w * sample.interval_s
@@ -181,8 +261,8 @@ class NodeState:
         minute = self.minutes.get(minute_key)
         if minute is None:
             minute = self.minutes[minute_key] = {
-                "gpus": [],
-                "alloc": [],
+                "gpus": 0,
+                "alloc": 0,
                 "online_s": ZERO,
                 "alloc_s": ZERO,
                 "util_s": ZERO,
@@ -190,12 +270,11 @@ class NodeState:
                 "xid": 0,
                 "samples": 0,
             }
-        if sample.gpu_uuid not in minute["gpus"]:
-            minute["gpus"].append(sample.gpu_uuid)
+        gpu_bit = self.gpu_bits[sample.gpu_key]
+        minute["gpus"] |= gpu_bit
         minute["online_s"] += sample.interval_s
         if sample.project_id is not None:
-            if sample.gpu_uuid not in minute["alloc"]:
-                minute["alloc"].append(sample.gpu_uuid)
+            minute["alloc"] |= gpu_bit
             minute["alloc_s"] += sample.interval_s
         minute["util_s"] += util_s
         minute["energy_J"] += energy_j
@@ -218,6 +297,24 @@ class NodeState:
             del self.hours[key]
         for key in [k for k in self.minutes if latest - int(k) > minute_retention_s]:
             del self.minutes[key]
+        for hour in [h for h in self.online_hours if latest - h > hour_retention_s + HOUR]:
+            del self.online_hours[hour]
+            self._changed_hours.discard(hour)
+
+    def completeness_facts(self, everything: bool = False) -> dict[str, dict[str, Any]]:
+        """This node's facts for the hours whose completeness changed since the last call (or all):
+        hour ISO -> {"through": newest sample ends at or after the hour's end, "rev": counted}."""
+        for hour, through in self.online_hours.items():
+            if not through and self.max_end_s >= hour + HOUR:
+                self.online_hours[hour] = True
+                self._changed_hours.add(hour)
+        hours = self.online_hours if everything else self._changed_hours
+        facts = {iso(h): {"through": self.online_hours[h], "rev": self.counted} for h in hours}
+        self._changed_hours = set()
+        return facts
+
+    def recent_ids(self, gpu_key: str) -> int:
+        return len(self.gpus[gpu_key]["ids"]) // ID_DIGEST_BYTES
 
     def hour_partial(self, key: str) -> dict[str, Any]:
         gpu_s, util_s, energy_j, samples = self.hours[key]
@@ -231,8 +328,8 @@ class NodeState:
     def minute_partial(self, key: str) -> dict[str, Any]:
         minute = self.minutes[key]
         return {
-            "gpus": len(minute["gpus"]),
-            "alloc": len(minute["alloc"]),
+            "gpus": minute["gpus"].bit_count(),
+            "alloc": minute["alloc"].bit_count(),
             "online_s": str(minute["online_s"]),
             "alloc_s": str(minute["alloc_s"]),
             "util_s": str(minute["util_s"]),
@@ -265,6 +362,10 @@ class NodeState:
         )
 
 
+def hour_epoch(hour_iso: str) -> int:
+    return int(datetime.fromisoformat(hour_iso).timestamp())
+
+
 def _hour_of_key(key: str) -> int:
     return int(datetime.fromisoformat(key.rsplit("|", 1)[1]).timestamp())
 
@@ -279,6 +380,31 @@ def merge_partial(
         return record, False
     record["nodes"][node] = partial
     return record, True
+
+
+def merge_completeness(
+    record: dict[str, Any] | None, node: str, fact: dict[str, Any]
+) -> tuple[dict[str, Any], bool]:
+    """Keep each node's latest completeness fact; its `rev` (samples counted) only grows."""
+    record = record or {"nodes": {}}
+    current = record["nodes"].get(node)
+    if current is not None and current["rev"] >= fact["rev"]:
+        return record, False
+    record["nodes"][node] = {"through": fact["through"], "rev": fact["rev"]}
+    return record, True
+
+
+def hour_completeness(hour_iso: str, record: dict[str, Any]) -> HourCompleteness:
+    nodes = record["nodes"]
+    missing = sorted(node for node, fact in nodes.items() if not fact["through"])
+    return HourCompleteness(
+        hour_start=datetime.fromisoformat(hour_iso),
+        nodes_online=len(nodes),
+        nodes_through=len(nodes) - len(missing),
+        missing_nodes=missing,
+        complete=not missing,
+        revision=sum(fact["rev"] for fact in nodes.values()),
+    )
 
 
 def hourly_total(key: str, record: dict[str, Any]) -> HourlyTotal:

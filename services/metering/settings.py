@@ -10,11 +10,16 @@ class MeteringSettings(CommonSettings):
     http_port: int = 8081
     usage_partitions: int = 8
     internal_partitions: int = 4
-    batch_max: int = 2000
+    batch_max: int = 5000
     batch_within_s: float = 0.2
     hour_retention_s: int = 6 * 3600  # how late a node's sample may be, relative to its newest one
     minute_retention_s: int = 15 * 60
     table_retention_s: int = 35 * 24 * 3600  # cross-node sums kept for late updates
+
+    @property
+    def node_completeness_topic(self) -> str:
+        """Internal: per-node completeness facts keyed by hour, for the cross-node merge."""
+        return self.topics.name("metering.internal.node-completeness.v1")
 
     @property
     def faust_id(self) -> str:
@@ -27,6 +32,7 @@ class MeteringSettings(CommonSettings):
             f"{self.faust_id}-node-state-changelog": self.usage_partitions,
             f"{self.faust_id}-hour-totals-changelog": self.internal_partitions,
             f"{self.faust_id}-minute-totals-changelog": self.internal_partitions,
+            f"{self.faust_id}-hour-completeness-changelog": self.internal_partitions,
         }
 
     def all_topics(self) -> dict[str, int]:
@@ -39,11 +45,14 @@ class MeteringSettings(CommonSettings):
             topics.node_hourly: self.internal_partitions,
             topics.node_minutely: self.internal_partitions,
             topics.node_signals: self.internal_partitions,
+            topics.completeness: self.internal_partitions,
+            self.node_completeness_topic: self.internal_partitions,
             **self.internal_topics(),
         }
 
     def compacted_topics(self) -> set[str]:
         return {
             self.topics.hourly,
+            self.topics.completeness,
             *(t for t in self.internal_topics() if t.endswith("-changelog")),
         }

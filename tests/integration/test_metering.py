@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from gpumeter.localstack import free_port
 from services.agent.simulator import usage_event
 from tests.fixtures.kafka import latest_json_by_key, produce, read_topic
-from tests.fixtures.processes import ServiceProcess
+from tests.fixtures.processes import ServiceProcess, wait_until
 
 HOUR = datetime(2026, 11, 28, 1, 0, tzinfo=UTC)
 
@@ -38,23 +42,89 @@ def sample(
     )
 
 
-@pytest.fixture
-def metering(bootstrap_servers: str, topic_prefix: str, tmp_path: Path):
+def metering_process(bootstrap: str, topic_prefix: str, log_path: Path) -> ServiceProcess:
     port = free_port()
-    service = ServiceProcess(
+    return ServiceProcess(
         "services.metering",
         {
-            "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "TOPIC_PREFIX": topic_prefix,
             "HTTP_PORT": str(port),
             "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
+            # A SIGKILLed member holds its partitions until its session times out: keep that short.
+            "KAFKA_SESSION_TIMEOUT_MS": "4000",
+            "KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
             "USAGE_PARTITIONS": "4",
         },
-        tmp_path / "metering.log",
+        log_path,
         http_port=port,
-    ).start()
+    )
+
+
+@pytest.fixture
+def metering(bootstrap_servers: str, topic_prefix: str, tmp_path: Path):
+    service = metering_process(bootstrap_servers, topic_prefix, tmp_path / "metering.log").start()
     yield service
     service.stop()
+
+
+def counted(service: ServiceProcess) -> float:
+    """Samples this worker process has counted since it started (its /metrics counter)."""
+    text = httpx.get(f"http://127.0.0.1:{service.http_port}/metrics", timeout=2).text
+    for line in text.splitlines():
+        if line.startswith('gpumeter_metering_samples_total{outcome="counted"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def fleet_rounds(nodes: list[str], first: int, last: int) -> list[tuple[bytes, bytes]]:
+    """Rounds first..last-1 of 8 GPUs per node, one batched message per node and round."""
+    return [
+        (
+            node.encode(),
+            json.dumps(
+                [sample(node, g, HOUR + timedelta(seconds=10 * i)) for g in range(8)]
+            ).encode(),
+        )
+        for i in range(first, last)
+        for node in nodes
+    ]
+
+
+class SteadyProducer(threading.Thread):
+    """Sends messages in small steps over the test, like agents do, while workers die and return."""
+
+    def __init__(
+        self, bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], pause_s: float
+    ) -> None:
+        super().__init__(daemon=True)
+        self.bootstrap, self.topic, self.messages = bootstrap, topic, messages
+        self.pause_s = pause_s
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._send())
+        except BaseException as exc:  # noqa: BLE001 - re-raised by finish() in the test thread
+            self.error = exc
+
+    async def _send(self) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+        await producer.start()
+        try:
+            for start in range(0, len(self.messages), 48):
+                for key, value in self.messages[start : start + 48]:
+                    await producer.send(self.topic, key=key, value=value)
+                await producer.flush()
+                await asyncio.sleep(self.pause_s)  # pacing the load, not waiting for anything
+        finally:
+            await producer.stop()
+
+    def finish(self) -> None:
+        self.join(60)
+        assert not self.is_alive(), "producer did not finish"
+        if self.error:
+            raise self.error
 
 
 def hourly_when(bootstrap: str, topic_prefix: str, expected_samples: dict[str, int]) -> dict:
@@ -91,8 +161,68 @@ def test_duplicates_count_once_and_a_batch_equals_the_same_samples_sent_singly(
         assert Decimal(latest[key]["gpu_seconds"]) == Decimal(1200)
         assert Decimal(latest[key]["util_gpu_seconds"]) == Decimal(600)
         assert Decimal(latest[key]["energy_wh"]) == Decimal(120)  # 360 W x 1200 s / 3600
-    metrics = __import__("httpx").get(f"http://127.0.0.1:{metering.http_port}/metrics").text
+    metrics = httpx.get(f"http://127.0.0.1:{metering.http_port}/metrics").text
     assert 'gpumeter_metering_samples_total{outcome="duplicate"} 120.0' in metrics
+    assert 'gpumeter_metering_consumer_lag{partition="' in metrics
+    assert "gpumeter_metering_samples_per_second" in metrics
+
+
+def test_an_hour_is_complete_when_every_node_online_in_it_has_reported_past_its_end(
+    metering: ServiceProcess, bootstrap_servers: str, topic_prefix: str
+) -> None:
+    topic = f"{topic_prefix}gpu.usage.v1"
+    completeness_topic = f"{topic_prefix}metering.completeness.v1"
+    hour_key = HOUR.isoformat()
+
+    def completeness_when(predicate) -> dict:
+        messages = read_topic(
+            bootstrap_servers,
+            completeness_topic,
+            lambda m: (
+                hour_key in latest_json_by_key(m) and predicate(latest_json_by_key(m)[hour_key])
+            ),
+        )
+        return latest_json_by_key(messages)[hour_key]
+
+    # Given three nodes online in the hour (one of them unallocated), and only node-a past its end
+    produce(
+        bootstrap_servers,
+        topic,
+        [
+            (b"node-a", json.dumps(sample("node-a", 0, HOUR + timedelta(minutes=30))).encode()),
+            (b"node-b", json.dumps(sample("node-b", 0, HOUR + timedelta(minutes=59))).encode()),
+            (
+                b"node-c",
+                json.dumps(sample("node-c", 0, HOUR + timedelta(seconds=10), None)).encode(),
+            ),
+            (b"node-a", json.dumps(sample("node-a", 0, HOUR + timedelta(hours=1))).encode()),
+        ],
+    )
+    # Then the hour is incomplete, naming the nodes that have not reported through it
+    first = completeness_when(lambda c: c["nodes_online"] == 3 and c["nodes_through"] == 1)
+    assert first["missing_nodes"] == ["node-b", "node-c"] and first["complete"] is False
+
+    # When node-b and node-c report samples of the next hour
+    produce(
+        bootstrap_servers,
+        topic,
+        [
+            (
+                b"node-b",
+                json.dumps(sample("node-b", 0, HOUR + timedelta(hours=1, seconds=10))).encode(),
+            ),
+            (
+                b"node-c",
+                json.dumps(
+                    sample("node-c", 0, HOUR + timedelta(hours=1, seconds=20), None)
+                ).encode(),
+            ),
+        ],
+    )
+    # Then the hour is complete, with a higher revision
+    last = completeness_when(lambda c: c["complete"])
+    assert (last["nodes_online"], last["nodes_through"], last["missing_nodes"]) == (3, 3, [])
+    assert last["revision"] > first["revision"]
 
 
 def test_each_class_of_bad_input_is_dead_lettered_and_good_samples_around_it_still_count(
@@ -149,32 +279,52 @@ def test_each_class_of_bad_input_is_dead_lettered_and_good_samples_around_it_sti
     assert metering.healthy()
 
 
-def test_a_worker_killed_mid_run_restarts_from_its_changelog_and_counts_exactly(
+def test_a_worker_killed_three_times_mid_run_still_counts_every_sample_exactly_once(
     metering: ServiceProcess, bootstrap_servers: str, topic_prefix: str
 ) -> None:
-    topic = f"{topic_prefix}gpu.usage.v1"
+    # Given agents that keep sending (and re-sending overlapping rounds, as a spool replay does)
     nodes = [f"node-{n}" for n in range(6)]
-
-    def rounds(first: int, last: int) -> list[tuple[bytes, bytes]]:
-        return [
-            (
-                node.encode(),
-                json.dumps(
-                    [sample(node, g, HOUR + timedelta(seconds=10 * i)) for g in range(8)]
-                ).encode(),
-            )
-            for i in range(first, last)
-            for node in nodes
-        ]
-
-    key = "hkgai-llm|H800|2026-11-28T01:00:00+00:00"
-    produce(bootstrap_servers, topic, rounds(1, 150))
-    hourly_when(bootstrap_servers, topic_prefix, {key: 149 * 48})
-    # When the worker is killed with SIGKILL, and the same rounds plus new ones arrive while it is down
-    metering.kill()
-    produce(bootstrap_servers, topic, rounds(100, 300))
-    metering.start()
-    produce(bootstrap_servers, topic, rounds(250, 361))
+    messages = (
+        fleet_rounds(nodes, 1, 120) + fleet_rounds(nodes, 100, 260) + fleet_rounds(nodes, 240, 361)
+    )
+    # spread over about 15 s, so that the kills fall while samples are still arriving
+    producer = SteadyProducer(bootstrap_servers, f"{topic_prefix}gpu.usage.v1", messages, 0.3)
+    producer.start()
+    # When the worker is killed with SIGKILL three times, each time after it has counted something
+    for _ in range(3):
+        wait_until(lambda: counted(metering) >= 200, 60, what="metering counting")
+        metering.kill()
+        metering.start()
+    producer.finish()
     # Then every distinct sample is counted exactly once: 360 rounds x 6 nodes x 8 GPUs
+    key = "hkgai-llm|H800|2026-11-28T01:00:00+00:00"
     latest = hourly_when(bootstrap_servers, topic_prefix, {key: 360 * 48})
     assert Decimal(latest[key]["gpu_seconds"]) == Decimal(360 * 48 * 10)
+    assert latest[key]["revision"] == 360 * 48
+
+
+def test_two_workers_share_the_partitions_and_one_leaving_mid_run_loses_nothing(
+    metering: ServiceProcess, bootstrap_servers: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    # Given a second worker of the same app beside the first, both counting
+    topic = f"{topic_prefix}gpu.usage.v1"
+    second = metering_process(bootstrap_servers, topic_prefix, tmp_path / "second.log").start()
+    try:
+        nodes = [f"node-{n}" for n in range(8)]
+        produce(bootstrap_servers, topic, fleet_rounds(nodes, 1, 100))
+        wait_until(
+            lambda: counted(metering) >= 100 and counted(second) >= 100,
+            60,
+            what="both workers counting",
+        )
+        # When the second worker stops while samples keep arriving
+        producer = SteadyProducer(bootstrap_servers, topic, fleet_rounds(nodes, 100, 241), 0.1)
+        producer.start()
+        second.stop()
+        producer.finish()
+    finally:
+        second.stop()
+    # Then the first takes over its partitions and the totals hold every sample exactly once
+    key = "hkgai-llm|H800|2026-11-28T01:00:00+00:00"
+    latest = hourly_when(bootstrap_servers, topic_prefix, {key: 240 * 64})
+    assert Decimal(latest[key]["gpu_seconds"]) == Decimal(240 * 64 * 10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -96,7 +97,7 @@ def test_dedup_memory_stays_bounded_per_gpu() -> None:
     t = datetime(2026, 11, 28, 0, 0, 10, tzinfo=UTC)
     apply_all(state, [view(t + timedelta(seconds=10 * i)) for i in range(1000)])
     state.expire(RETENTION, 900)
-    assert len(state.gpus["/nodes/n1|GPU-1"]["ids"]) == domain.RECENT_IDS_PER_GPU
+    assert state.recent_ids("/nodes/n1|GPU-1") == domain.RECENT_IDS_PER_GPU
     assert len(state.minutes) <= 16
 
 
@@ -157,3 +158,66 @@ def test_cluster_minute_allocation_ratio_is_allocated_over_online_gpu_seconds() 
     )
     assert minute.allocation_ratio == Decimal("0.9000")
     assert minute.gpus_online == 10 and minute.gpus_allocated == 9
+
+
+def test_an_hour_is_complete_once_every_node_online_in_it_has_reported_past_its_end() -> None:
+    # Given two nodes that both sent samples in the 02:00 hour
+    hour = datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
+    hour_iso = hour.isoformat()
+    a, b = domain.NodeState(), domain.NodeState()
+    apply_all(a, [view(hour + timedelta(seconds=10), node="a")])
+    apply_all(b, [view(hour + timedelta(seconds=10), node="b", project=None)])
+    record = None
+    for node, state in (("a", a), ("b", b)):
+        for key, fact in state.completeness_facts().items():
+            assert key == hour_iso
+            record, _ = domain.merge_completeness(record, node, fact)
+    assert record is not None
+    # Then neither has reported through 03:00 yet: the hour is incomplete, both nodes missing
+    first = domain.hour_completeness(hour_iso, record)
+    assert (first.nodes_online, first.nodes_through, first.complete) == (2, 0, False)
+    assert first.missing_nodes == ["a", "b"]
+
+    # When node a sends a sample ending exactly at 03:00 (it belongs to 02:00, ends at the hour end)
+    apply_all(a, [view(hour + timedelta(hours=1), node="a")])
+    for fact in a.completeness_facts().values():
+        record, _ = domain.merge_completeness(record, "a", fact)
+    second = domain.hour_completeness(hour_iso, record)
+    assert (second.nodes_through, second.missing_nodes, second.complete) == (1, ["b"], False)
+    assert second.revision > first.revision
+
+    # When node b, unallocated, sends a sample of the next hour, and an old fact of a is re-delivered
+    apply_all(b, [view(hour + timedelta(hours=1, seconds=10), node="b", project=None)])
+    facts = b.completeness_facts()
+    assert set(facts) == {hour_iso, (hour + timedelta(hours=1)).isoformat()}
+    record, _ = domain.merge_completeness(record, "b", facts[hour_iso])
+    record, changed = domain.merge_completeness(record, "a", {"through": False, "rev": 1})
+    # Then the hour is complete and the stale fact changed nothing
+    assert not changed
+    third = domain.hour_completeness(hour_iso, record)
+    assert (third.nodes_online, third.nodes_through, third.complete) == (2, 2, True)
+    assert third.missing_nodes == []
+
+
+def test_completeness_facts_survive_the_state_record_and_are_sent_only_when_they_change() -> None:
+    hour = datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
+    state = domain.NodeState()
+    apply_all(state, [view(hour + timedelta(seconds=10 * i)) for i in range(1, 4)])
+    assert list(state.completeness_facts()) == [hour.isoformat()]
+    apply_all(state, [view(hour + timedelta(seconds=50))])
+    assert state.completeness_facts() == {}  # still online, still not through: nothing new
+    restored = domain.NodeState(json.loads(json.dumps(state.to_record())))
+    assert restored.completeness_facts(everything=True) == {
+        hour.isoformat(): {"through": False, "rev": 4}
+    }
+
+
+def test_a_redelivery_after_a_restart_from_the_state_record_is_still_a_duplicate() -> None:
+    t = datetime(2026, 11, 28, 2, 0, 10, tzinfo=UTC)
+    state = domain.NodeState()
+    apply_all(state, [view(t), view(t + timedelta(seconds=10))])
+    restored = domain.NodeState(json.loads(json.dumps(state.to_record())))
+    assert apply_all(restored, [view(t), view(t - timedelta(seconds=10))]) == [
+        domain.Outcome.DUPLICATE,
+        domain.Outcome.OUT_OF_ORDER,
+    ]

@@ -1,0 +1,124 @@
+"""A fast path for well-formed usage messages; anything else goes through schemas.codec.
+
+The checks here accept only a subset of what `schemas.codec.decode_usage_event` accepts. An event
+that fails any of them is handed to the codec, which either accepts it after all or raises the
+typed error with its reason and detail, so dead letters are the same whichever path decided.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from schemas.codec import InvalidUsage, decode_usage_event, decode_usage_message
+from schemas.usage import MAX_FUTURE_SKEW_S, MAX_INTERVAL_S, MAX_MESSAGE_BYTES, USAGE_EVENT_TYPE
+from services.metering.domain import SampleView
+
+# RFC 3339 with an explicit offset and at most microseconds: the form both parsers agree on.
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)", re.ASCII)
+_TEXT_FIELDS = ("node", "gpu_uuid", "gpu_model")
+_COUNT_FIELDS = ("gpu_index", "mem_used_mib", "mem_total_mib", "xid_errors")
+
+
+@dataclass
+class DecodedSamples:
+    samples: list[SampleView]
+    errors: list[InvalidUsage]
+
+
+def decode_samples(raw: bytes, *, now: datetime, key: bytes | None) -> DecodedSamples:
+    """Like `decode_usage_message`, but returns the samples' aggregation views directly.
+
+    Whole-message problems raise the codec's errors; per-event problems are returned.
+    """
+    document: Any = None
+    if len(raw) <= MAX_MESSAGE_BYTES:
+        try:
+            document = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            document = None
+    if not isinstance(document, dict | list) or document == []:
+        decoded = decode_usage_message(raw, now=now, key=key)  # raises the message's error
+        return DecodedSamples([SampleView.of(e) for e in decoded.events], decoded.errors)
+    node = key.decode("utf-8", "replace") if key else None
+    now_s = now.timestamp()
+    batch = isinstance(document, list)
+    items = document if batch else [document]
+    result = DecodedSamples([], [])
+    for index, item in enumerate(items):
+        view = _well_formed(item, node, now_s)
+        if view is None:
+            try:
+                event = decode_usage_event(item, now=now, index=index if batch else None, node=node)
+            except InvalidUsage as error:
+                result.errors.append(error)
+                continue
+            view = SampleView.of(event)
+        result.samples.append(view)
+    return result
+
+
+def _well_formed(item: Any, node: str | None, now_s: float) -> SampleView | None:
+    """The sample's view when every check passes; None sends the event to the codec."""
+    if type(item) is not dict:
+        return None
+    if item.get("specversion") != "1.0" or item.get("type") != USAGE_EVENT_TYPE:
+        return None
+    event_id, source, time_text = item.get("id"), item.get("source"), item.get("time")
+    if type(event_id) is not str or not event_id or type(source) is not str or not source:
+        return None
+    for optional in ("subject", "datacontenttype"):
+        value = item.get(optional)
+        if value is not None and type(value) is not str:
+            return None
+    if type(time_text) is not str or _RFC3339.fullmatch(time_text) is None:
+        return None
+    data = item.get("data")
+    if type(data) is not dict:
+        return None
+    for name in _TEXT_FIELDS:
+        value = data.get(name)
+        if type(value) is not str or not value:
+            return None
+    for name in _COUNT_FIELDS:
+        value = data.get(name)
+        if type(value) is not int or value < 0:
+            return None
+    if type(data.get("temp_c")) is not int:
+        return None
+    if "project_id" not in data or "job_id" not in data:
+        return None
+    project_id, job_id = data["project_id"], data["job_id"]
+    if (project_id is not None and type(project_id) is not str) or (
+        job_id is not None and type(job_id) is not str
+    ):
+        return None
+    interval, util, power = data.get("interval_s"), data.get("util_pct"), data.get("power_w")
+    if type(interval) is not float or type(util) is not float or type(power) is not float:
+        return None
+    if not (0 < interval <= MAX_INTERVAL_S and 0 <= util <= 100 and power >= 0):
+        return None
+    if node is not None and data["node"] != node:
+        return None
+    try:
+        end = datetime.fromisoformat(time_text)
+    except ValueError:
+        return None
+    if end.timestamp() - now_s > MAX_FUTURE_SKEW_S:
+        return None
+    return SampleView.make(
+        node=data["node"],
+        source=source,
+        event_id=event_id,
+        end=end,
+        interval_s=interval,
+        project_id=project_id,
+        gpu_model=data["gpu_model"],
+        util_pct=util,
+        power_w=power,
+        xid_errors=data["xid_errors"],
+        gpu_uuid=data["gpu_uuid"],
+    )
