@@ -10,6 +10,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Annotated, Any
 
+import asyncpg
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -22,7 +23,7 @@ from schemas.catalog import Catalog
 from schemas.invoice import Invoice
 from services.billing import catalog as catalog_files
 from services.billing import domain, metrics, service, store
-from services.billing.export import invoices_csv
+from services.billing.export import focus_csv, invoices_csv
 from services.billing.settings import (
     PROJECT_ROLE_PREFIX,
     ROLE_ADMIN,
@@ -49,9 +50,59 @@ class ErrorResponse(BaseModel):
     detail: Any = None
 
 
+class CompletenessSummary(BaseModel):
+    status: str = Field(
+        description="complete | incomplete (finalization refused) | unknown (hours unreported)"
+    )
+    hours_with_usage: int
+    complete_hours: int
+    incomplete_hours: int
+    unknown_hours: int
+
+
+class IncompleteHour(BaseModel):
+    hour_start: dt.datetime
+    nodes_online: int | None
+    nodes_through: int | None
+    missing_nodes: list[str]
+
+
+class PeriodCompletenessResponse(BaseModel):
+    period: str
+    status: str = Field(
+        description="complete | incomplete (finalization refused) | unknown (hours unreported)"
+    )
+    hours_with_usage: int
+    complete_hours: int
+    incomplete_hours: list[IncompleteHour]
+    unknown_hours: list[dt.datetime] = Field(
+        description="hours with usage that metering has sent no completeness record for"
+    )
+
+
+def completeness_summary(found: domain.PeriodCompleteness) -> CompletenessSummary:
+    return CompletenessSummary(
+        status=found.status,
+        hours_with_usage=len(found.hours),
+        complete_hours=found.complete_count,
+        incomplete_hours=len(found.incomplete),
+        unknown_hours=len(found.unknown),
+    )
+
+
+def incomplete_hour(hour: domain.HourStatus) -> IncompleteHour:
+    return IncompleteHour(
+        hour_start=hour.hour_start,
+        nodes_online=hour.nodes_online,
+        nodes_through=hour.nodes_through,
+        missing_nodes=list(hour.missing_nodes),
+    )
+
+
 class InvoiceList(BaseModel):
     period: str
     invoices: list[Invoice]
+    completeness: CompletenessSummary
 
 
 class FinalizeResponse(BaseModel):
@@ -213,11 +264,37 @@ def create_api(
     async def _already(_request: Request, exc: service.PeriodAlreadyFinalized) -> JSONResponse:
         return error_response(409, "period_already_finalized", str(exc))
 
+    @app.exception_handler(service.IncompleteHours)
+    async def _incomplete(_request: Request, exc: service.IncompleteHours) -> JSONResponse:
+        return error_response(
+            409,
+            "incomplete_hours",
+            {
+                "message": str(exc),
+                "incomplete_hours": [
+                    incomplete_hour(hour).model_dump(mode="json") for hour in exc.hours
+                ],
+            },
+        )
+
     @app.exception_handler(service.UnpricedUsage)
     async def _unpriced(_request: Request, exc: service.UnpricedUsage) -> JSONResponse:
         return error_response(
             409, "unpriced_usage", {"message": str(exc), "unpriced_models": exc.unpriced}
         )
+
+    @app.exception_handler(catalog_files.CatalogError)
+    async def _bad_catalog(_request: Request, exc: catalog_files.CatalogError) -> JSONResponse:
+        return error_response(422, "invalid_catalog", exc.errors)
+
+    @app.exception_handler(asyncpg.DataError)
+    async def _unstorable(_request: Request, exc: asyncpg.DataError) -> JSONResponse:
+        # A value valid by the schema that PostgreSQL cannot hold (range, encoding): bad input.
+        return error_response(422, "invalid_value", str(exc))
+
+    @app.exception_handler(UnicodeEncodeError)
+    async def _unencodable(_request: Request, exc: UnicodeEncodeError) -> JSONResponse:
+        return error_response(422, "invalid_value", f"text is not valid Unicode: {exc.reason}")
 
     async def _database_down(_request: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable: %r", exc)
@@ -255,7 +332,12 @@ def create_api(
             project_id = caller.project_id
         async with store_.acquire() as conn:
             found = await store.load_invoices(conn, period=period, project_id=project_id)
-        return InvoiceList(period=period, invoices=[invoice.document() for invoice in found])
+            completeness = await store.period_completeness(conn, period)
+        return InvoiceList(
+            period=period,
+            invoices=[invoice.document() for invoice in found],
+            completeness=completeness_summary(completeness),
+        )
 
     async def one_invoice(caller: Principal, invoice_id: str) -> Invoice:
         async with store_.acquire() as conn:
@@ -301,6 +383,47 @@ def create_api(
             on_finalized()
         return FinalizeResponse(
             period=result.period, invoice_ids=result.invoice_ids, forced=result.forced
+        )
+
+    @app.get(
+        "/v1/periods/{period}/completeness",
+        response_model=PeriodCompletenessResponse,
+        responses=ERRORS,
+        tags=["periods"],
+    )
+    async def get_completeness(caller: Caller, period: str) -> PeriodCompletenessResponse:
+        """Metering's completeness of each hour of the period with usage. Hours without a record
+        are unknown: reported, but they do not block finalization."""
+        caller.require_read_all()
+        period = period_param(period)
+        async with store_.acquire() as conn:
+            found = await store.period_completeness(conn, period)
+        return PeriodCompletenessResponse(
+            period=period,
+            status=found.status,
+            hours_with_usage=len(found.hours),
+            complete_hours=found.complete_count,
+            incomplete_hours=[incomplete_hour(hour) for hour in found.incomplete],
+            unknown_hours=[hour.hour_start for hour in found.unknown],
+        )
+
+    @app.get(
+        "/v1/exports/focus",
+        response_class=Response,
+        responses={**ERRORS, 200: {"content": {"text/csv": {}}}},
+        tags=["exports"],
+    )
+    async def export_focus(caller: Caller, period: str) -> Response:
+        """The period's invoices as FinOps FOCUS cost rows (CSV); BilledCost sums to the nets."""
+        caller.require_read_all()
+        period = period_param(period)
+        async with store_.acquire() as conn:
+            found = await store.load_invoices(conn, period=period)
+            projects = {project.id: project for project in await store.projects(conn)}
+        return Response(
+            focus_csv([i.document() for i in found], projects, settings.provider_name),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="focus-{period}.csv"'},
         )
 
     @app.get(

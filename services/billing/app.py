@@ -29,19 +29,26 @@ class _Server(uvicorn.Server):
 
 
 async def run(settings: BillingSettings) -> None:
-    """Migrate, create topics, then serve the API, consume hourly totals and publish invoices."""
+    """Migrate, create topics, then serve the API, consume hourly totals and completeness, and
+    publish invoices and billing signals."""
     await store.migrate_with_retry(settings.database_url)
     await ensure_topics(
         settings.kafka_bootstrap_servers,
         {
             settings.topics.hourly: settings.topic_partitions,
             settings.topics.invoices: settings.topic_partitions,
+            settings.topics.billing_signals: settings.topic_partitions,
+            settings.topics.completeness: settings.topic_partitions,
         },
-        compacted={settings.topics.hourly},
+        compacted={
+            settings.topics.hourly,
+            settings.topics.billing_signals,
+            settings.topics.completeness,
+        },
     )
     store_ = await store.Store(settings.database_url, settings.database_pool_size).open()
     publisher = InvoicePublisher(settings, store_)
-    consumer = HourlyConsumer(settings, store_)
+    consumer = HourlyConsumer(settings, store_, on_invoices_changed=publisher.wake)
 
     def health() -> dict[str, object]:
         return {"consumer": consumer.alive, "publisher": publisher.alive}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,42 @@ async def apply_catalog(
     return await _apply(conn_or_dsn, catalog, prune)
 
 
+MAX_STORED_AMOUNT = Decimal("1e16")  # numeric(18,2) holds amounts below 10^16
+
+
+def storable_text(text: str) -> bool:
+    """PostgreSQL text holds UTF-8 without NUL characters."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
+def check_storable(catalog: Catalog, source: str = "catalog") -> None:
+    """Refuse, listing every problem, values the schema allows but the database cannot store."""
+    errors = []
+    for index, card in enumerate(catalog.rate_cards):
+        if card.hkd_per_gpu_hour >= MAX_STORED_AMOUNT:
+            errors.append(f"rate_cards[{index}].hkd_per_gpu_hour: must be below 10^16")
+        if not storable_text(card.gpu_model):
+            errors.append(f"rate_cards[{index}].gpu_model: NUL or invalid Unicode")
+    for index, project in enumerate(catalog.projects):
+        if not storable_text(project.name):
+            errors.append(f"projects[{index}].name: NUL or invalid Unicode")
+        subsidy = project.subsidy
+        if subsidy is None:
+            continue
+        if subsidy.cap_hkd >= MAX_STORED_AMOUNT:
+            errors.append(f"projects[{index}].subsidy.cap_hkd: must be below 10^16")
+        if not storable_text(subsidy.scheme):
+            errors.append(f"projects[{index}].subsidy.scheme: NUL or invalid Unicode")
+    if errors:
+        raise CatalogError(source, errors)
+
+
 async def _apply(conn: Any, catalog: Catalog, prune: bool) -> CatalogChanges:
+    check_storable(catalog)
     changes = CatalogChanges()
     async with conn.transaction():
         await store.lock_writes(conn)

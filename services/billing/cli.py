@@ -16,10 +16,11 @@ from typing import Any, TextIO
 import asyncpg
 from pydantic import ValidationError
 
+from schemas.catalog import Project
 from schemas.invoice import Invoice
 from services.billing import catalog as catalog_files
 from services.billing import domain, service, store
-from services.billing.export import invoices_csv
+from services.billing.export import focus_csv, invoices_csv
 from services.billing.settings import BillingSettings
 
 EXIT_OK = 0
@@ -52,9 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--project", help="only this project")
     show = invoice_commands.add_parser("show", help="print one invoice as JSON")
     show.add_argument("invoice_id")
-    export = invoice_commands.add_parser("export", help="all invoices of a period as CSV or JSON")
+    export = invoice_commands.add_parser(
+        "export", help="all invoices of a period as CSV, JSON or FinOps FOCUS CSV"
+    )
     export.add_argument("--period", required=True, help="YYYY-MM")
-    export.add_argument("--format", choices=("csv", "json"), default="csv")
+    export.add_argument("--format", choices=("csv", "json", "focus"), default="csv")
     export.add_argument("--project", help="only this project")
     export.add_argument("--out", type=Path, help="file to write (default: standard output)")
 
@@ -87,6 +90,7 @@ def main(argv: list[str]) -> int:
         catalog_files.CatalogError,
         domain.InvalidPeriod,
         service.UnpricedUsage,
+        service.IncompleteHours,
         service.PeriodAlreadyFinalized,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -149,13 +153,21 @@ async def catalog_show(settings: BillingSettings, args: argparse.Namespace, out:
 async def load_documents(
     settings: BillingSettings, period: str, project_id: str | None
 ) -> list[Invoice]:
+    documents, _projects = await load_documents_and_projects(settings, period, project_id)
+    return documents
+
+
+async def load_documents_and_projects(
+    settings: BillingSettings, period: str, project_id: str | None
+) -> tuple[list[Invoice], dict[str, Project]]:
     period = domain.parse_period(period)
     conn = await connect(settings)
     try:
         found = await store.load_invoices(conn, period=period, project_id=project_id)
+        projects = {project.id: project for project in await store.projects(conn)}
     finally:
         await conn.close()
-    return [invoice.document() for invoice in found]
+    return [invoice.document() for invoice in found], projects
 
 
 async def invoices_list(settings: BillingSettings, args: argparse.Namespace, out: TextIO) -> int:
@@ -187,9 +199,11 @@ async def invoices_show(settings: BillingSettings, args: argparse.Namespace, out
 
 
 async def invoices_export(settings: BillingSettings, args: argparse.Namespace, out: TextIO) -> int:
-    documents = await load_documents(settings, args.period, args.project)
+    documents, projects = await load_documents_and_projects(settings, args.period, args.project)
     if args.format == "csv":
         text = invoices_csv(documents)
+    elif args.format == "focus":
+        text = focus_csv(documents, projects, settings.provider_name)
     else:
         text = json.dumps([doc.model_dump(mode="json") for doc in documents], indent=2) + "\n"
     if args.out is None:

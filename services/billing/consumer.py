@@ -1,4 +1,5 @@
-"""Kafka adapter: hourly totals in, ledger and draft invoices updated, offsets committed after.
+"""Kafka adapter: hourly totals and hour completeness in, ledger, draft invoices and watermarks
+updated, offsets committed after.
 
 At-least-once delivery plus revision-guarded upserts gives an exactly-once effect: offsets are
 committed only after the database transaction that applied the batch has committed.
@@ -18,7 +19,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
-from schemas.metering import HourlyTotal
+from schemas.metering import HourCompleteness, HourlyTotal
 from services.billing import metrics, service, store
 from services.billing.settings import BillingSettings
 
@@ -51,8 +52,26 @@ def decode_hourly(value: bytes) -> HourlyTotal:
     return total.model_copy(update={"hour_start": hour})
 
 
+def decode_completeness(value: bytes) -> HourCompleteness:
+    """One metering.completeness.v1 value -> HourCompleteness, or BadHourlyRecord."""
+    try:
+        record = HourCompleteness.model_validate_json(value)
+    except ValidationError as exc:
+        json_broken = any(error["type"] == "json_invalid" for error in exc.errors())
+        raise BadHourlyRecord(
+            "not_json" if json_broken else "invalid_completeness", str(exc.errors()[0]["msg"])
+        ) from None
+    hour = record.hour_start.astimezone(dt.UTC)
+    if hour.minute or hour.second or hour.microsecond:
+        raise BadHourlyRecord(
+            "invalid_completeness", f"hour_start {hour.isoformat()} is not on an hour"
+        )
+    return record.model_copy(update={"hour_start": hour})
+
+
 class HourlyConsumer:
-    """Reads settings.topics.hourly in the `billing` group until stop() is called."""
+    """Reads settings.topics.hourly and settings.topics.completeness in the `billing` group until
+    stop() is called."""
 
     def __init__(
         self,
@@ -88,12 +107,16 @@ class HourlyConsumer:
     async def run(self) -> None:
         consumer = AIOKafkaConsumer(
             self.settings.topics.hourly,
+            self.settings.topics.completeness,
             group_id=self.settings.consumer_group,
             **self.settings.consumer_kwargs(),
         )
         await consumer.start()
         log.info(
-            "consuming %s as group %s", self.settings.topics.hourly, self.settings.consumer_group
+            "consuming %s and %s as group %s",
+            self.settings.topics.hourly,
+            self.settings.topics.completeness,
+            self.settings.consumer_group,
         )
         try:
             while not self._stopping.is_set():
@@ -111,15 +134,19 @@ class HourlyConsumer:
 
     async def apply(self, records: list[ConsumerRecord]) -> None:
         totals = []
+        watermarks = []
         for record in records:
             if record.value is None:
                 continue  # tombstone on a compacted topic: nothing to bill
             try:
-                totals.append(decode_hourly(record.value))
+                if record.topic == self.settings.topics.completeness:
+                    watermarks.append(decode_completeness(record.value))
+                else:
+                    totals.append(decode_hourly(record.value))
             except BadHourlyRecord as exc:
                 metrics.BAD_MESSAGES.labels(reason=exc.reason).inc()
                 log.warning(
-                    "skipping bad hourly record %s[%d]@%d: %s: %s",
+                    "skipping bad record %s[%d]@%d: %s: %s",
                     record.topic,
                     record.partition,
                     record.offset,
@@ -128,6 +155,17 @@ class HourlyConsumer:
                 )
         if totals:
             await self.apply_totals(totals)
+        if watermarks:
+            try:
+                await service.with_db_retry(
+                    self.store,
+                    lambda conn: service.apply_completeness_batch(conn, watermarks),
+                    "apply_completeness_batch",
+                    self.settings.db_retry_max_backoff_s,
+                )
+            except asyncpg.PostgresError as exc:  # a value out of a column's range
+                metrics.BAD_MESSAGES.labels(reason="refused_by_database").inc(len(watermarks))
+                log.warning("completeness batch refused (%r); skipped", exc)
 
     async def apply_totals(self, totals: list[HourlyTotal]) -> None:
         started = time.perf_counter()

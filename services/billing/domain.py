@@ -11,7 +11,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from zoneinfo import ZoneInfo
 
@@ -311,3 +311,52 @@ def assign_usage(
     for hour in unbilled:
         plan[invoice_period_for(period_of(hour.hour_start), finalized)].append(hour)
     return dict(plan)
+
+
+# --- facts for the alerts service and the finalization watermark ---------------------------------
+
+RATIO_PLACES = Decimal("0.000001")
+
+
+def subsidy_used_ratio(used_hkd: Decimal, cap_hkd: Decimal) -> Decimal:
+    """used / cap, truncated to 6 places so a ratio never reads 1 before the cap is reached; 0 for
+    a zero cap."""
+    if cap_hkd <= 0:
+        return Decimal("0.000000")
+    return (used_hkd / cap_hkd).quantize(RATIO_PLACES, rounding=ROUND_DOWN)
+
+
+@dataclass(frozen=True)
+class HourStatus:
+    """Completeness of one hour with usage; `complete` None: metering has said nothing about it."""
+
+    hour_start: dt.datetime
+    complete: bool | None
+    nodes_online: int | None = None
+    nodes_through: int | None = None
+    missing_nodes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PeriodCompleteness:
+    period: str
+    hours: tuple[HourStatus, ...]
+
+    @property
+    def incomplete(self) -> list[HourStatus]:
+        return [hour for hour in self.hours if hour.complete is False]
+
+    @property
+    def unknown(self) -> list[HourStatus]:
+        return [hour for hour in self.hours if hour.complete is None]
+
+    @property
+    def complete_count(self) -> int:
+        return sum(1 for hour in self.hours if hour.complete)
+
+    @property
+    def status(self) -> str:
+        """incomplete (blocks finalization), unknown (some hours unreported), or complete."""
+        if self.incomplete:
+            return "incomplete"
+        return "unknown" if self.unknown else "complete"

@@ -1,12 +1,17 @@
-"""Invoice documents as CSV rows: one row per line, then gross, subsidy and net rows."""
+"""Invoice documents as CSV: our own layout (one row per line, then gross, subsidy and net rows)
+and the FinOps FOCUS cost and usage columns."""
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
 
+from schemas.catalog import Project
 from schemas.invoice import Invoice
+from services.billing.domain import period_bounds
 
 CSV_COLUMNS = [
     "invoice_id",
@@ -53,4 +58,166 @@ def invoices_csv(invoices: Iterable[Invoice]) -> str:
     writer.writerow(CSV_COLUMNS)
     for invoice in invoices:
         writer.writerows(invoice_rows(invoice))
+    return buffer.getvalue()
+
+
+# --- FinOps FOCUS cost export ---------------------------------------------------------------------
+
+FOCUS_COLUMNS = [
+    "BillingAccountId",
+    "BillingAccountName",
+    "SubAccountId",
+    "SubAccountName",
+    "InvoiceId",
+    "InvoiceIssuerName",
+    "ProviderName",
+    "PublisherName",
+    "BillingCurrency",
+    "BillingPeriodStart",
+    "BillingPeriodEnd",
+    "ChargePeriodStart",
+    "ChargePeriodEnd",
+    "ChargeCategory",
+    "ChargeClass",
+    "ChargeFrequency",
+    "ChargeDescription",
+    "ServiceCategory",
+    "ServiceName",
+    "ResourceType",
+    "SkuId",
+    "ListUnitPrice",
+    "ContractedUnitPrice",
+    "PricingQuantity",
+    "PricingUnit",
+    "ConsumedQuantity",
+    "ConsumedUnit",
+    "ListCost",
+    "ContractedCost",
+    "BilledCost",
+    "EffectiveCost",
+    "x_InvoiceStatus",
+    "x_GpuModel",
+    "x_Subsidised",
+    "x_SubsidyScheme",
+    "x_AdjustmentForPeriod",
+    "x_Unpriced",
+    "x_Flags",
+]
+FOCUS_UNIT = "GPU-Hours"
+ZERO = "0.00"
+
+
+def focus_time(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def focus_rows(
+    invoice: Invoice, projects: Mapping[str, Project], provider_name: str
+) -> list[dict[str, str]]:
+    """FOCUS rows of one invoice: a Usage (or Adjustment, for late usage of a finalized period) row
+    per line and a Credit row for the subsidy, so that BilledCost sums to the invoice's net."""
+    project = projects.get(invoice.project_id)
+    scheme = project.subsidy.scheme if project and project.subsidy else ""
+    billing_start, billing_end = period_bounds(invoice.period)
+    common = {
+        "BillingAccountId": invoice.project_id,
+        "BillingAccountName": project.name if project else invoice.project_id,
+        "SubAccountId": invoice.project_id,
+        "SubAccountName": project.name if project else invoice.project_id,
+        "InvoiceId": invoice.invoice_id,
+        "InvoiceIssuerName": provider_name,
+        "ProviderName": provider_name,
+        "PublisherName": provider_name,
+        "BillingCurrency": invoice.currency,
+        "BillingPeriodStart": focus_time(billing_start),
+        "BillingPeriodEnd": focus_time(billing_end),
+        "ServiceCategory": "Compute",
+        "ServiceName": "GPU Compute",
+        "x_InvoiceStatus": invoice.status,
+        "x_Flags": ",".join(invoice.flags),
+    }
+    rows = []
+    for line in invoice.lines:
+        charge_start, charge_end = period_bounds(line.adjustment_for_period or invoice.period)
+        cost = line.amount_hkd or ZERO
+        rate_text = f"{line.rate_hkd} {invoice.currency}/GPU-hour" if line.rate_hkd else "no rate"
+        subsidy_text = f", subsidised ({scheme})" if line.subsidised else ""
+        correction = (
+            f" (late usage of {line.adjustment_for_period})" if line.adjustment_for_period else ""
+        )
+        rows.append(
+            {
+                **common,
+                "ChargePeriodStart": focus_time(charge_start),
+                "ChargePeriodEnd": focus_time(charge_end),
+                "ChargeCategory": "Adjustment" if line.adjustment_for_period else "Usage",
+                "ChargeClass": "Correction" if line.adjustment_for_period else "",
+                "ChargeFrequency": "Usage-Based",
+                "ChargeDescription": (
+                    f"{line.gpu_model} GPU-hours at {rate_text}{subsidy_text}{correction}"
+                ),
+                "ResourceType": "GPU",
+                "SkuId": line.gpu_model,
+                "ListUnitPrice": line.rate_hkd or "",
+                "ContractedUnitPrice": line.rate_hkd or "",
+                "PricingQuantity": line.gpu_hours,
+                "PricingUnit": FOCUS_UNIT,
+                "ConsumedQuantity": line.gpu_hours,
+                "ConsumedUnit": FOCUS_UNIT,
+                "ListCost": cost,
+                "ContractedCost": cost,
+                "BilledCost": cost,
+                "EffectiveCost": cost,
+                "x_GpuModel": line.gpu_model,
+                "x_Subsidised": "true" if line.subsidised else "false",
+                "x_SubsidyScheme": scheme if line.subsidised else "",
+                "x_AdjustmentForPeriod": line.adjustment_for_period or "",
+                "x_Unpriced": "false" if line.rate_hkd else "true",
+            }
+        )
+    subsidy = Decimal(invoice.subsidy_hkd)
+    if subsidy:
+        credit = str(-subsidy)
+        rows.append(
+            {
+                **common,
+                "ChargePeriodStart": focus_time(billing_start),
+                "ChargePeriodEnd": focus_time(billing_end),
+                "ChargeCategory": "Credit",
+                "ChargeClass": "",
+                "ChargeFrequency": "Recurring",
+                "ChargeDescription": (
+                    f"{scheme or 'Subsidy'} subsidy of subsidised GPU usage;"
+                    f" cap remaining {invoice.subsidy_cap_remaining_hkd} {invoice.currency}"
+                ),
+                "ResourceType": "",
+                "SkuId": "",
+                "ListUnitPrice": "",
+                "ContractedUnitPrice": "",
+                "PricingQuantity": "",
+                "PricingUnit": "",
+                "ConsumedQuantity": "",
+                "ConsumedUnit": "",
+                "ListCost": ZERO,
+                "ContractedCost": credit,
+                "BilledCost": credit,
+                "EffectiveCost": credit,
+                "x_GpuModel": "",
+                "x_Subsidised": "",
+                "x_SubsidyScheme": scheme,
+                "x_AdjustmentForPeriod": "",
+                "x_Unpriced": "false",
+            }
+        )
+    return rows
+
+
+def focus_csv(
+    invoices: Iterable[Invoice], projects: Mapping[str, Project], provider_name: str
+) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, FOCUS_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for invoice in invoices:
+        writer.writerows(focus_rows(invoice, projects, provider_name))
     return buffer.getvalue()

@@ -14,7 +14,7 @@ HOURLY_RECORDS = Counter(
 )
 BAD_MESSAGES = Counter(
     "billing_bad_messages_total",
-    "Messages on the hourly topic that could not be decoded, by reason (logged, then skipped)",
+    "Hourly or completeness messages that could not be decoded, by reason (logged, skipped)",
     ["reason"],
     registry=REGISTRY,
 )

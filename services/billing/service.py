@@ -7,13 +7,17 @@ so the consumer, the API and the CLI can work on the same database at once.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TypeVar
 
-from schemas.metering import HourlyTotal
+from schemas.billing import SubsidyUsage
+from schemas.billing import UnpricedUsage as UnpricedUsageSignal
+from schemas.metering import HourCompleteness, HourlyTotal
 from services.billing import domain, metrics, store
 from services.billing.domain import ComputedInvoice, Pricing, UsageHour
 from services.billing.store import Connection
@@ -44,6 +48,20 @@ class UnpricedUsage(Exception):
         self.unpriced = unpriced
 
 
+class IncompleteHours(Exception):
+    """Finalization refused: metering reports hours of the period with usage as incomplete."""
+
+    def __init__(self, period: str, hours: list[domain.HourStatus]) -> None:
+        shown = ", ".join(hour.hour_start.isoformat() for hour in hours[:5])
+        more = f" and {len(hours) - 5} more" if len(hours) > 5 else ""
+        super().__init__(
+            f"period {period} has {len(hours)} hours with usage that metering reports incomplete"
+            f" ({shown}{more}); wait for the missing nodes, or finalize with force"
+        )
+        self.period = period
+        self.hours = hours
+
+
 @dataclass
 class BatchResult:
     hours_changed: int = 0
@@ -63,13 +81,16 @@ async def recompute_project(
     from_period: str | None,
     pricing: Pricing,
     finalized: frozenset[str],
+    per_hour: bool = False,
 ) -> tuple[dict[str, list[UsageHour]], list[ComputedInvoice]]:
     """Rebuild the project's draft invoices of `from_period` and later (all when None).
 
     Later periods are rebuilt too because the subsidy cap carries from one period to the next.
-    Returns the usage plan (invoice period -> hours it carries) and the invoices that changed.
+    Returns the usage plan (invoice period -> hours it carries; days unless `per_hour`, which
+    finalization needs to record what it billed) and the invoices that changed.
     """
-    plan = domain.assign_usage(await store.unbilled_usage(conn, project_id), finalized)
+    usage = await store.unbilled_usage(conn, project_id, per_day=not per_hour)
+    plan = domain.assign_usage(usage, finalized)
     stored = await store.invoice_subsidies(conn, project_id)
     periods = sorted(set(plan) | set(stored))
     subsidy_used = Decimal("0.00")
@@ -108,6 +129,8 @@ async def apply_hourly_batch(conn: Connection, totals: Sequence[HourlyTotal]) ->
                 conn, project_id, from_period, pricing, finalized
             )
             result.invoices_changed.extend(invoice.invoice_id for invoice in changed)
+        if result.invoices_changed:
+            await refresh_signals(conn)
     return result
 
 
@@ -119,6 +142,7 @@ async def recompute_all_drafts(conn: Connection) -> list[str]:
     for project_id in await store.billable_project_ids(conn):
         _plan, changed = await recompute_project(conn, project_id, None, pricing, finalized)
         changed_ids.extend(invoice.invoice_id for invoice in changed)
+    await refresh_signals(conn)
     return changed_ids
 
 
@@ -134,8 +158,11 @@ async def finalize_period(conn: Connection, period: str, force: bool = False) ->
         plans: dict[str, dict[str, list[UsageHour]]] = {}
         for project_id in await store.billable_project_ids(conn):
             plans[project_id], _changed = await recompute_project(
-                conn, project_id, period, pricing, finalized
+                conn, project_id, period, pricing, finalized, per_hour=True
             )
+        completeness = await store.period_completeness(conn, period)
+        if completeness.incomplete and not force:
+            raise IncompleteHours(period, completeness.incomplete)
         drafts = await store.load_invoices(conn, period=period, status="draft")
         unpriced = {
             invoice.invoice_id: sorted(
@@ -150,12 +177,97 @@ async def finalize_period(conn: Connection, period: str, force: bool = False) ->
             extra_flags = [FLAG_FINALIZED_WITH_UNPRICED] if invoice.invoice_id in unpriced else []
             billed = plans.get(invoice.project_id, {}).get(period, [])
             await store.finalize_invoice(conn, invoice, billed, extra_flags)
-        await store.insert_finalized_period(conn, period, forced=bool(unpriced))
+        await store.insert_finalized_period(
+            conn, period, forced=bool(unpriced or completeness.incomplete)
+        )
+        await refresh_signals(conn)
     log.info("finalized period %s: %d invoices", period, len(drafts))
     return FinalizeResult(period, [invoice.invoice_id for invoice in drafts], bool(unpriced))
 
 
+def signal_key_subsidy(project_id: str) -> str:
+    return f"subsidy|{project_id}"
+
+
+def signal_key_unpriced(gpu_model: str, period: str) -> str:
+    return f"unpriced|{gpu_model}|{period}"
+
+
+def _payload(model: SubsidyUsage | UnpricedUsageSignal) -> str:
+    # as_of is left out so that only a change of the facts makes a new version.
+    return json.dumps(model.model_dump(mode="json", exclude={"as_of"}), sort_keys=True)
+
+
+async def refresh_signals(conn: Connection) -> int:
+    """Bring the billing.signals.v1 outbox up to date with the invoices; returns the keys changed.
+
+    The caller holds the transaction. A key that no longer applies (a model priced since, a period
+    finalized, a subsidy withdrawn) gets a zero value so that its alert resolves.
+    """
+    now = dt.datetime.now(dt.UTC)
+    wanted: dict[str, tuple[str, str]] = {}
+    for row in await store.subsidy_usage_rows(conn):
+        cap, used = row["subsidy_cap_hkd"], row["used_hkd"]
+        wanted[signal_key_subsidy(row["project_id"])] = (
+            "subsidy_usage",
+            _payload(
+                SubsidyUsage(
+                    project_id=row["project_id"],
+                    scheme=row["subsidy_scheme"],
+                    cap_hkd=cap,
+                    used_hkd=used,
+                    used_ratio=domain.subsidy_used_ratio(used, cap),
+                    as_of=now,
+                )
+            ),
+        )
+    for row in await store.unpriced_usage_rows(conn):
+        wanted[signal_key_unpriced(row["gpu_model"], row["period"])] = (
+            "unpriced_usage",
+            _payload(
+                UnpricedUsageSignal(
+                    gpu_model=row["gpu_model"],
+                    period=row["period"],
+                    gpu_hours=Decimal(domain.gpu_hours_text(row["gpu_seconds"])),
+                    projects=list(row["projects"]),
+                    as_of=now,
+                )
+            ),
+        )
+    for key, (kind, payload) in (await store.signal_payloads(conn)).items():
+        if key in wanted:
+            continue
+        gone = json.loads(payload)
+        if kind == "subsidy_usage":
+            gone.update(cap_hkd="0.00", used_hkd="0.00", used_ratio="0.000000")
+        else:
+            gone.update(gpu_hours="0.000000", projects=[])
+        wanted[key] = (kind, json.dumps(gone, sort_keys=True))
+    changed = await store.upsert_signals(
+        conn, [(key, kind, payload) for key, (kind, payload) in sorted(wanted.items())], now
+    )
+    return changed
+
+
 Send = Callable[[str, bytes], Awaitable[None]]
+
+
+async def publish_signals(conn: Connection, send: Send) -> int:
+    """Send pending billing signals (latest value per key), then mark them; returns the count."""
+    published = 0
+    for row in await store.pending_signals(conn):
+        document = json.loads(row["payload"])
+        document["as_of"] = row["as_of"].astimezone(dt.UTC).isoformat()
+        await send(row["key"], json.dumps(document).encode())
+        await store.mark_signal_published(conn, row["key"], row["version"])
+        published += 1
+    return published
+
+
+async def apply_completeness_batch(conn: Connection, records: Sequence[HourCompleteness]) -> int:
+    """Store metering's completeness watermarks (highest revision per hour wins)."""
+    async with conn.transaction():
+        return await store.upsert_completeness(conn, records)
 
 
 async def publish_pending(conn: Connection, send: Send) -> int:

@@ -56,6 +56,11 @@ class BillingSettings(CommonSettings):
         2.0, gt=0, description="how often unpublished invoices are retried"
     )
     db_retry_max_backoff_s: float = Field(5.0, gt=0)
+    provider_name: str = Field(
+        "gpumeter",
+        min_length=1,
+        description="ProviderName, PublisherName and InvoiceIssuerName of the FOCUS export",
+    )
 
     @field_validator("api_tokens", mode="before")
     @classmethod

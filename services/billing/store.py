@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
@@ -16,8 +17,16 @@ from typing import Any
 import asyncpg
 
 from schemas.catalog import Project, RateCard, Subsidy
-from schemas.metering import HourlyTotal
-from services.billing.domain import ComputedInvoice, ComputedLine, Pricing, UsageHour
+from schemas.metering import HourCompleteness, HourlyTotal
+from services.billing.domain import (
+    ComputedInvoice,
+    ComputedLine,
+    HourStatus,
+    PeriodCompleteness,
+    Pricing,
+    UsageHour,
+    period_bounds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +207,21 @@ ORDER BY u.hour_start, u.gpu_model
 """
 
 
-async def unbilled_usage(conn: Connection, project_id: str) -> list[UsageHour]:
-    """Per hour, the ledger's GPU-seconds not yet on any finalized invoice."""
-    rows = await conn.fetch(UNBILLED_USAGE, project_id)
+# The same per Asia/Hong_Kong day, each day stamped with its first hour: rate, subsidy and period
+# depend only on the HK date, so invoices come out identical from 24 times fewer rows.
+UNBILLED_USAGE_DAILY = f"""
+SELECT gpu_model, (date_trunc('day', hour_start AT TIME ZONE 'Asia/Hong_Kong')
+                   AT TIME ZONE 'Asia/Hong_Kong') AS hour_start, sum(unbilled) AS unbilled
+FROM ({UNBILLED_USAGE}) hourly
+GROUP BY 1, 2 ORDER BY 2, 1
+"""
+
+
+async def unbilled_usage(
+    conn: Connection, project_id: str, per_day: bool = False
+) -> list[UsageHour]:
+    """Per hour (or summed per HK day), the ledger's GPU-seconds not yet on a finalized invoice."""
+    rows = await conn.fetch(UNBILLED_USAGE_DAILY if per_day else UNBILLED_USAGE, project_id)
     return [UsageHour(r["gpu_model"], r["hour_start"], r["unbilled"]) for r in rows]
 
 
@@ -496,3 +517,131 @@ async def subsidy_used_through(conn: Connection, project_id: str, period: str) -
         period,
     )
     return value
+
+
+# --- billing signals (outbox of billing.signals.v1) ----------------------------------------------
+
+
+async def subsidy_usage_rows(conn: Connection) -> list[asyncpg.Record]:
+    """Per subsidised project: scheme, cap and the subsidy of all its invoices, drafts included."""
+    return await conn.fetch(
+        "SELECT p.project_id, p.subsidy_scheme, p.subsidy_cap_hkd,"
+        " COALESCE(sum(i.subsidy_hkd), 0) AS used_hkd"
+        " FROM projects p LEFT JOIN invoices i USING (project_id)"
+        " WHERE p.subsidy_scheme IS NOT NULL"
+        " GROUP BY p.project_id, p.subsidy_scheme, p.subsidy_cap_hkd ORDER BY p.project_id"
+    )
+
+
+async def unpriced_usage_rows(conn: Connection) -> list[asyncpg.Record]:
+    """Per (GPU model, open invoice period): unpriced GPU-seconds and the projects that used them."""
+    return await conn.fetch(
+        "SELECT l.gpu_model, i.period, sum(l.gpu_seconds) AS gpu_seconds,"
+        " array_agg(DISTINCT i.project_id ORDER BY i.project_id) AS projects"
+        " FROM invoice_lines l JOIN invoices i USING (invoice_id)"
+        " WHERE l.rate_hkd IS NULL AND i.status = 'draft'"
+        " GROUP BY l.gpu_model, i.period ORDER BY 1, 2"
+    )
+
+
+async def signal_payloads(conn: Connection) -> dict[str, tuple[str, str]]:
+    """key -> (kind, payload JSON text) of every stored signal."""
+    rows = await conn.fetch("SELECT key, kind, payload::text AS payload FROM billing_signals")
+    return {row["key"]: (row["kind"], row["payload"]) for row in rows}
+
+
+async def upsert_signals(
+    conn: Connection, signals: Sequence[tuple[str, str, str]], as_of: dt.datetime
+) -> int:
+    """(key, kind, payload JSON) rows; a changed payload becomes a new, unpublished version."""
+    if not signals:
+        return 0
+    changed = await conn.fetch(
+        "INSERT INTO billing_signals AS s (key, kind, payload, as_of)"
+        " SELECT key, kind, payload::jsonb, $4 FROM unnest($1::text[], $2::text[], $3::text[])"
+        "   AS t(key, kind, payload)"
+        " ON CONFLICT (key) DO UPDATE SET payload = EXCLUDED.payload, as_of = EXCLUDED.as_of,"
+        " version = s.version + 1 WHERE s.payload IS DISTINCT FROM EXCLUDED.payload"
+        " RETURNING key",
+        [key for key, _kind, _payload in signals],
+        [kind for _key, kind, _payload in signals],
+        [payload for _key, _kind, payload in signals],
+        as_of,
+    )
+    return len(changed)
+
+
+async def pending_signals(conn: Connection, limit: int = 1000) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT key, payload::text AS payload, as_of, version FROM billing_signals"
+        " WHERE version > published_version ORDER BY key LIMIT $1",
+        limit,
+    )
+
+
+async def mark_signal_published(conn: Connection, key: str, version: int) -> None:
+    await conn.execute(
+        "UPDATE billing_signals SET published_version = GREATEST(published_version, $2)"
+        " WHERE key = $1",
+        key,
+        version,
+    )
+
+
+# --- hour completeness (metering.completeness.v1) ------------------------------------------------
+
+
+async def upsert_completeness(conn: Connection, records: Sequence[HourCompleteness]) -> int:
+    """Keep the highest revision per hour; returns how many hours changed."""
+    best: dict[dt.datetime, HourCompleteness] = {}
+    for record in records:
+        hour = record.hour_start.astimezone(dt.UTC)
+        if hour not in best or record.revision > best[hour].revision:
+            best[hour] = record
+    if not best:
+        return 0
+    rows = list(best.values())
+    changed = await conn.fetch(
+        "INSERT INTO hour_completeness AS c"
+        " (hour_start, nodes_online, nodes_through, missing_nodes, complete, revision)"
+        " SELECT h, o, t, ARRAY(SELECT jsonb_array_elements_text(m::jsonb)), c, r"
+        " FROM unnest($1::timestamptz[], $2::integer[], $3::integer[], $4::text[],"
+        "             $5::boolean[], $6::bigint[]) AS x(h, o, t, m, c, r)"
+        " ON CONFLICT (hour_start) DO UPDATE SET nodes_online = EXCLUDED.nodes_online,"
+        " nodes_through = EXCLUDED.nodes_through, missing_nodes = EXCLUDED.missing_nodes,"
+        " complete = EXCLUDED.complete, revision = EXCLUDED.revision, updated_at = now()"
+        " WHERE c.revision < EXCLUDED.revision RETURNING hour_start",
+        [r.hour_start for r in rows],
+        [r.nodes_online for r in rows],
+        [r.nodes_through for r in rows],
+        [json.dumps(r.missing_nodes) for r in rows],
+        [r.complete for r in rows],
+        [r.revision for r in rows],
+    )
+    return len(changed)
+
+
+async def period_completeness(conn: Connection, period: str) -> PeriodCompleteness:
+    """Every hour of `period` with usage, with metering's completeness record when there is one."""
+    start, end = period_bounds(period)
+    rows = await conn.fetch(
+        "SELECT u.hour_start, c.complete, c.nodes_online, c.nodes_through, c.missing_nodes"
+        " FROM (SELECT DISTINCT hour_start FROM usage_hourly"
+        "       WHERE hour_start >= $1 AND hour_start < $2 AND gpu_seconds > 0) u"
+        " LEFT JOIN hour_completeness c USING (hour_start) ORDER BY u.hour_start",
+        start,
+        end,
+    )
+    return PeriodCompleteness(
+        period,
+        tuple(
+            HourStatus(
+                hour_start=row["hour_start"],
+                complete=row["complete"],
+                nodes_online=row["nodes_online"],
+                nodes_through=row["nodes_through"],
+                missing_nodes=tuple(row["missing_nodes"] or ()),
+            )
+            for row in rows
+        ),
+    )
