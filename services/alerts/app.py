@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Generator
@@ -16,10 +17,11 @@ from typing import Any
 
 import httpx
 import uvicorn
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from pydantic import ValidationError
 
+from schemas.billing import SubsidyUsage, UnpricedUsage
 from schemas.metering import ClusterMinute, NodeSignal
 from services.alerts.api import create_api
 from services.alerts.config import KAFKA_RECEIVER, AlertConfig
@@ -42,6 +44,44 @@ log = logging.getLogger(__name__)
 CLUSTER_MINUTELY_PARTITIONS = 1
 NODE_SIGNALS_PARTITIONS = 4
 ALERTS_PARTITIONS = 1
+BILLING_SIGNALS_PARTITIONS = 4  # billing's default; compacted, latest value per key
+END_OFFSETS_TIMEOUT_S = 5.0
+
+
+class EndOffsets:
+    """Summed end offsets of topics, read without joining a group or fetching any message.
+
+    The pipeline rules need only how many samples and dead letters were appended, so the dead
+    letters themselves (up to megabytes each) are never read. A missing topic counts as 0.
+    """
+
+    def __init__(self, bootstrap_servers: str, metadata_max_age_ms: int) -> None:
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap_servers,
+            enable_auto_commit=False,
+            metadata_max_age_ms=metadata_max_age_ms,
+        )
+
+    async def start(self) -> None:
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+    async def read(self, topics: list[str]) -> dict[str, int]:
+        partitions = [
+            TopicPartition(topic, partition)
+            for topic in topics
+            for partition in sorted(self.consumer.partitions_for_topic(topic) or ())
+        ]
+        totals = dict.fromkeys(topics, 0)
+        if partitions:
+            ends = await asyncio.wait_for(
+                self.consumer.end_offsets(partitions), END_OFFSETS_TIMEOUT_S
+            )
+            for partition, end in ends.items():
+                totals[partition.topic] += end
+        return totals
 
 
 class _Server(uvicorn.Server):
@@ -95,13 +135,17 @@ class AlertsService:
                 topics.cluster_minutely: CLUSTER_MINUTELY_PARTITIONS,
                 topics.node_signals: NODE_SIGNALS_PARTITIONS,
                 topics.alerts: ALERTS_PARTITIONS,
+                topics.billing_signals: BILLING_SIGNALS_PARTITIONS,
             },
+            compacted={topics.billing_signals},
         )
         loaded = await store.load()
         evaluator = Evaluator(
             self.config.rules,
             started_at=datetime.now(UTC),
             minute_lateness=timedelta(seconds=settings.alert_minute_lateness_s),
+            dead_letter_window=timedelta(seconds=settings.alert_dead_letter_window_s),
+            input_active_for=timedelta(seconds=settings.alert_input_active_s),
             states=loaded.states,
             pending_minutes=loaded.pending_minutes,
             watermark=loaded.watermark,
@@ -130,10 +174,16 @@ class AlertsService:
         self.consumer = AIOKafkaConsumer(
             topics.cluster_minutely,
             topics.node_signals,
+            topics.billing_signals,
             group_id=settings.consumer_group,
             **settings.consumer_kwargs(),
         )
         await self.consumer.start()
+        offsets = EndOffsets(
+            settings.kafka_bootstrap_servers,
+            metadata_max_age_ms=int(max(1.0, 4 * settings.alert_pipeline_check_interval_s) * 1000),
+        )
+        await offsets.start()
         api = create_api(store, self.metrics, recent_s=settings.alert_recent_s, health=self.health)
         server = _Server(
             uvicorn.Config(
@@ -146,7 +196,7 @@ class AlertsService:
         )
         alertmanagers = [s for s in http_senders.values() if s.config.type == "alertmanager"]
         tasks = [
-            asyncio.create_task(self._consume(evaluator, store, notifier), name="consume"),
+            asyncio.create_task(self._consume(evaluator, store, notifier, offsets), name="consume"),
             asyncio.create_task(notifier.run(), name="notifier"),
             asyncio.create_task(server.serve(), name="http"),
             asyncio.create_task(self.stopping.wait(), name="stop"),
@@ -189,16 +239,23 @@ class AlertsService:
             with contextlib.suppress(KafkaError):
                 await self.consumer.stop()
             with contextlib.suppress(KafkaError):
+                await offsets.stop()
+            with contextlib.suppress(KafkaError):
                 await producer.stop()
             await client.aclose()
             await store.close()
             log.info("alerts service stopped")
 
-    async def _consume(self, evaluator: Evaluator, store: Store, notifier: Notifier) -> None:
+    async def _consume(
+        self, evaluator: Evaluator, store: Store, notifier: Notifier, offsets: EndOffsets
+    ) -> None:
         assert self.consumer is not None
-        consumer, settings = self.consumer, self.settings
-        interval_s = settings.alert_absence_check_interval_s
-        next_absence_check = time.monotonic() + interval_s
+        consumer, settings, topics = self.consumer, self.settings, self.settings.topics
+        interval_s = min(
+            settings.alert_absence_check_interval_s, settings.alert_pipeline_check_interval_s
+        )
+        next_absence_check = time.monotonic() + settings.alert_absence_check_interval_s
+        next_pipeline_check = time.monotonic()
         late_seen = evaluator.late_minutes
         while not self.stopping.is_set():
             timeout_ms = int(max(50, min(500, interval_s * 1000)))
@@ -212,7 +269,19 @@ class AlertsService:
             changes.extend(evaluator.evaluate_complete_minutes())
             if time.monotonic() >= next_absence_check:
                 changes.extend(evaluator.check_absence(datetime.now(UTC)))
-                next_absence_check = time.monotonic() + interval_s
+                next_absence_check = time.monotonic() + settings.alert_absence_check_interval_s
+            if time.monotonic() >= next_pipeline_check:
+                next_pipeline_check = time.monotonic() + settings.alert_pipeline_check_interval_s
+                try:
+                    ends = await offsets.read([topics.usage, topics.usage_dlq])
+                except (KafkaError, TimeoutError) as exc:
+                    log.warning("could not read topic end offsets: %s", exc)
+                else:
+                    changes.extend(
+                        evaluator.on_offsets(
+                            datetime.now(UTC), ends[topics.usage], ends[topics.usage_dlq]
+                        )
+                    )
             dirty = evaluator.drain()
             notifications = [(name, c) for c in changes for name in self.receivers_for(c)]
             if dirty or notifications:
@@ -244,6 +313,19 @@ class AlertsService:
             if topic == topics.cluster_minutely:
                 evaluator.ingest_cluster_minute(ClusterMinute.model_validate_json(message.value))
                 changes = []
+            elif topic == topics.billing_signals:
+                if message.value is None:
+                    return []  # a tombstone: the key is gone, nothing to observe
+                payload = json.loads(message.value)
+                kind = payload.get("kind") if isinstance(payload, dict) else None
+                if kind == "subsidy_usage":
+                    changes = evaluator.on_billing_signal(SubsidyUsage.model_validate(payload))
+                elif kind == "unpriced_usage":
+                    changes = evaluator.on_billing_signal(UnpricedUsage.model_validate(payload))
+                else:
+                    # A kind this release does not know (billing may add some): not an error.
+                    self.metrics.input_messages.labels(topic, "ignored").inc()
+                    return []
             else:
                 changes = evaluator.on_node_signal(
                     NodeSignal.model_validate_json(message.value), received_at

@@ -35,7 +35,7 @@ class RuleSpec(BaseModel):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     signal: str
-    op: Literal[">=", "<="] = ">="
+    op: Literal[">=", "<=", ">", "<"] = ">="
     threshold: Decimal
     clear_threshold: Decimal | None = None
     for_: str | float = Field("0s", alias="for")

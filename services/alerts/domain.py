@@ -3,6 +3,8 @@
 Stream rules run on event time: a cluster minute is evaluated once it is complete (a minute at least
 `lateness` later has been seen), so replaying the same minutes gives the same state changes.
 The absence rule (a silent node) runs on the processing clock, from when each node was last heard.
+Billing signals (subsidy used, unpriced usage) run on event time (their `as_of`). Pipeline health
+(dead-letter rate, metering lag) runs on the processing clock, from readings of topic end offsets.
 
 Per series (rule + labels) the state machine is Prometheus's: inactive -> pending -> firing after
 `for`; while firing, the series stays firing as long as the value stays on the firing side of the
@@ -20,6 +22,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from schemas.alert import AlertEvent
+from schemas.billing import SubsidyUsage, UnpricedUsage
 from schemas.metering import ClusterMinute, NodeSignal
 
 MINUTE = timedelta(minutes=1)
@@ -38,9 +41,23 @@ NODE_XID = "node.xid_errors"  # event time, per node
 GPU_IDLE = (
     "gpu.idle_allocated"  # event time, per node/gpu/project: 1 while idle inside an allocation
 )
-SIGNALS = (*(f"cluster.{name}" for name in CLUSTER_FIELDS), NODE_SILENCE, NODE_XID, GPU_IDLE)
+SUBSIDY_USED = "billing.subsidy_used_ratio"  # event time (as_of), per project
+UNPRICED_HOURS = "billing.unpriced_gpu_hours"  # event time (as_of), per gpu_model and period
+DEAD_LETTER_RATE = "pipeline.dead_letters_per_minute"  # processing clock, whole centre
+METERING_LAG = "pipeline.metering_lag_seconds"  # processing clock, whole centre
+SIGNALS = (
+    *(f"cluster.{name}" for name in CLUSTER_FIELDS),
+    NODE_SILENCE,
+    NODE_XID,
+    GPU_IDLE,
+    SUBSIDY_USED,
+    UNPRICED_HOURS,
+    DEAD_LETTER_RATE,
+    METERING_LAG,
+)
 
-Op = Literal[">=", "<="]
+Op = Literal[">=", "<=", ">", "<"]
+OPS = (">=", "<=", ">", "<")
 Status = Literal["inactive", "pending", "firing", "resolved"]
 
 
@@ -58,12 +75,12 @@ class Rule:
     annotations: Mapping[str, str] = field(default_factory=dict)
 
     def breaches(self, value: Decimal) -> bool:
-        return value >= self.threshold if self.op == ">=" else value <= self.threshold
+        return _compare(value, self.op, self.threshold)
 
     def holds(self, value: Decimal) -> bool:
         """While firing: still on the firing side of the clear threshold."""
         clear = self.threshold if self.clear_threshold is None else self.clear_threshold
-        return value >= clear if self.op == ">=" else value <= clear
+        return _compare(value, self.op, clear)
 
     def problems(self) -> list[str]:
         found = []
@@ -71,22 +88,32 @@ class Rule:
             found.append(
                 f"rule {self.name}: unknown signal {self.signal!r}; one of {', '.join(SIGNALS)}"
             )
-        if self.op not in (">=", "<="):
-            found.append(f"rule {self.name}: op must be '>=' or '<=', not {self.op!r}")
+        if self.op not in OPS:
+            found.append(f"rule {self.name}: op must be one of {', '.join(OPS)}, not {self.op!r}")
         if self.clear_threshold is not None:
-            if self.op == ">=" and self.clear_threshold > self.threshold:
+            if self.op in (">=", ">") and self.clear_threshold > self.threshold:
                 found.append(
-                    f"rule {self.name}: clear_threshold must not be above threshold for '>='"
+                    f"rule {self.name}: clear_threshold must not be above threshold for '{self.op}'"
                 )
-            if self.op == "<=" and self.clear_threshold < self.threshold:
+            if self.op in ("<=", "<") and self.clear_threshold < self.threshold:
                 found.append(
-                    f"rule {self.name}: clear_threshold must not be below threshold for '<='"
+                    f"rule {self.name}: clear_threshold must not be below threshold for '{self.op}'"
                 )
         if self.for_ < timedelta(0) or self.keep_firing_for < timedelta(0):
             found.append(f"rule {self.name}: durations must not be negative")
         if self.repeat_interval is not None and self.repeat_interval <= timedelta(0):
             found.append(f"rule {self.name}: repeat_interval must be positive")
         return found
+
+
+def _compare(value: Decimal, op: str, bound: Decimal) -> bool:
+    if op == ">=":
+        return value >= bound
+    if op == ">":
+        return value > bound
+    if op == "<=":
+        return value <= bound
+    return value < bound
 
 
 def fingerprint(rule_name: str, labels: Mapping[str, str]) -> str:
@@ -278,6 +305,17 @@ class Watermark:
     last_evaluated_minute: datetime | None = None
 
 
+@dataclass
+class PipelineReadings:
+    """Processing-clock memory of topic end offsets (in memory only: a restart starts afresh)."""
+
+    usage_end: int | None = None  # sum of gpu.usage.v1 end offsets at the last reading
+    input_grew_at: datetime | None = None  # last reading that saw new usage samples
+    input_active_since: datetime | None = None  # start of the current run of usage input
+    dead_letter_window_start: datetime | None = None
+    dead_letter_end_at_start: int | None = None
+
+
 class Evaluator:
     """Holds every series' state; each `on_*` step returns the notifications it causes."""
 
@@ -287,6 +325,8 @@ class Evaluator:
         *,
         started_at: datetime,
         minute_lateness: timedelta = MINUTE,
+        dead_letter_window: timedelta = MINUTE,
+        input_active_for: timedelta = 2 * MINUTE,
         states: Iterable[SeriesState] = (),
         pending_minutes: Iterable[ClusterMinute] = (),
         watermark: Watermark | None = None,
@@ -296,6 +336,9 @@ class Evaluator:
         self.rules_by_name = {rule.name: rule for rule in self.rules}
         self.started_at = started_at
         self.minute_lateness = minute_lateness
+        self.dead_letter_window = dead_letter_window
+        self.input_active_for = input_active_for
+        self.pipeline = PipelineReadings()
         self.states = {state.fingerprint: state for state in states}
         self.pending_minutes = {_utc(m.minute_start): m for m in pending_minutes}
         self.watermark = watermark or Watermark()
@@ -407,6 +450,89 @@ class Evaluator:
                 if rule.signal == NODE_SILENCE:
                     obs = Observation(silence, now, now)
                     changes.extend(self._observe(rule, {"node": node}, obs, persist_quiet=False))
+        return changes
+
+    # billing signals: event time (as_of) --------------------------------------------------
+    def on_billing_signal(self, signal: SubsidyUsage | UnpricedUsage) -> list[StateChange]:
+        """The latest value per key: subsidy used per project; unpriced GPU-hours per model/period."""
+        at = _utc(signal.as_of)
+        if isinstance(signal, SubsidyUsage):
+            wanted = SUBSIDY_USED
+            labels = {"project": signal.project_id}
+            context = {
+                "scheme": signal.scheme,
+                "used_hkd": str(signal.used_hkd),
+                "cap_hkd": str(signal.cap_hkd),
+                "used_pct": str(round(signal.used_ratio * 100)),
+            }
+            value = signal.used_ratio
+        else:
+            wanted = UNPRICED_HOURS
+            labels = {"gpu_model": signal.gpu_model, "period": signal.period}
+            context = {"projects": ", ".join(signal.projects)}
+            value = signal.gpu_hours
+        changes: list[StateChange] = []
+        for rule in self.rules:
+            if rule.signal == wanted:
+                changes.extend(self._observe(rule, labels, Observation(value, at, at, context)))
+        return changes
+
+    # pipeline health: processing clock, from topic end offsets -----------------------------
+    def on_offsets(self, now: datetime, usage_end: int, dead_letter_end: int) -> list[StateChange]:
+        """One reading of the summed end offsets of gpu.usage.v1 and gpu.usage.dlq.v1.
+
+        Dead letters per minute: offsets gained over a window of the processing clock, scaled to a
+        minute. Metering lag: now minus the end of the newest cluster minute seen (or the start of
+        the current run of usage input, if later), counted only while usage samples are arriving,
+        so an idle, empty centre never fires it.
+        """
+        readings = self.pipeline
+        changes: list[StateChange] = []
+        if readings.usage_end is not None and usage_end > readings.usage_end:
+            if (
+                readings.input_grew_at is None
+                or now - readings.input_grew_at > self.input_active_for
+            ):
+                readings.input_active_since = now
+            readings.input_grew_at = now
+        readings.usage_end = usage_end  # a smaller value (topic re-created) is a new baseline
+
+        start, start_end = readings.dead_letter_window_start, readings.dead_letter_end_at_start
+        if start is None or start_end is None or dead_letter_end < start_end or now < start:
+            readings.dead_letter_window_start, readings.dead_letter_end_at_start = (
+                now,
+                dead_letter_end,
+            )
+        elif now - start >= self.dead_letter_window:
+            letters = dead_letter_end - start_end
+            per_minute = Decimal(letters) * 60 / Decimal(str((now - start).total_seconds()))
+            obs = Observation(
+                per_minute.quantize(Decimal("0.1")), start, now, {"dead_letters": str(letters)}
+            )
+            for rule in self.rules:
+                if rule.signal == DEAD_LETTER_RATE:
+                    changes.extend(self._observe(rule, {}, obs, persist_quiet=False))
+            readings.dead_letter_window_start, readings.dead_letter_end_at_start = (
+                now,
+                dead_letter_end,
+            )
+
+        lag = Decimal(0)
+        active = (
+            readings.input_grew_at is not None
+            and now - readings.input_grew_at <= self.input_active_for
+        )
+        if active:
+            seen = self.watermark.max_minute_seen
+            candidates = [self.started_at, readings.input_active_since]
+            if seen is not None:
+                candidates.append(seen + MINUTE)
+            reference = max(moment for moment in candidates if moment is not None)
+            lag = Decimal(max(0, int((now - reference).total_seconds())))
+        for rule in self.rules:
+            if rule.signal == METERING_LAG:
+                obs = Observation(lag, now, now)
+                changes.extend(self._observe(rule, {}, obs, persist_quiet=False))
         return changes
 
     # one series ------------------------------------------------------------------------------

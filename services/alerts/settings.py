@@ -23,6 +23,12 @@ class AlertsSettings(CommonSettings):
     alert_minute_lateness_s: float = Field(60.0, ge=0)
     # How often silent nodes are looked for (processing clock).
     alert_absence_check_interval_s: float = Field(5.0, gt=0)
+    # How often topic end offsets are read for the pipeline rules (dead-letter rate, metering lag).
+    alert_pipeline_check_interval_s: float = Field(5.0, gt=0)
+    # The dead-letter rate is measured over windows this long (and scaled to a minute).
+    alert_dead_letter_window_s: float = Field(60.0, gt=0)
+    # Usage input counts as flowing while gpu.usage.v1 grew within this long (metering lag rule).
+    alert_input_active_s: float = Field(120.0, gt=0)
     alert_notify_backoff_initial_s: float = Field(1.0, gt=0)
     alert_notify_backoff_max_s: float = Field(300.0, gt=0)
     alert_notify_timeout_s: float = Field(10.0, gt=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,17 @@ def test_the_default_rules_file_holds_the_contract_rules():
     assert rules["NodeSilent"].threshold == 120
     assert rules["GpuAllocatedIdle"].for_.total_seconds() == 1800
     assert rules["GpuXidError"].threshold == 1
+    for name in ("SubsidyCapNearlyUsed", "SubsidyCapUsedUp"):
+        assert rules[name].signal == "billing.subsidy_used_ratio"
+    assert (rules["SubsidyCapNearlyUsed"].threshold, rules["SubsidyCapUsedUp"].threshold) == (
+        Decimal("0.80"),
+        Decimal("1.00"),
+    )
+    assert (rules["UnpricedGpuModel"].op, rules["UnpricedGpuModel"].threshold) == (">", 0)
+    dead_letters = rules["DeadLetterRateHigh"]
+    assert (dead_letters.threshold, dead_letters.for_.total_seconds()) == (100, 300)
+    lag = rules["MeteringLagging"]
+    assert (lag.threshold, lag.for_.total_seconds()) == (300, 120)
     assert loaded.receivers == {}
     assert set(loaded.disabled) == {"webhook", "alertmanager", "slack", "pagerduty"}
 
@@ -78,5 +90,5 @@ def test_every_problem_in_a_rules_file_is_listed():
 def test_a_schema_error_names_its_place():
     with pytest.raises(config.ConfigError, match=r"rules\.0\.op"):
         config.parse(
-            {"rules": [{"name": "A", "signal": "x", "op": ">", "threshold": 1}]}, dict().get
+            {"rules": [{"name": "A", "signal": "x", "op": "!=", "threshold": 1}]}, dict().get
         )
