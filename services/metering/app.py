@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -94,7 +95,38 @@ class MeteringMetrics:
         return (self._counted_total - counted_then) / elapsed if elapsed > 0 else 0.0
 
 
+def _make_producer_flush_complete() -> None:
+    """faust-streaming's ProducerBuffer.flush returns as soon as one send takes over 0.1 s, with
+    messages still queued; Faust then commits offsets past state and outputs never sent, and a
+    crash loses those samples (seen under load with SIGKILL). Wait until nothing is queued or on
+    its way into the Kafka client; the client's own flush, which follows, waits for delivery."""
+    from faust.transport.producer import ProducerBuffer
+
+    if getattr(ProducerBuffer, "_gpumeter_complete_flush", False):
+        return
+    send_pending = ProducerBuffer._send_pending
+
+    async def counted_send_pending(self: Any, fut: Any) -> None:
+        self._gpumeter_inflight = getattr(self, "_gpumeter_inflight", 0) + 1
+        try:
+            await send_pending(self, fut)
+        finally:
+            self._gpumeter_inflight -= 1
+
+    async def flush_completely(self: Any) -> None:
+        while self.size or getattr(self, "_gpumeter_inflight", 0):
+            if self.size:
+                await self.flush_atmost(None)
+            else:
+                await asyncio.sleep(0.001)
+
+    ProducerBuffer._send_pending = counted_send_pending  # type: ignore[method-assign]
+    ProducerBuffer.flush = flush_completely  # type: ignore[method-assign]
+    ProducerBuffer._gpumeter_complete_flush = True  # type: ignore[attr-defined]
+
+
 def create_app(settings: MeteringSettings) -> faust.App:
+    _make_producer_flush_complete()
     topics = settings.topics
     rebalance_s = settings.kafka_rebalance_timeout_ms / 1000
     app = faust.App(
