@@ -13,6 +13,7 @@ import uvicorn
 from services.billing import store
 from services.billing.api import create_api
 from services.billing.consumer import HourlyConsumer
+from services.billing.drainer import DraftDrainer
 from services.billing.publisher import InvoicePublisher
 from services.billing.settings import BillingSettings
 from services.common.kafka_admin import ensure_topics
@@ -48,10 +49,11 @@ async def run(settings: BillingSettings) -> None:
     )
     store_ = await store.Store(settings.database_url, settings.database_pool_size).open()
     publisher = InvoicePublisher(settings, store_)
-    consumer = HourlyConsumer(settings, store_, on_invoices_changed=publisher.wake)
+    drainer = DraftDrainer(settings, store_, on_invoices_changed=publisher.wake)
+    consumer = HourlyConsumer(settings, store_, on_ledger_changed=drainer.wake)
 
     def health() -> dict[str, object]:
-        return {"consumer": consumer.alive, "publisher": publisher.alive}
+        return {"consumer": consumer.alive, "drainer": drainer.alive, "publisher": publisher.alive}
 
     api = create_api(settings, store_, on_finalized=publisher.wake, health=health)
     server = _Server(
@@ -73,11 +75,13 @@ async def run(settings: BillingSettings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, request_stop, signum)
     publisher.start()
+    drainer.start()
     consumer.start()
     try:
         await server.serve()
     finally:
         await consumer.stop()
+        await drainer.stop()
         await publisher.stop()
         await store_.close()
         log.info("billing stopped")

@@ -1,8 +1,9 @@
 """Billing benchmark: `python -m services.billing.bench [--projects N] [--db-projects N]`.
 
 Prints (never asserts) the invoice engine's time for N projects x 31 days x 24 hours x 3 GPU models,
-the end-to-end recompute of those drafts from PostgreSQL, the ledger's ingest rate of hourly updates,
-and the single-invoice API latency. Starts its own embedded PostgreSQL unless DATABASE_URL is set.
+the bulk recompute of those drafts from PostgreSQL, the ledger's upsert rate alone, the consumer's
+ingest rate (upsert + dirty marks) with the draft drainer running and the time until the drafts
+have caught up, and the single-invoice API latency. Starts its own embedded PostgreSQL unless DATABASE_URL is set.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from schemas.catalog import Project, RateCard, Subsidy
 from schemas.metering import HourlyTotal
 from services.billing import domain, service, store
 from services.billing.api import create_api
+from services.billing.drainer import DraftDrainer
 from services.billing.settings import BillingSettings
 
 PERIOD = "2026-12"  # 31 days
@@ -135,49 +137,80 @@ async def bench_database(dsn: str, projects: int, api_requests: int) -> None:
             changed = await service.recompute_all_drafts(conn)
         elapsed = time.perf_counter() - started
         print(
-            f"recompute from database: {len(changed)} draft invoices in {elapsed:.2f} s"
-            f" ({elapsed / max(len(changed), 1) * 1000:.1f} ms per invoice)"
+            f"bulk recompute from database: {len(changed)} draft invoices in {elapsed:.2f} s"
+            f" ({elapsed / max(len(changed), 1) * 1000:.2f} ms per invoice)"
         )
 
-        # Ledger ingest: the next revision of the latest hour of every (project, model), in
-        # consumer-sized batches of 1000. Upsert alone, then with the drafts rebuilt (the
-        # consumer's full path).
+        # Ledger ingest: new revisions of the latest hour of every (project, model), in
+        # consumer-sized batches of 1000. Upsert alone first, then the consumer's path (upsert and
+        # dirty marks) with the draft drainer running on the same loop, as in the service.
         last_hour = period_hours()[-1]
-        updates = [
-            HourlyTotal(
-                project_id=project_id(n),
-                gpu_model=model,
-                hour_start=last_hour,
-                gpu_seconds=Decimal(3600),
-                util_gpu_seconds=Decimal(1800),
-                energy_wh=Decimal(700),
-                samples=360,
-                revision=revision,
-            )
-            for revision in (2, 3)
-            for n in range(projects)
-            for model in MODELS
-        ]
-        half = len(updates) // 2
+
+        def updates(revisions: range) -> list[HourlyTotal]:
+            return [
+                HourlyTotal(
+                    project_id=project_id(n),
+                    gpu_model=model,
+                    hour_start=last_hour,
+                    gpu_seconds=Decimal(3000 + revision),
+                    util_gpu_seconds=Decimal(1800),
+                    energy_wh=Decimal(700),
+                    samples=360,
+                    revision=revision,
+                )
+                for revision in revisions
+                for n in range(projects)
+                for model in MODELS
+            ]
+
+        upserts = updates(range(2, 3))
         started = time.perf_counter()
-        for offset in range(0, half, 1000):
+        for offset in range(0, len(upserts), 1000):
             async with conn.transaction():
-                await store.upsert_hourly(conn, updates[offset : min(offset + 1000, half)])
+                await store.upsert_hourly(conn, upserts[offset : offset + 1000])
         elapsed = time.perf_counter() - started
         print(
-            f"ledger upsert: {half:,} hourly updates in {elapsed:.2f} s ({half / elapsed:,.0f}/s)"
+            f"ledger upsert alone: {len(upserts):,} hourly updates in {elapsed:.2f} s"
+            f" ({len(upserts) / elapsed:,.0f}/s)"
         )
-        started = time.perf_counter()
-        for offset in range(half, len(updates), 1000):
-            await service.apply_hourly_batch(conn, updates[offset : offset + 1000])
-        elapsed = time.perf_counter() - started
-        print(
-            f"ledger ingest with draft recompute: {half:,} hourly updates in {elapsed:.2f} s"
-            f" ({half / elapsed:,.0f}/s)"
-        )
+        async with conn.transaction():  # bring the drafts up to date with revision 2
+            await store.lock_writes(conn)
+            await service.recompute_all_drafts(conn)
     finally:
         await conn.close()
+    await bench_ingest(dsn, updates(range(3, 6)))
     await bench_api(dsn, projects, api_requests)
+
+
+async def bench_ingest(dsn: str, updates: list[HourlyTotal]) -> None:
+    """The consumer's path: ledger upsert plus dirty marks per batch, the drainer running."""
+    settings = BillingSettings(database_url=dsn)
+    store_ = await store.Store(dsn, 5).open()
+    drainer = DraftDrainer(settings, store_).start()
+    try:
+        started = time.perf_counter()
+        for offset in range(0, len(updates), 1000):
+            batch = updates[offset : offset + 1000]
+            async with store_.acquire() as conn:
+                await service.ingest_hourly_batch(conn, batch)
+            drainer.wake()
+        ingested = time.perf_counter() - started
+        async with store_.acquire() as conn:
+            while await store.has_dirty_projects(conn):
+                await asyncio.sleep(0.01)
+        caught_up = time.perf_counter() - started
+        print(
+            f"ledger ingest (upsert + dirty marks, drainer running): {len(updates):,} hourly"
+            f" updates in {ingested:.2f} s ({len(updates) / ingested:,.0f}/s); drafts caught up"
+            f" {caught_up:.2f} s after the first batch ({caught_up - ingested:.2f} s after the last)"
+        )
+        async with store_.acquire() as conn, conn.transaction():
+            await store.lock_writes(conn)
+            stale = await service.recompute_all_drafts(conn)
+        print(f"  check: a full recompute after catching up changed {len(stale)} drafts (expect 0)")
+    finally:
+        await drainer.stop()
+        await store_.close()
 
 
 async def bench_api(dsn: str, projects: int, requests: int) -> None:

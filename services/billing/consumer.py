@@ -1,5 +1,5 @@
-"""Kafka adapter: hourly totals and hour completeness in, ledger, draft invoices and watermarks
-updated, offsets committed after.
+"""Kafka adapter: hourly totals and hour completeness in, ledger (with dirty-project marks for the
+draft drainer) and watermarks updated, offsets committed after.
 
 At-least-once delivery plus revision-guarded upserts gives an exactly-once effect: offsets are
 committed only after the database transaction that applied the batch has committed.
@@ -77,11 +77,11 @@ class HourlyConsumer:
         self,
         settings: BillingSettings,
         store_: store.Store,
-        on_invoices_changed: Callable[[], None] | None = None,
+        on_ledger_changed: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store_
-        self.on_invoices_changed = on_invoices_changed
+        self.on_ledger_changed = on_ledger_changed  # wakes the draft drainer
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.assigned = asyncio.Event()
@@ -168,39 +168,36 @@ class HourlyConsumer:
                 log.warning("completeness batch refused (%r); skipped", exc)
 
     async def apply_totals(self, totals: list[HourlyTotal]) -> None:
+        """Upsert the ledger and mark the touched projects dirty; the drainer rebuilds drafts."""
         started = time.perf_counter()
         try:
-            result = await service.with_db_retry(
+            hours_changed = await service.with_db_retry(
                 self.store,
-                lambda conn: service.apply_hourly_batch(conn, totals),
+                lambda conn: service.ingest_hourly_batch(conn, totals),
                 "apply_hourly_batch",
                 self.settings.db_retry_max_backoff_s,
             )
         except asyncpg.PostgresError as exc:
             # A value the database refuses (say, out of a column's range) must not block the rest.
             log.warning("batch refused (%r); applying its %d records one by one", exc, len(totals))
-            result = service.BatchResult()
+            hours_changed = 0
             for total in totals:
                 try:
-                    single = await service.with_db_retry(
+                    hours_changed += await service.with_db_retry(
                         self.store,
-                        lambda conn, total=total: service.apply_hourly_batch(conn, [total]),  # type: ignore[misc]
+                        lambda conn, total=total: service.ingest_hourly_batch(conn, [total]),  # type: ignore[misc]
                         "apply_hourly_record",
                         self.settings.db_retry_max_backoff_s,
                     )
                 except asyncpg.PostgresError as record_exc:
                     metrics.BAD_MESSAGES.labels(reason="refused_by_database").inc()
                     log.warning("skipping hourly record %s: %r", total.key, record_exc)
-                    continue
-                result.hours_changed += single.hours_changed
-                result.invoices_changed.extend(single.invoices_changed)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         metrics.LAST_BATCH_TIMESTAMP.set(time.time())
-        metrics.HOURLY_RECORDS.labels(outcome="applied").inc(result.hours_changed)
-        metrics.HOURLY_RECORDS.labels(outcome="unchanged").inc(len(totals) - result.hours_changed)
-        metrics.INVOICES_RECOMPUTED.inc(len(result.invoices_changed))
-        if result.invoices_changed and self.on_invoices_changed:
-            self.on_invoices_changed()
+        metrics.HOURLY_RECORDS.labels(outcome="applied").inc(hours_changed)
+        metrics.HOURLY_RECORDS.labels(outcome="unchanged").inc(len(totals) - hours_changed)
+        if hours_changed and self.on_ledger_changed:
+            self.on_ledger_changed()
 
     async def commit(
         self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[ConsumerRecord]]

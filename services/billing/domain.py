@@ -44,15 +44,33 @@ def parse_period(text: str) -> str:
     return text
 
 
+# Drafts of many projects share the same hours and days: both conversions are memoized (bounded).
+_CACHE_LIMIT = 65536
+_hk_dates: dict[dt.datetime, dt.date] = {}
+_periods: dict[dt.date, str] = {}
+
+
 def hk_date(moment: dt.datetime) -> dt.date:
     """The Asia/Hong_Kong calendar date of an aware instant."""
-    if moment.tzinfo is None:
-        raise ValueError("naive datetime: billing needs aware UTC instants")
-    return moment.astimezone(HONG_KONG).date()
+    found = _hk_dates.get(moment)
+    if found is None:
+        if moment.tzinfo is None:
+            raise ValueError("naive datetime: billing needs aware UTC instants")
+        found = moment.astimezone(HONG_KONG).date()
+        if len(_hk_dates) >= _CACHE_LIMIT:
+            _hk_dates.clear()
+        _hk_dates[moment] = found
+    return found
 
 
 def period_of_date(day: dt.date) -> str:
-    return f"{day.year:04d}-{day.month:02d}"
+    found = _periods.get(day)
+    if found is None:
+        found = f"{day.year:04d}-{day.month:02d}"
+        if len(_periods) >= _CACHE_LIMIT:
+            _periods.clear()
+        _periods[day] = found
+    return found
 
 
 def period_of(moment: dt.datetime) -> str:

@@ -75,6 +75,70 @@ class FinalizeResult:
     forced: bool
 
 
+def _rebuild_project(
+    project_id: str,
+    from_period: str | None,
+    usage: list[UsageHour],
+    stored: dict[str, tuple[str, Decimal]],
+    pricing: Pricing,
+    finalized: frozenset[str],
+) -> tuple[dict[str, list[UsageHour]], list[ComputedInvoice]]:
+    """The usage plan of one project and its drafts of `from_period` and later (pure)."""
+    plan = domain.assign_usage(usage, finalized)
+    periods = sorted(set(plan) | set(stored))
+    subsidy_used = Decimal("0.00")
+    drafts = []
+    for period in periods:
+        status, stored_subsidy = stored.get(period, ("draft", Decimal("0.00")))
+        if status == "finalized" or (from_period is not None and period < from_period):
+            subsidy_used += stored_subsidy
+            continue
+        invoice = domain.build_invoice(
+            project_id, period, plan.get(period, []), pricing, subsidy_used
+        )
+        subsidy_used += invoice.subsidy_hkd
+        drafts.append(invoice)
+    return plan, drafts
+
+
+async def recompute_projects(
+    conn: Connection,
+    from_periods: dict[str, str | None],
+    pricing: Pricing,
+    finalized: frozenset[str],
+    per_hour: bool = False,
+    chunk_size: int = 5000,
+) -> tuple[dict[str, dict[str, list[UsageHour]]], list[ComputedInvoice]]:
+    """Rebuild the draft invoices of many projects, each of its period and later (all when None).
+
+    Set-based: per chunk of projects, one query reads their unbilled usage (per HK day unless
+    `per_hour`), one reads their stored invoices, the engine builds the drafts and the changed ones
+    are written in bulk. Later periods are rebuilt too because the subsidy cap carries from one
+    period to the next. Returns the usage plans (project -> invoice period -> hours it carries) and
+    the invoices that changed.
+    """
+    plans: dict[str, dict[str, list[UsageHour]]] = {}
+    changed: list[ComputedInvoice] = []
+    project_ids = sorted(from_periods)
+    for offset in range(0, len(project_ids), chunk_size):
+        chunk = project_ids[offset : offset + chunk_size]
+        usage = await store.unbilled_usage_many(conn, chunk, per_day=not per_hour)
+        stored = await store.invoice_subsidies_many(conn, chunk)
+        drafts: list[ComputedInvoice] = []
+        for project_id in chunk:
+            plans[project_id], built = _rebuild_project(
+                project_id,
+                from_periods[project_id],
+                usage[project_id],
+                stored[project_id],
+                pricing,
+                finalized,
+            )
+            drafts.extend(built)
+        changed.extend(await store.save_draft_invoices(conn, drafts))
+    return plans, changed
+
+
 async def recompute_project(
     conn: Connection,
     project_id: str,
@@ -85,65 +149,90 @@ async def recompute_project(
 ) -> tuple[dict[str, list[UsageHour]], list[ComputedInvoice]]:
     """Rebuild the project's draft invoices of `from_period` and later (all when None).
 
-    Later periods are rebuilt too because the subsidy cap carries from one period to the next.
     Returns the usage plan (invoice period -> hours it carries; days unless `per_hour`, which
     finalization needs to record what it billed) and the invoices that changed.
     """
-    usage = await store.unbilled_usage(conn, project_id, per_day=not per_hour)
-    plan = domain.assign_usage(usage, finalized)
-    stored = await store.invoice_subsidies(conn, project_id)
-    periods = sorted(set(plan) | set(stored))
-    subsidy_used = Decimal("0.00")
-    changed = []
-    for period in periods:
-        status, stored_subsidy = stored.get(period, ("draft", Decimal("0.00")))
-        if status == "finalized" or (from_period is not None and period < from_period):
-            subsidy_used += stored_subsidy
-            continue
-        invoice = domain.build_invoice(
-            project_id, period, plan.get(period, []), pricing, subsidy_used
-        )
-        subsidy_used += invoice.subsidy_hkd
-        if await store.save_draft_invoice(conn, invoice):
-            changed.append(invoice)
-    return plan, changed
+    plans, changed = await recompute_projects(
+        conn, {project_id: from_period}, pricing, finalized, per_hour
+    )
+    return plans[project_id], changed
+
+
+async def ingest_hourly_batch(conn: Connection, totals: Sequence[HourlyTotal]) -> int:
+    """Upsert hourly totals into the ledger and mark the projects whose drafts they change as
+    dirty (with the earliest usage period changed), atomically; returns the hours changed.
+
+    The drafts are rebuilt later by drain_dirty_projects(). No write lock is taken: the upsert
+    is guarded by revision, the mark keeps the earliest period, and the drainer deletes a mark
+    only at the version it read.
+    """
+    async with conn.transaction():
+        return await _ingest(conn, totals)
+
+
+async def _ingest(conn: Connection, totals: Sequence[HourlyTotal]) -> int:
+    changed_hours = await store.upsert_hourly(conn, totals)
+    earliest: dict[str, dt.datetime] = {}
+    for project_id, _gpu_model, hour_start in changed_hours:
+        if project_id not in earliest or hour_start < earliest[project_id]:
+            earliest[project_id] = hour_start
+    await store.mark_dirty(
+        conn, {project_id: domain.period_of(hour) for project_id, hour in earliest.items()}
+    )
+    return len(changed_hours)
+
+
+async def drain_dirty_projects(conn: Connection, limit: int | None = None) -> list[str]:
+    """Rebuild the drafts of the projects marked dirty (up to `limit` of them) and clear their
+    marks, in one transaction under the write lock; returns the invoices that changed."""
+    async with conn.transaction():
+        await store.lock_writes(conn)
+        return await _drain(conn, limit)
+
+
+async def _drain(conn: Connection, limit: int | None = None) -> list[str]:
+    """drain_dirty_projects() in the caller's transaction, which holds the write lock."""
+    marks = await store.dirty_projects(conn, limit)
+    if not marks:
+        return []
+    finalized = await store.finalized_periods(conn)
+    pricing = await store.load_pricing(conn)
+    from_periods: dict[str, str | None] = {
+        project_id: domain.invoice_period_for(period, finalized)
+        for project_id, period, _version in marks
+    }
+    _plans, changed = await recompute_projects(conn, from_periods, pricing, finalized)
+    await store.clear_dirty(conn, marks)
+    if changed:
+        await refresh_signals(conn)
+    return [invoice.invoice_id for invoice in changed]
 
 
 async def apply_hourly_batch(conn: Connection, totals: Sequence[HourlyTotal]) -> BatchResult:
-    """Upsert hourly totals into the ledger and bring the affected drafts up to date, atomically."""
+    """Upsert hourly totals and bring the affected drafts up to date at once, in one transaction
+    (ingest_hourly_batch() followed by drain_dirty_projects()); for callers that need the drafts
+    current when it returns."""
     result = BatchResult()
     async with conn.transaction():
         await store.lock_writes(conn)
-        changed_hours = await store.upsert_hourly(conn, totals)
-        result.hours_changed = len(changed_hours)
-        if not changed_hours:
-            return result
-        finalized = await store.finalized_periods(conn)
-        earliest: dict[str, str] = {}
-        for project_id, _gpu_model, hour_start in changed_hours:
-            period = domain.invoice_period_for(domain.period_of(hour_start), finalized)
-            earliest[project_id] = min(period, earliest.get(project_id, period))
-        pricing = await store.load_pricing(conn)
-        for project_id, from_period in sorted(earliest.items()):
-            _plan, changed = await recompute_project(
-                conn, project_id, from_period, pricing, finalized
-            )
-            result.invoices_changed.extend(invoice.invoice_id for invoice in changed)
-        if result.invoices_changed:
-            await refresh_signals(conn)
+        result.hours_changed = await _ingest(conn, totals)
+        result.invoices_changed = await _drain(conn)
     return result
 
 
 async def recompute_all_drafts(conn: Connection) -> list[str]:
-    """Rebuild every draft (after a catalog change); the caller holds the transaction and lock."""
+    """Rebuild every draft (after a catalog change); the caller holds the transaction and lock.
+
+    Covers the projects marked dirty, whose marks are cleared.
+    """
+    marks = await store.dirty_projects(conn)
     finalized = await store.finalized_periods(conn)
     pricing = await store.load_pricing(conn)
-    changed_ids: list[str] = []
-    for project_id in await store.billable_project_ids(conn):
-        _plan, changed = await recompute_project(conn, project_id, None, pricing, finalized)
-        changed_ids.extend(invoice.invoice_id for invoice in changed)
+    project_ids = await store.billable_project_ids(conn)
+    _plans, changed = await recompute_projects(conn, dict.fromkeys(project_ids), pricing, finalized)
+    await store.clear_dirty(conn, marks)
     await refresh_signals(conn)
-    return changed_ids
+    return [invoice.invoice_id for invoice in changed]
 
 
 async def finalize_period(conn: Connection, period: str, force: bool = False) -> FinalizeResult:
@@ -154,12 +243,16 @@ async def finalize_period(conn: Connection, period: str, force: bool = False) ->
         finalized = await store.finalized_periods(conn)
         if period in finalized:
             raise PeriodAlreadyFinalized(period)
+        await _drain(conn)  # no decision on drafts that lag behind the ledger
         pricing = await store.load_pricing(conn)
-        plans: dict[str, dict[str, list[UsageHour]]] = {}
-        for project_id in await store.billable_project_ids(conn):
-            plans[project_id], _changed = await recompute_project(
-                conn, project_id, period, pricing, finalized, per_hour=True
-            )
+        plans, _changed = await recompute_projects(
+            conn,
+            dict.fromkeys(await store.billable_project_ids(conn), period),
+            pricing,
+            finalized,
+            per_hour=True,
+            chunk_size=200,
+        )
         completeness = await store.period_completeness(conn, period)
         if completeness.incomplete and not force:
             raise IncompleteHours(period, completeness.incomplete)

@@ -225,6 +225,65 @@ async def unbilled_usage(
     return [UsageHour(r["gpu_model"], r["hour_start"], r["unbilled"]) for r in rows]
 
 
+# The same for many projects at once (drafts rebuilt in bulk).
+UNBILLED_USAGE_MANY = """
+SELECT u.project_id, u.gpu_model, u.hour_start, u.gpu_seconds - COALESCE(b.billed, 0) AS unbilled
+FROM usage_hourly u
+LEFT JOIN (
+    SELECT project_id, gpu_model, hour_start, sum(gpu_seconds) AS billed
+    FROM billed_usage WHERE project_id = ANY($1::text[]) GROUP BY 1, 2, 3
+) b USING (project_id, gpu_model, hour_start)
+WHERE u.project_id = ANY($1::text[]) AND u.gpu_seconds <> COALESCE(b.billed, 0)
+"""
+
+UNBILLED_USAGE_MANY_HOURLY = f"{UNBILLED_USAGE_MANY} ORDER BY 1, 3, 2"
+
+UNBILLED_USAGE_MANY_DAILY = f"""
+SELECT project_id, gpu_model, (date_trunc('day', hour_start AT TIME ZONE 'Asia/Hong_Kong')
+                               AT TIME ZONE 'Asia/Hong_Kong') AS hour_start, sum(unbilled) AS unbilled
+FROM ({UNBILLED_USAGE_MANY}) hourly
+GROUP BY 1, 2, 3 ORDER BY 1, 3, 2
+"""
+
+# The same, cheaper: hours are grouped by UTC+8 day with integer arithmetic instead of a time
+# zone conversion per hour, and only each group's first hour is converted. The groups are
+# Asia/Hong_Kong days wherever the zone is UTC+8 (since 1979); `straddles` reports a group whose
+# first and last hours fall on different HK dates, and the caller then uses the exact query.
+UNBILLED_USAGE_MANY_DAILY_FAST = f"""
+SELECT project_id, gpu_model,
+       (date_trunc('day', first_hour AT TIME ZONE 'Asia/Hong_Kong')
+        AT TIME ZONE 'Asia/Hong_Kong') AS hour_start,
+       (first_hour AT TIME ZONE 'Asia/Hong_Kong')::date
+           <> (last_hour AT TIME ZONE 'Asia/Hong_Kong')::date AS straddles,
+       unbilled
+FROM (
+    SELECT project_id, gpu_model, min(hour_start) AS first_hour, max(hour_start) AS last_hour,
+           sum(unbilled) AS unbilled
+    FROM ({UNBILLED_USAGE_MANY}) hourly
+    GROUP BY 1, 2, (extract(epoch FROM hour_start)::bigint + 28800) / 86400
+) days
+ORDER BY 1, 3, 2
+"""
+
+
+async def unbilled_usage_many(
+    conn: Connection, project_ids: Sequence[str], per_day: bool = False
+) -> dict[str, list[UsageHour]]:
+    """unbilled_usage() of many projects in one query: project -> its hours (or HK days)."""
+    usage: dict[str, list[UsageHour]] = {project_id: [] for project_id in project_ids}
+    if not project_ids:
+        return usage
+    if per_day:
+        rows = await conn.fetch(UNBILLED_USAGE_MANY_DAILY_FAST, list(project_ids))
+        if any(r["straddles"] for r in rows):
+            rows = await conn.fetch(UNBILLED_USAGE_MANY_DAILY, list(project_ids))
+    else:
+        rows = await conn.fetch(UNBILLED_USAGE_MANY_HOURLY, list(project_ids))
+    for r in rows:
+        usage[r["project_id"]].append(UsageHour(r["gpu_model"], r["hour_start"], r["unbilled"]))
+    return usage
+
+
 async def usage_rows(
     conn: Connection,
     project_id: str,
@@ -250,6 +309,52 @@ async def billable_project_ids(conn: Connection) -> list[str]:
         "SELECT project_id FROM usage_hourly UNION SELECT project_id FROM invoices ORDER BY 1"
     )
     return [row["project_id"] for row in rows]
+
+
+# --- dirty projects (drafts behind the ledger) ---------------------------------------------------
+
+
+async def mark_dirty(conn: Connection, from_periods: dict[str, str]) -> None:
+    """Record that these projects' drafts must be rebuilt from (at least) the given usage period;
+    an existing mark keeps the earlier period and gets a new version."""
+    if not from_periods:
+        return
+    project_ids = sorted(from_periods)  # one lock order for concurrent batches
+    await conn.execute(
+        "INSERT INTO dirty_projects AS d (project_id, from_period)"
+        " SELECT * FROM unnest($1::text[], $2::text[])"
+        " ON CONFLICT (project_id) DO UPDATE"
+        " SET from_period = LEAST(d.from_period, EXCLUDED.from_period),"
+        " version = d.version + 1, marked_at = now()",
+        project_ids,
+        [from_periods[project_id] for project_id in project_ids],
+    )
+
+
+async def dirty_projects(conn: Connection, limit: int | None = None) -> list[tuple[str, str, int]]:
+    """(project_id, earliest usage period, version) of the projects marked dirty."""
+    rows = await conn.fetch(
+        "SELECT project_id, from_period, version FROM dirty_projects ORDER BY project_id LIMIT $1",
+        limit,
+    )
+    return [(row["project_id"], row["from_period"], row["version"]) for row in rows]
+
+
+async def has_dirty_projects(conn: Connection) -> bool:
+    value: bool = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM dirty_projects)")
+    return value
+
+
+async def clear_dirty(conn: Connection, marks: Sequence[tuple[str, str, int]]) -> None:
+    """Delete the marks as read; a project marked again since (a new version) stays dirty."""
+    if not marks:
+        return
+    await conn.execute(
+        "DELETE FROM dirty_projects d USING unnest($1::text[], $2::bigint[]) AS x(project_id, version)"
+        " WHERE d.project_id = x.project_id AND d.version = x.version",
+        [project_id for project_id, _period, _version in marks],
+        [version for _project_id, _period, version in marks],
+    )
 
 
 # --- catalog -------------------------------------------------------------------------------------
@@ -350,6 +455,25 @@ async def invoice_subsidies(conn: Connection, project_id: str) -> dict[str, tupl
         "SELECT period, status, subsidy_hkd FROM invoices WHERE project_id = $1", project_id
     )
     return {row["period"]: (row["status"], row["subsidy_hkd"]) for row in rows}
+
+
+async def invoice_subsidies_many(
+    conn: Connection, project_ids: Sequence[str]
+) -> dict[str, dict[str, tuple[str, Decimal]]]:
+    """invoice_subsidies() of many projects: project -> period -> (status, subsidy_hkd)."""
+    found: dict[str, dict[str, tuple[str, Decimal]]] = {
+        project_id: {} for project_id in project_ids
+    }
+    if not project_ids:
+        return found
+    rows = await conn.fetch(
+        "SELECT project_id, period, status, subsidy_hkd FROM invoices"
+        " WHERE project_id = ANY($1::text[])",
+        list(project_ids),
+    )
+    for row in rows:
+        found[row["project_id"]][row["period"]] = (row["status"], row["subsidy_hkd"])
+    return found
 
 
 async def load_invoices(
@@ -457,6 +581,74 @@ async def save_draft_invoice(conn: Connection, invoice: ComputedInvoice) -> bool
         ],
     )
     return True
+
+
+async def save_draft_invoices(
+    conn: Connection, invoices: Sequence[ComputedInvoice]
+) -> list[ComputedInvoice]:
+    """save_draft_invoice() for many drafts with a few statements; returns those that changed."""
+    if not invoices:
+        return []
+    stored = {
+        found.invoice_id: found
+        for found in await load_invoices(conn, invoice_ids=[i.invoice_id for i in invoices])
+    }
+    changed = []
+    for invoice in invoices:
+        current = stored.get(invoice.invoice_id)
+        if current == invoice:
+            continue
+        if current is not None and current.status == "finalized":
+            raise RuntimeError(f"invoice {invoice.invoice_id} is finalized")  # caller bug
+        changed.append(invoice)
+    if not changed:
+        return []
+    await conn.executemany(
+        "INSERT INTO invoices (invoice_id, project_id, period, status, gross_hkd, subsidy_hkd,"
+        " net_hkd, subsidy_cap_remaining_hkd, flags, has_unpriced_usage)"
+        " VALUES ($1, $2, $3, 'draft', $4, $5, $6, $7, $8, $9)"
+        " ON CONFLICT (invoice_id) DO UPDATE SET gross_hkd = EXCLUDED.gross_hkd,"
+        " subsidy_hkd = EXCLUDED.subsidy_hkd, net_hkd = EXCLUDED.net_hkd,"
+        " subsidy_cap_remaining_hkd = EXCLUDED.subsidy_cap_remaining_hkd, flags = EXCLUDED.flags,"
+        " has_unpriced_usage = EXCLUDED.has_unpriced_usage, updated_at = now()",
+        [
+            (
+                invoice.invoice_id,
+                invoice.project_id,
+                invoice.period,
+                invoice.gross_hkd,
+                invoice.subsidy_hkd,
+                invoice.net_hkd,
+                invoice.subsidy_cap_remaining_hkd,
+                list(invoice.flags),
+                invoice.has_unpriced_usage,
+            )
+            for invoice in changed
+        ],
+    )
+    changed_ids = [invoice.invoice_id for invoice in changed]
+    await conn.execute("DELETE FROM invoice_lines WHERE invoice_id = ANY($1::text[])", changed_ids)
+    lines = [
+        (invoice.invoice_id, line_no, line)
+        for invoice in changed
+        for line_no, line in enumerate(invoice.lines, start=1)
+    ]
+    if lines:
+        await conn.execute(
+            "INSERT INTO invoice_lines (invoice_id, line_no, gpu_model, gpu_seconds, rate_hkd,"
+            " subsidised, amount_hkd, adjustment_for_period)"
+            " SELECT * FROM unnest($1::text[], $2::integer[], $3::text[], $4::numeric[],"
+            " $5::numeric[], $6::boolean[], $7::numeric[], $8::text[])",
+            [invoice_id for invoice_id, _no, _line in lines],
+            [line_no for _id, line_no, _line in lines],
+            [line.gpu_model for _id, _no, line in lines],
+            [line.gpu_seconds for _id, _no, line in lines],
+            [line.rate_hkd for _id, _no, line in lines],
+            [line.subsidised for _id, _no, line in lines],
+            [line.amount_hkd for _id, _no, line in lines],
+            [line.adjustment_for_period for _id, _no, line in lines],
+        )
+    return changed
 
 
 async def finalize_invoice(

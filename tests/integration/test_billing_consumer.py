@@ -18,6 +18,7 @@ from schemas.metering import HourlyTotal
 from services.billing import catalog as catalog_files
 from services.billing import metrics, store
 from services.billing.consumer import HourlyConsumer
+from services.billing.drainer import DraftDrainer
 from services.billing.settings import BillingSettings
 from services.common.kafka_admin import ensure_topics
 
@@ -88,6 +89,28 @@ async def billing(
     await store_.close()
 
 
+class ConsumerAndDrainer:
+    """The consumer (ledger and dirty marks) with the drainer that rebuilds drafts, as app.py
+    wires them."""
+
+    def __init__(self, settings: BillingSettings, store_: store.Store) -> None:
+        self.drainer = DraftDrainer(settings, store_)
+        self.consumer = HourlyConsumer(settings, store_, on_ledger_changed=self.drainer.wake)
+
+    def start(self) -> ConsumerAndDrainer:
+        self.drainer.start()
+        self.consumer.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.consumer.alive and self.drainer.alive
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+        await self.drainer.stop()
+
+
 async def send(producer: AIOKafkaProducer, topic: str, totals: list[HourlyTotal]) -> None:
     for total in totals:
         await producer.send(topic, key=total.key.encode(), value=total.model_dump_json().encode())
@@ -124,7 +147,7 @@ async def test_consumer_turns_hourly_totals_into_exact_invoices_and_skips_bad_me
             hourly(hour, "2700", 1, gpu_model="A100"),
         ],
     )
-    consumer = HourlyConsumer(settings, store_).start()
+    consumer = ConsumerAndDrainer(settings, store_).start()
     try:
         # then A100: 0.75 h -> 9.75; H800: (3600 + 1234.5) s = 1.342917 h, 34.9158.. -> 34.92
         expected = ("44.67", "31.27", "13.40", "0.750000", "1.342917")
@@ -173,7 +196,7 @@ async def test_no_update_is_lost_while_postgresql_restarts(
     topic = settings.topics.hourly
     first_hour = dt.datetime(2026, 11, 2, tzinfo=UTC)
     hours = [first_hour + dt.timedelta(hours=i) for i in range(6)]
-    consumer = HourlyConsumer(settings, store_).start()
+    consumer = ConsumerAndDrainer(settings, store_).start()
     try:
         await send(producer, topic, [hourly(h, "600", 1) for h in hours])
         await eventually(

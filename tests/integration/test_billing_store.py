@@ -276,3 +276,89 @@ async def test_a_catalog_change_recomputes_drafts_but_not_finalized_invoices(
     assert changes.invoices_changed == ["INV-2026-11-hkgai-llm"]
     assert (await invoice_doc(conn, "INV-2026-10-hkgai-llm"))["gross_hkd"] == "26.00"
     assert (await invoice_doc(conn, "INV-2026-11-hkgai-llm"))["gross_hkd"] == "20.00"
+
+
+async def test_bulk_daily_usage_matches_the_per_project_query(conn: asyncpg.Connection) -> None:
+    # given usage around HK midnight, late usage of a finalized period, and hours of 1975 when
+    # Hong Kong kept summer time (UTC+9: HK days start at 15:00 UTC, not 16:00)
+    await service.apply_hourly_batch(
+        conn,
+        [
+            hourly(dt.datetime(2026, 10, 31, 15, tzinfo=UTC), "3600", 1),
+            hourly(dt.datetime(2026, 10, 31, 16, tzinfo=UTC), "1800", 1),
+            hourly(dt.datetime(2026, 11, 4, 2, tzinfo=UTC), "900", 1, project_id="other"),
+        ],
+    )
+    await service.finalize_period(conn, "2026-10", force=True)
+    await service.apply_hourly_batch(
+        conn, [hourly(dt.datetime(2026, 10, 31, 15, tzinfo=UTC), "5400", 2)]
+    )
+    ids = ["hkgai-llm", "other", "nobody"]
+    fast = await store.unbilled_usage_many(conn, ids, per_day=True)
+    assert {pid: await store.unbilled_usage(conn, pid, per_day=True) for pid in ids} == fast
+    assert [hour.gpu_seconds for hour in fast["hkgai-llm"]] == [Decimal("1800"), Decimal("1800")]
+
+    await service.apply_hourly_batch(
+        conn,
+        [
+            hourly(dt.datetime(1975, 7, 1, 14, tzinfo=UTC), "60", 1, project_id="old"),
+            hourly(dt.datetime(1975, 7, 1, 15, tzinfo=UTC), "120", 1, project_id="old"),
+        ],
+    )
+    old = await store.unbilled_usage_many(conn, ["old"], per_day=True)
+    assert old["old"] == await store.unbilled_usage(conn, "old", per_day=True)
+    assert len(old["old"]) == 2  # two HK days, not one UTC+8 day
+
+
+async def test_ingest_marks_projects_dirty_and_the_drain_rebuilds_their_drafts(
+    conn: asyncpg.Connection,
+) -> None:
+    hour = dt.datetime(2026, 11, 10, 2, tzinfo=UTC)
+    # when a batch is only ingested, the ledger changes and the project is marked, drafts wait
+    assert await service.ingest_hourly_batch(conn, [hourly(hour, "3600", 1)]) == 1
+    assert await service.ingest_hourly_batch(
+        conn, [hourly(dt.datetime(2026, 12, 1, tzinfo=UTC), "3600", 1)]
+    )
+    assert await store.load_invoice(conn, "INV-2026-11-hkgai-llm") is None
+    assert [(p, f) for p, f, _v in await store.dirty_projects(conn)] == [("hkgai-llm", "2026-11")]
+    # a replay marks nothing
+    async with conn.transaction():
+        await store.clear_dirty(conn, await store.dirty_projects(conn))
+    assert await service.ingest_hourly_batch(conn, [hourly(hour, "3600", 1)]) == 0
+    assert not await store.has_dirty_projects(conn)
+
+    # then the drain rebuilds the drafts from the earliest period marked and clears the mark
+    assert await service.ingest_hourly_batch(conn, [hourly(hour, "7200", 2)]) == 1
+    assert await service.drain_dirty_projects(conn) == [
+        "INV-2026-11-hkgai-llm",
+        "INV-2026-12-hkgai-llm",
+    ]
+    assert not await store.has_dirty_projects(conn)
+    assert (await invoice_doc(conn, "INV-2026-11-hkgai-llm"))["gross_hkd"] == "52.00"
+    assert await service.drain_dirty_projects(conn) == []
+
+    # and a project marked again after the drain read its mark keeps the new mark
+    assert await service.ingest_hourly_batch(conn, [hourly(hour, "9000", 3)]) == 1
+    marks = await store.dirty_projects(conn)
+    await service.ingest_hourly_batch(conn, [hourly(hour, "10800", 4)])
+    async with conn.transaction():
+        await store.clear_dirty(conn, marks)
+    assert await store.has_dirty_projects(conn)
+
+
+async def test_finalization_and_catalog_changes_first_rebuild_dirty_projects(
+    conn: asyncpg.Connection,
+) -> None:
+    november = dt.datetime(2026, 11, 10, 2, tzinfo=UTC)
+    await service.ingest_hourly_batch(conn, [hourly(november, "3600", 1)])
+    # a catalog change rebuilds every draft and clears the marks
+    cheaper = catalog_files.parse_catalog(CATALOG.replace('"26.00"', '"20.00"'))
+    changes = await catalog_files.apply_catalog(conn, cheaper)
+    assert changes.invoices_changed == ["INV-2026-11-hkgai-llm"]
+    assert not await store.has_dirty_projects(conn)
+    # a finalization never acts on drafts behind the ledger
+    await service.ingest_hourly_batch(conn, [hourly(november, "7200", 2)])
+    result = await service.finalize_period(conn, "2026-11")
+    assert result.invoice_ids == ["INV-2026-11-hkgai-llm"]
+    assert (await invoice_doc(conn, "INV-2026-11-hkgai-llm"))["gross_hkd"] == "40.00"
+    assert not await store.has_dirty_projects(conn)
