@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from schemas.metering import HourCompleteness, HourlyTotal
 from services.billing import metrics, service, store
+from services.billing.background import BackgroundLoop
 from services.billing.settings import BillingSettings
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,9 @@ def decode_completeness(value: bytes) -> HourCompleteness:
     return record.model_copy(update={"hour_start": hour})
 
 
-class HourlyConsumer:
+class HourlyConsumer(BackgroundLoop):
+    task_name = "billing-hourly-consumer"
+
     """Reads settings.topics.hourly and settings.topics.completeness in the `billing` group until
     stop() is called."""
 
@@ -82,27 +85,8 @@ class HourlyConsumer:
         self.settings = settings
         self.store = store_
         self.on_ledger_changed = on_ledger_changed  # wakes the draft drainer
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        super().__init__()
         self.assigned = asyncio.Event()
-
-    def start(self) -> HourlyConsumer:
-        self._task = asyncio.create_task(self.run(), name="billing-hourly-consumer")
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def stop(self, timeout_s: float = 10.0) -> None:
-        self._stopping.set()
-        if self._task is None:
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
-        except TimeoutError:
-            self._task.cancel()  # stuck retrying the database: offsets stay uncommitted
-            await asyncio.gather(self._task, return_exceptions=True)
 
     async def run(self) -> None:
         consumer = AIOKafkaConsumer(

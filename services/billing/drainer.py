@@ -18,12 +18,15 @@ from collections.abc import Callable
 import asyncpg
 
 from services.billing import metrics, service, store
+from services.billing.background import BackgroundLoop
 from services.billing.settings import BillingSettings
 
 log = logging.getLogger(__name__)
 
 
-class DraftDrainer:
+class DraftDrainer(BackgroundLoop):
+    task_name = "billing-draft-drainer"
+
     def __init__(
         self,
         settings: BillingSettings,
@@ -39,31 +42,7 @@ class DraftDrainer:
         self.min_interval_s = min_interval_s
         self.poll_interval_s = poll_interval_s
         self.max_projects = max_projects
-        self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def start(self) -> DraftDrainer:
-        self._task = asyncio.create_task(self.run(), name="billing-draft-drainer")
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def stop(self, timeout_s: float = 10.0) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._task is None:
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
-        except TimeoutError:
-            self._task.cancel()  # the marks are durable: the next start drains them
-            await asyncio.gather(self._task, return_exceptions=True)
+        super().__init__()
 
     async def _pending(self) -> bool:
         pending: bool = await service.with_db_retry(

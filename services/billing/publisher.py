@@ -12,12 +12,15 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from services.billing import service, store
+from services.billing.background import BackgroundLoop
 from services.billing.settings import BillingSettings
 
 log = logging.getLogger(__name__)
 
 
-class InvoicePublisher:
+class InvoicePublisher(BackgroundLoop):
+    task_name = "billing-invoice-publisher"
+
     """Sends every finalized, unpublished invoice to settings.topics.invoices (key: invoice id).
 
     Also sends pending billing signals to settings.topics.billing_signals. Finalization by the API
@@ -27,31 +30,7 @@ class InvoicePublisher:
     def __init__(self, settings: BillingSettings, store_: store.Store) -> None:
         self.settings = settings
         self.store = store_
-        self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def start(self) -> InvoicePublisher:
-        self._task = asyncio.create_task(self.run(), name="billing-invoice-publisher")
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def stop(self, timeout_s: float = 10.0) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._task is None:
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
-        except TimeoutError:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        super().__init__()
 
     async def run(self) -> None:
         producer = AIOKafkaProducer(
