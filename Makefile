@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run run-no-fleet test test-known-bugs lint bench clean
+.PHONY: run run-no-fleet test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy schemas services gpumeter
-	$(PY) -m pytest -q -m 'not known_bug_4' $(ARGS)
-
-test-known-bugs: $(STAMP)
-	$(PY) -m pytest -q -m known_bug_4 $(ARGS)
+	$(PY) -m pytest -q $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m gpumeter.bench $(ARGS)

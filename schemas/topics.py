@@ -12,9 +12,10 @@ INVOICES = "billing.invoices.v1"
 ALERTS = "alerts.v1"
 BILLING_SIGNALS = "billing.signals.v1"
 COMPLETENESS = "metering.completeness.v1"
-# Internal to metering: per-node partial totals, re-keyed for the cross-node sums.
-NODE_HOURLY = "metering.internal.node-hourly.v1"
-NODE_MINUTELY = "metering.internal.node-minutely.v1"
+# Internal to metering: per-node partial totals, batched per partition of the cross-node sums
+# (v2: a message holds many [key, node, partial] entries; v1 held one partial).
+NODE_HOURLY = "metering.internal.node-hourly.v2"
+NODE_MINUTELY = "metering.internal.node-minutely.v2"
 # Internal to metering: per-node signals (last seen, idle GPUs, XID) the alerts service reads.
 NODE_SIGNALS = "metering.node.signals.v1"
 

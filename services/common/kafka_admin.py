@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
@@ -50,3 +52,42 @@ async def ensure_topics(
             await asyncio.sleep(1.0)
         finally:
             await admin.close()
+
+
+async def fetched_end_offsets(
+    bootstrap_servers: str, listed: Mapping[TopicPartition, int | None], timeout_s: float = 10.0
+) -> dict[TopicPartition, int | None]:
+    """End offsets as a fetch reports them, given those ListOffsets reported.
+
+    Tansu's ListOffsets(latest) answers the base offset of the partition's last record batch + 1,
+    not its last offset + 1: a batch of several records hides all but its first from anyone who
+    reads "until the end" (Faust's changelog recovery did, and restored stale state). A fetch's
+    high watermark is right on Tansu and equal to ListOffsets on Apache Kafka, so read one batch
+    from just before the listed end and keep the larger figure."""
+    wanted = {tp: end for tp, end in listed.items() if end}
+    result: dict[TopicPartition, int | None] = dict(listed)
+    if not wanted:
+        return result
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers, enable_auto_commit=False, group_id=None
+    )
+    await consumer.start()
+    try:
+        consumer.assign(list(wanted))
+        for tp, end in wanted.items():
+            consumer.seek(tp, end - 1)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        pending = set(wanted)
+        while pending and loop.time() < deadline:
+            await consumer.getmany(*pending, timeout_ms=200)
+            for tp in list(pending):
+                highwater = consumer.highwater(tp)
+                if highwater is not None:
+                    result[tp] = max(wanted[tp], highwater)
+                    pending.discard(tp)
+        if pending:
+            log.warning("no fetch answered for %s: keeping the listed end offsets", pending)
+    finally:
+        await consumer.stop()
+    return result

@@ -14,6 +14,7 @@ import faust
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from schemas.codec import InvalidUsage, dead_letter
+from services.common.kafka_admin import fetched_end_offsets
 from services.metering import domain
 from services.metering.fast_decode import decode_samples
 from services.metering.settings import MeteringSettings
@@ -125,8 +126,56 @@ def _make_producer_flush_complete() -> None:
     ProducerBuffer._gpumeter_complete_flush = True  # type: ignore[attr-defined]
 
 
+class PartialOutbox:
+    """Per-node partials batched per destination partition: one message per partition and batch
+    (in chunks), instead of one per key and node. The partition is a function of the key alone,
+    so every partial of one key meets in one worker's sums."""
+
+    CHUNK = 2000
+
+    def __init__(self, topic: Any, partitions: int) -> None:
+        self.topic = topic
+        self.partitions = partitions
+        self.entries: dict[int, list[Any]] = defaultdict(list)
+
+    def add(self, key: str, node: str, partial: dict[str, Any]) -> None:
+        self.entries[domain.partition_of(key, self.partitions)].append([key, node, partial])
+
+    def send(self) -> None:
+        for partition, entries in self.entries.items():
+            for i in range(0, len(entries), self.CHUNK):
+                self.topic.send_soon(
+                    key=None,
+                    value=json.dumps(entries[i : i + self.CHUNK]).encode(),
+                    partition=partition,
+                )
+        self.entries.clear()
+
+
+def _make_highwaters_exact(bootstrap_servers: str) -> None:
+    """Faust restores tables by reading each changelog partition up to its highwater, taken from
+    ListOffsets. On Tansu that under-reports a partition whose last batch holds several records
+    (see `fetched_end_offsets`): the newest node states were never restored, and a restarted
+    worker counted those nodes from an old state (issue #4's loss). Take the fetch's figure."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    if getattr(AIOKafkaConsumerThread, "_gpumeter_exact_highwaters", False):
+        return
+    listed_highwaters = AIOKafkaConsumerThread._highwaters
+
+    async def exact_highwaters(self: Any, partitions: Any) -> Any:
+        listed = await listed_highwaters(self, partitions)
+        if self.consumer.in_transaction:
+            return listed
+        return await fetched_end_offsets(bootstrap_servers, listed)
+
+    AIOKafkaConsumerThread._highwaters = exact_highwaters  # type: ignore[method-assign]
+    AIOKafkaConsumerThread._gpumeter_exact_highwaters = True  # type: ignore[attr-defined]
+
+
 def create_app(settings: MeteringSettings) -> faust.App:
     _make_producer_flush_complete()
+    _make_highwaters_exact(settings.kafka_bootstrap_servers)
     topics = settings.topics
     rebalance_s = settings.kafka_rebalance_timeout_ms / 1000
     app = faust.App(
@@ -201,20 +250,49 @@ def create_app(settings: MeteringSettings) -> faust.App:
         "hour-completeness", key_type=str, partitions=settings.internal_partitions
     )
 
-    # Nodes whose partials were re-sent in full since the last rebalance. After a crash, outputs that
-    # were lost between the state write and the send are re-sent this way (they are cumulative).
-    resent_since_assignment: set[str] = set()
-    hour_keys_since_assignment: set[str] = set()
+    # Partials are cumulative, so re-sending them is always safe. After every assignment, each
+    # node's partials are re-sent once from its restored state: outputs lost between a state write
+    # and a crash reach the sums even from a node that never sends again.
+    resend = {"pending": True}
 
     # Parsed node states, so a batch does not re-parse its record; the table stays the truth.
     live_states: dict[str, domain.NodeState] = {}
 
     async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
-        resent_since_assignment.clear()
         live_states.clear()
-        hour_keys_since_assignment.clear()
+        resend["pending"] = True
 
     app.on_partitions_assigned.connect(on_assigned)  # type: ignore[arg-type]
+
+    hour_out = PartialOutbox(node_hourly_topic, settings.internal_partitions)
+    minute_out = PartialOutbox(node_minutely_topic, settings.internal_partitions)
+    completeness_out = PartialOutbox(node_completeness_topic, settings.internal_partitions)
+
+    def queue_partials(
+        node: str, state: domain.NodeState, hours: Any, minutes: Any, everything: bool
+    ) -> None:
+        for key in hours:
+            if key in state.hours:
+                hour_out.add(key, node, state.hour_partial(key))
+        for key in minutes:
+            if key in state.minutes:
+                minute_out.add(key, node, state.minute_partial(key))
+        for hour_iso, fact in state.completeness_facts(everything=everything).items():
+            completeness_out.add(hour_iso, node, fact)
+
+    def send_partials() -> None:
+        hour_out.send()
+        minute_out.send()
+        completeness_out.send()
+
+    def resend_all() -> None:
+        """Re-send every node's partials from the state this worker holds (active or standby:
+        any copy of a node's state is one of its real states, and the sums keep the newest)."""
+        resend["pending"] = False
+        for node, record in list(node_state.data.items()):
+            state = live_states.get(node) or domain.NodeState(record)
+            queue_partials(node, state, state.hours, state.minutes, everything=True)
+        send_partials()
 
     def send_dead_letter(error: InvalidUsage | str, detail: str, event: Any) -> None:
         message = event.message
@@ -238,6 +316,8 @@ def create_app(settings: MeteringSettings) -> faust.App:
 
     def process_usage(events: list[Any]) -> None:
         started = time.perf_counter()
+        if resend["pending"]:
+            resend_all()
         now = datetime.now(UTC)
         by_node: dict[str, list[tuple[domain.SampleView, Any]]] = defaultdict(list)
         for event in events:
@@ -272,27 +352,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
                         f"{outcome.value.replace('_', ' ')}",
                         event,
                     )
-            resend = node not in resent_since_assignment
-            if resend:
-                resent_since_assignment.add(node)
-                touched_hours = set(state.hours)
-                touched_minutes = set(state.minutes)
-            for key in touched_hours:
-                if key in state.hours:
-                    payload = {"node": node, "partial": state.hour_partial(key)}
-                    node_hourly_topic.send_soon(
-                        key=key.encode(), value=json.dumps(payload).encode()
-                    )
-            for key in touched_minutes:
-                if key in state.minutes:
-                    payload = {"node": node, "partial": state.minute_partial(key)}
-                    node_minutely_topic.send_soon(
-                        key=key.encode(), value=json.dumps(payload).encode()
-                    )
-            for hour_iso, fact in state.completeness_facts(everything=resend).items():
-                node_completeness_topic.send_soon(
-                    key=hour_iso.encode(), value=json.dumps({"node": node, **fact}).encode()
-                )
+            queue_partials(node, state, touched_hours, touched_minutes, everything=False)
             signal = state.signal(node)
             signals_topic.send_soon(key=node.encode(), value=signal.model_dump_json().encode())
             newest = max(newest or signal.last_sample_time, signal.last_sample_time)
@@ -302,6 +362,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
             new_record = state.to_record()
             node_state.data[node] = new_record
             node_state.send_changelog(samples[-1][1].message.partition, node, new_record)
+        send_partials()
         for outcome, count in outcomes.items():
             metrics.samples.labels(outcome.value).inc(count)
         metrics.record_counted(outcomes[domain.Outcome.COUNTED])
@@ -310,24 +371,20 @@ def create_app(settings: MeteringSettings) -> faust.App:
         metrics.nodes.set(len(node_state.data))
         metrics.batch_seconds.labels("usage").observe(time.perf_counter() - started)
 
-    def merge_partials(events: list[Any], table: Any, merge: Any = None) -> set[str]:
+    def merge_partials(
+        events: list[Any], table: Any, merge: Any = domain.merge_partial
+    ) -> set[str]:
         touched: set[str] = set()
         changed_keys: dict[str, int] = {}
         for event in events:
             message = event.message
-            key = message.key.decode()
-            payload = json.loads(message.value)
-            if merge is None:
-                record, changed = domain.merge_partial(
-                    table.data.get(key), payload["node"], payload["partial"]
-                )
-            else:
-                record, changed = merge(table.data.get(key), payload["node"], payload)
-            if changed:
-                record["p"] = message.partition
-                table.data[key] = record
-                changed_keys[key] = message.partition
-            touched.add(key)
+            for key, node, partial in json.loads(message.value):
+                record, changed = merge(table.data.get(key), node, partial)
+                if changed:
+                    record["p"] = message.partition
+                    table.data[key] = record
+                    changed_keys[key] = message.partition
+                touched.add(key)
         # One changelog write per changed key and batch: a record holds every node's partial.
         for key, partition in changed_keys.items():
             table.send_changelog(partition, key, table.data[key])
@@ -399,6 +456,13 @@ def create_app(settings: MeteringSettings) -> faust.App:
                     hour_completeness, newest, settings.table_retention_s, domain.hour_epoch
                 )
             metrics.batch_seconds.labels("completeness").observe(time.perf_counter() - started)
+
+    @app.timer(1.0)
+    async def resend_when_idle() -> None:
+        # No usage arrives after an assignment (an idle centre, silent nodes): re-send anyway.
+        recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
+        if resend["pending"] and recovered and not app.rebalancing:
+            resend_all()
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:

@@ -7,22 +7,29 @@ Exactly-once without transactions rests on three facts:
   samples grow monotonically, so a higher count always means a later, complete state;
 - the cross-node sum keeps each node's latest partial and replaces it only by a higher revision, so
   re-delivery and replay give the same totals.
+
+Exact sums, fast: a number in a sample means the decimal its JSON text wrote (the shortest repr of
+the float). Nearly every real value has at most 9 decimals, so it is held as an integer count of
+1e-9 units and products as integers at the product's scale (Python ints do not overflow). A value
+with more decimals goes to a Decimal remainder kept beside the integers, computed in a context wide
+enough never to round. The strings written out are the exact sums either way.
 """
 
 from __future__ import annotations
 
 import base64
+import decimal
 import enum
 import hashlib
+import zlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from schemas.metering import ClusterMinute, HourCompleteness, HourlyTotal, NodeSignal
 from schemas.usage import UsageEvent
 
-_MINUTE_DECIMALS = frozenset({"online_s", "alloc_s", "util_s", "energy_J"})
 RECENT_IDS_PER_GPU = 128  # bounded dedup memory: O(GPUs), not O(events)
 # Recent ids are kept as 64-bit digests: the state record stays small (it is written every batch),
 # and a collision could only turn an out-of-order dead letter into a duplicate, never count twice.
@@ -31,6 +38,20 @@ IDLE_UTIL_PCT = 5.0
 ZERO = Decimal(0)
 HOUR = 3600
 MINUTE = 60
+
+# Fixed-point scales (powers of ten): inputs and times in 1e-9, util x interval / 100 in 1e-20,
+# power x interval in 1e-18.
+S_IN = 9
+S_UTIL = 20
+S_ENERGY = 18
+_IN = 10**S_IN
+_HOUR_N = HOUR * _IN
+_MINUTE_N = MINUTE * _IN
+_FAST_LIMIT = 1e5  # below this a double's spacing is far finer than 1e-9: the check below is exact
+# Wide enough for any pair of doubles (5e-324 .. 1.8e308 and their products): never rounds.
+EXACT = decimal.Context(prec=2000, traps=[decimal.Inexact, decimal.InvalidOperation])
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 class Outcome(enum.Enum):
@@ -45,19 +66,44 @@ def to_decimal(value: float) -> Decimal:
     return Decimal(repr(value))
 
 
-def interval_start(end: datetime, interval_s: Decimal) -> Decimal:
-    """Exact POSIX seconds at which the sampled interval (end - interval_s, end] starts."""
-    whole = int(end.replace(microsecond=0).timestamp())
-    return Decimal(whole) + Decimal(end.microsecond).scaleb(-6) - interval_s
+def scaled(value: float) -> int | None:
+    """`value` as an integer count of 1e-9 when its decimal has at most 9 places, else None.
+
+    n / 1e9 is the double nearest to n x 1e-9; below 1e5 at most one 9-place decimal lies within
+    half a spacing of `value`, so equality means repr(value) is exactly n x 1e-9."""
+    if 0 <= value < _FAST_LIMIT:
+        n = round(value * 1e9)
+        if n / 1e9 == value:
+            return n
+    return None
 
 
-def bucket_start(start_s: Decimal, width_s: int) -> int:
-    """The half-open bucket [b, b + width) containing start_s."""
-    return (
-        int((start_s // width_s) * width_s)
-        if start_s >= 0
-        else int(-((-start_s) // width_s) * width_s)
-    )
+def plain(n: int, scale: int) -> str:
+    """n x 10^-scale as a plain decimal string without trailing zeros."""
+    sign = "-" if n < 0 else ""
+    whole, fraction = divmod(abs(n), 10**scale)
+    digits = f"{fraction:0{scale}d}".rstrip("0")
+    return f"{sign}{whole}.{digits}" if digits else f"{sign}{whole}"
+
+
+def exact_text(n: int, scale: int, extra: Decimal | None) -> str:
+    if extra is None:
+        return plain(n, scale)
+    return format(EXACT.add(Decimal(plain(n, scale)), extra), "f")
+
+
+def split_decimal(text: str, scale: int) -> tuple[int, Decimal | None]:
+    """A stored decimal back into (integer at scale, remainder): the inverse of exact_text."""
+    value = Decimal(text)
+    units = EXACT.scaleb(value, scale)
+    if units == units.to_integral_value():
+        return int(units), None
+    return 0, value
+
+
+def epoch_ns(moment: datetime) -> int:
+    """Exact nanoseconds since the epoch of an aware datetime (RFC 3339 holds microseconds)."""
+    return ((moment - _EPOCH) // _MICROSECOND) * 1000
 
 
 def id_digest(event_id: str) -> bytes:
@@ -70,23 +116,38 @@ def _holds_digest(ring: bytearray, digest: bytes) -> bool:
     )
 
 
+_ISO: dict[int, str] = {}
+
+
 def iso(epoch_s: int) -> str:
-    return datetime.fromtimestamp(epoch_s, UTC).isoformat()
+    text = _ISO.get(epoch_s)
+    if text is None:
+        text = datetime.fromtimestamp(epoch_s, UTC).isoformat()
+        if len(_ISO) > 100_000:
+            _ISO.clear()
+        _ISO[epoch_s] = text
+    return text
 
 
-@dataclass
+@dataclass(slots=True)
 class SampleView:
-    """The facts of a sample that aggregation needs, decimals made once."""
+    """The facts of a sample that aggregation needs, as exact integers where they fit.
+
+    `interval_n`, `util_n`, `power_n` are 1e-9 units, or None when the value has more than 9
+    decimals; then `decimals` holds (interval, util, power) as exact Decimals instead."""
 
     node: str
     gpu_key: str
     event_id: str
-    end_s: Decimal
-    interval_s: Decimal
+    end_n: int
+    start_n: int | None
+    interval_n: int | None
+    util_n: int | None
+    power_n: int | None
+    decimals: tuple[Decimal, Decimal, Decimal] | None
     project_id: str | None
     gpu_model: str
-    util_pct: Decimal
-    power_w: Decimal
+    util_pct: float
     xid_errors: int
     gpu_uuid: str
 
@@ -97,7 +158,7 @@ class SampleView:
             node=data.node,
             source=event.source,
             event_id=event.id,
-            end=event.time,
+            end_n=epoch_ns(event.time),
             interval_s=data.interval_s,
             project_id=data.project_id,
             gpu_model=data.gpu_model,
@@ -114,7 +175,7 @@ class SampleView:
         node: str,
         source: str,
         event_id: str,
-        end: datetime,
+        end_n: int,
         interval_s: float,
         project_id: str | None,
         gpu_model: str,
@@ -123,67 +184,125 @@ class SampleView:
         xid_errors: int,
         gpu_uuid: str,
     ) -> SampleView:
-        interval = _interval_decimal(interval_s)
-        start = interval_start(end, interval)
+        interval_n, util_n, power_n = scaled(interval_s), scaled(util_pct), scaled(power_w)
+        decimals = None
+        start_n = None
+        if interval_n is None or util_n is None or power_n is None:
+            decimals = (to_decimal(interval_s), to_decimal(util_pct), to_decimal(power_w))
+            interval_n = util_n = power_n = None
+        else:
+            start_n = end_n - interval_n
         return cls(
-            node=node,
-            gpu_key=f"{source}|{gpu_uuid}",
-            event_id=event_id,
-            end_s=start + interval,
-            interval_s=interval,
-            project_id=project_id,
-            gpu_model=gpu_model,
-            util_pct=to_decimal(util_pct),
-            power_w=to_decimal(power_w),
-            xid_errors=xid_errors,
-            gpu_uuid=gpu_uuid,
+            node,
+            f"{source}|{gpu_uuid}",
+            event_id,
+            end_n,
+            start_n,
+            interval_n,
+            util_n,
+            power_n,
+            decimals,
+            project_id,
+            gpu_model,
+            float(util_pct),
+            xid_errors,
+            gpu_uuid,
+        )
+
+    def bucket(self, width_s: int) -> int:
+        """Start (epoch s) of the half-open bucket [b, b + width) in which the interval starts."""
+        if self.start_n is not None:
+            return (self.start_n // (width_s * _IN)) * width_s
+        assert self.decimals is not None
+        start = EXACT.subtract(EXACT.scaleb(Decimal(self.end_n), -S_IN), self.decimals[0])
+        return (
+            int((start // width_s) * width_s)
+            if start >= 0
+            else int(-((-start) // width_s) * width_s)
+        )
+
+    def contributions(self) -> tuple[Decimal, Decimal, Decimal]:
+        """(gpu_s, util_s, energy_J) of a sample outside the fast path, exactly."""
+        assert self.decimals is not None
+        interval, util, power = self.decimals
+        return (
+            interval,
+            EXACT.divide(EXACT.multiply(util, interval), Decimal(100)),
+            EXACT.multiply(power, interval),
         )
 
 
-_INTERVALS: dict[float, Decimal] = {}
+def _add_extra(extra: list[Decimal] | None, values: tuple[Decimal, ...]) -> list[Decimal]:
+    if extra is None:
+        return list(values)
+    return [EXACT.add(a, b) for a, b in zip(extra, values, strict=True)]
 
 
-def _interval_decimal(interval_s: float) -> Decimal:
-    """Intervals repeat (agents sample at a fixed period): make each one's Decimal once."""
-    decimal = _INTERVALS.get(interval_s)
-    if decimal is None:
-        decimal = to_decimal(interval_s)
-        if len(_INTERVALS) < 1024:
-            _INTERVALS[interval_s] = decimal
-    return decimal
+# Scales of the sums: an hour is [gpu_s, util_s, energy_J]; a minute [online_s, alloc_s, util_s,
+# energy_J].
+_HOUR_SCALES = (S_IN, S_UTIL, S_ENERGY)
+_HOUR_NAMES = ("gpu_s", "util_s", "energy_J")
+_MINUTE_SCALES = (S_IN, S_IN, S_UTIL, S_ENERGY)
+_MINUTE_NAMES = ("online_s", "alloc_s", "util_s", "energy_J")
+
+
+def _load_sums(texts: list[str], scales: tuple[int, ...]) -> tuple[list[int], list[Decimal] | None]:
+    ints: list[int] = []
+    extra: list[Decimal] | None = None
+    for position, (text, scale) in enumerate(zip(texts, scales, strict=True)):
+        units, rest = split_decimal(text, scale)
+        ints.append(units)
+        if rest is not None:
+            extra = extra or [ZERO] * len(scales)
+            extra[position] = rest
+    return ints, extra
+
+
+def _sum_texts(ints: list[int], extra: list[Decimal] | None, scales: tuple[int, ...]) -> list[str]:
+    return [
+        exact_text(n, scale, None if extra is None else extra[i])
+        for i, (n, scale) in enumerate(zip(ints, scales, strict=True))
+    ]
 
 
 class NodeState:
     """Everything metering knows about one node: JSON-able, stored as one changelog record.
 
-    gpus:    gpu_key -> {"t": last counted end (str decimal),
-                         "ids": digests of the recent event ids, concatenated, base64}
+    Record (all decimals as strings, so old and new records read the same):
+    gpus:    gpu_key -> {"t": last counted end (s), "ids": recent id digests, base64}
     hours:   "project|model|hour_iso" -> [gpu_s, util_gpu_s, energy_J, samples]
     minutes: minute_epoch(str) -> {"gpus": bitmask of GPUs online (bit = position in gpus),
              "alloc": bitmask of GPUs allocated, "online_s", "alloc_s", "util_s", "energy_J",
              "xid", "samples"}
+    In memory an hour is [gpu_n, util_n, energy_n, samples, extra] and a minute
+    [gpus, alloc, online_n, alloc_n, util_n, energy_n, xid, samples, extra]: integers at the scales
+    above, `extra` None or the Decimal remainders.
     """
 
     def __init__(self, record: dict[str, Any] | None = None) -> None:
         record = record or {}
-        # Decimals are kept live in memory and turned into strings only when the record is written.
-        self.gpus: dict[str, dict[str, Any]] = {
-            key: {"t": Decimal(cursor["t"]), "ids": bytearray(base64.b64decode(cursor["ids"]))}
+        self.gpus: dict[str, list[Any]] = {
+            key: [
+                split_decimal(cursor["t"], S_IN)[0],
+                bytearray(base64.b64decode(cursor["ids"])),
+            ]
             for key, cursor in record.get("gpus", {}).items()
         }
         self.gpu_bits = {key: 1 << position for position, key in enumerate(self.gpus)}
-        self.hours: dict[str, list[Any]] = {
-            key: [Decimal(t[0]), Decimal(t[1]), Decimal(t[2]), t[3]]
-            for key, t in record.get("hours", {}).items()
+        self.hours: dict[str, list[Any]] = {}
+        for key, t in record.get("hours", {}).items():
+            ints, extra = _load_sums(t[:3], _HOUR_SCALES)
+            self.hours[key] = [*ints, t[3], extra]
+        self.minutes: dict[str, list[Any]] = {}
+        for key, m in record.get("minutes", {}).items():
+            ints, extra = _load_sums([m[name] for name in _MINUTE_NAMES], _MINUTE_SCALES)
+            self.minutes[key] = [m["gpus"], m["alloc"], *ints, m["xid"], m["samples"], extra]
+        self.max_end_n = split_decimal(record.get("max_end_s", "0"), S_IN)[0]
+        # gpu_uuid -> [end_n, project_id, util_pct, xid_errors] of its newest sample
+        self.last_samples: dict[str, list[Any]] = {
+            gpu: [split_decimal(end, S_IN)[0], project, float(util), xid]
+            for gpu, (end, project, util, xid) in record.get("last", {}).items()
         }
-        self.minutes: dict[str, dict[str, Any]] = {
-            key: {
-                name: (Decimal(v) if name in _MINUTE_DECIMALS else v) for name, v in minute.items()
-            }
-            for key, minute in record.get("minutes", {}).items()
-        }
-        self.max_end_s = Decimal(record.get("max_end_s", "0"))
-        self.last_samples: dict[str, list[Any]] = record.get("last", {})
         # Completeness: hour epoch -> whether the node's newest sample has passed the hour's end.
         self.online_hours: dict[int, bool] = {
             int(hour): through for hour, through in record.get("online_hours", {}).items()
@@ -195,23 +314,36 @@ class NodeState:
     def to_record(self) -> dict[str, Any]:
         return {
             "gpus": {
-                key: {"t": str(c["t"]), "ids": base64.b64encode(c["ids"]).decode()}
+                key: {"t": plain(c[0], S_IN), "ids": base64.b64encode(c[1]).decode()}
                 for key, c in self.gpus.items()
             },
             "hours": {
-                key: [str(t[0]), str(t[1]), str(t[2]), t[3]] for key, t in self.hours.items()
+                key: [*_sum_texts(t[:3], t[4], _HOUR_SCALES), t[3]] for key, t in self.hours.items()
             },
-            "minutes": {
-                key: {
-                    name: (str(v) if name in _MINUTE_DECIMALS else v) for name, v in minute.items()
-                }
-                for key, minute in self.minutes.items()
+            "minutes": {key: self._minute_record(key) for key in self.minutes},
+            "max_end_s": plain(self.max_end_n, S_IN),
+            "last": {
+                gpu: [plain(end, S_IN), project, repr(util), xid]
+                for gpu, (end, project, util, xid) in self.last_samples.items()
             },
-            "max_end_s": str(self.max_end_s),
-            "last": self.last_samples,
             "online_hours": {str(hour): through for hour, through in self.online_hours.items()},
             "counted": self.counted,
         }
+
+    def _minute_record(self, key: str) -> dict[str, Any]:
+        m = self.minutes[key]
+        texts = _sum_texts(m[2:6], m[8], _MINUTE_SCALES)
+        return {
+            "gpus": m[0],
+            "alloc": m[1],
+            **dict(zip(_MINUTE_NAMES, texts, strict=True)),
+            "xid": m[6],
+            "samples": m[7],
+        }
+
+    @property
+    def max_end_s(self) -> Decimal:
+        return Decimal(plain(self.max_end_n, S_IN))
 
     def apply(
         self,
@@ -220,79 +352,83 @@ class NodeState:
         touched_hours: set[str],
         touched_minutes: set[str],
     ) -> Outcome:
+        end_n = sample.end_n
         cursor = self.gpus.get(sample.gpu_key)
-        if cursor is not None and sample.end_s <= cursor["t"]:
-            if _holds_digest(cursor["ids"], id_digest(sample.event_id)):
+        if cursor is not None and end_n <= cursor[0]:
+            if _holds_digest(cursor[1], id_digest(sample.event_id)):
                 return Outcome.DUPLICATE
             return Outcome.OUT_OF_ORDER
-        start_s = sample.end_s - sample.interval_s
-        hour = bucket_start(start_s, HOUR)
-        if self.max_end_s - hour > hour_retention_s:
+        hour = sample.bucket(HOUR)
+        if self.max_end_n - hour * _IN > hour_retention_s * _IN:
             return Outcome.BEYOND_RETENTION
         if cursor is None:
-            cursor = self.gpus[sample.gpu_key] = {"t": ZERO, "ids": bytearray()}
+            cursor = self.gpus[sample.gpu_key] = [0, bytearray()]
             self.gpu_bits[sample.gpu_key] = 1 << (len(self.gpus) - 1)
-        cursor["t"] = sample.end_s
-        ids = cursor["ids"]
+        cursor[0] = end_n
+        ids = cursor[1]
         ids += id_digest(sample.event_id)
         if len(ids) > RECENT_IDS_PER_GPU * ID_DIGEST_BYTES:
             del ids[:ID_DIGEST_BYTES]
-        if sample.end_s > self.max_end_s:
-            self.max_end_s = sample.end_s
+        if end_n > self.max_end_n:
+            self.max_end_n = end_n
         self.counted += 1
         if hour not in self.online_hours:
             self.online_hours[hour] = False
             self._changed_hours.add(hour)
 
-        util_s = sample.util_pct * sample.interval_s / 100
-        energy_j = sample.power_w * sample.interval_s
-        if sample.project_id is not None:
-            key = f"{sample.project_id}|{sample.gpu_model}|{iso(hour)}"
+        interval = sample.interval_n
+        fast = interval is not None
+        if fast:
+            gpu_s = interval
+            util_s = sample.util_n * interval  # type: ignore[operator]
+            energy = sample.power_n * interval  # type: ignore[operator]
+        else:
+            gpu_s = util_s = energy = 0
+            exact = sample.contributions()
+        project_id = sample.project_id
+        if project_id is not None:
+            key = f"{project_id}|{sample.gpu_model}|{iso(hour)}"
             totals = self.hours.get(key)
             if totals is None:
-                totals = self.hours[key] = [ZERO, ZERO, ZERO, 0]
-            totals[0] += sample.interval_s
+                totals = self.hours[key] = [0, 0, 0, 0, None]
+            totals[0] += gpu_s
             totals[1] += util_s
-            totals[2] += energy_j
+            totals[2] += energy
             totals[3] += 1
+            if not fast:
+                totals[4] = _add_extra(totals[4], exact)
             touched_hours.add(key)
 
-        minute_key = str(bucket_start(start_s, MINUTE))
+        minute_key = str(sample.bucket(MINUTE))
         minute = self.minutes.get(minute_key)
         if minute is None:
-            minute = self.minutes[minute_key] = {
-                "gpus": 0,
-                "alloc": 0,
-                "online_s": ZERO,
-                "alloc_s": ZERO,
-                "util_s": ZERO,
-                "energy_J": ZERO,
-                "xid": 0,
-                "samples": 0,
-            }
+            minute = self.minutes[minute_key] = [0, 0, 0, 0, 0, 0, 0, 0, None]
         gpu_bit = self.gpu_bits[sample.gpu_key]
-        minute["gpus"] |= gpu_bit
-        minute["online_s"] += sample.interval_s
-        if sample.project_id is not None:
-            minute["alloc"] |= gpu_bit
-            minute["alloc_s"] += sample.interval_s
-        minute["util_s"] += util_s
-        minute["energy_J"] += energy_j
-        minute["xid"] += sample.xid_errors
-        minute["samples"] += 1
+        minute[0] |= gpu_bit
+        minute[2] += gpu_s
+        if project_id is not None:
+            minute[1] |= gpu_bit
+            minute[3] += gpu_s
+        minute[4] += util_s
+        minute[5] += energy
+        minute[6] += sample.xid_errors
+        minute[7] += 1
+        if not fast:
+            allocated = exact[0] if project_id is not None else ZERO
+            minute[8] = _add_extra(minute[8], (exact[0], allocated, exact[1], exact[2]))
         touched_minutes.add(minute_key)
 
         self.last_samples[sample.gpu_uuid] = [
-            str(sample.end_s),
-            sample.project_id,
-            str(sample.util_pct),
+            end_n,
+            project_id,
+            sample.util_pct,
             sample.xid_errors,
         ]
         return Outcome.COUNTED
 
     def expire(self, hour_retention_s: int, minute_retention_s: int) -> None:
         """Drop buckets that can no longer change: bounded state as time goes on."""
-        latest = self.max_end_s
+        latest = self.max_end_n // _IN
         for key in [k for k in self.hours if latest - _hour_of_key(k) > hour_retention_s + HOUR]:
             del self.hours[key]
         for key in [k for k in self.minutes if latest - int(k) > minute_retention_s]:
@@ -305,7 +441,7 @@ class NodeState:
         """This node's facts for the hours whose completeness changed since the last call (or all):
         hour ISO -> {"through": newest sample ends at or after the hour's end, "rev": counted}."""
         for hour, through in self.online_hours.items():
-            if not through and self.max_end_s >= hour + HOUR:
+            if not through and self.max_end_n >= (hour + HOUR) * _IN:
                 self.online_hours[hour] = True
                 self._changed_hours.add(hour)
         hours = self.online_hours if everything else self._changed_hours
@@ -314,52 +450,70 @@ class NodeState:
         return facts
 
     def recent_ids(self, gpu_key: str) -> int:
-        return len(self.gpus[gpu_key]["ids"]) // ID_DIGEST_BYTES
+        return len(self.gpus[gpu_key][1]) // ID_DIGEST_BYTES
+
+    def hour_sums(self, key: str) -> tuple[Decimal, Decimal, Decimal, int]:
+        """(gpu_s, util_s, energy_J, samples) of one hour key, exact."""
+        partial = self.hour_partial(key)
+        return (
+            Decimal(partial["gpu_s"]),
+            Decimal(partial["util_s"]),
+            Decimal(partial["energy_J"]),
+            partial["samples"],
+        )
 
     def hour_partial(self, key: str) -> dict[str, Any]:
-        gpu_s, util_s, energy_j, samples = self.hours[key]
+        t = self.hours[key]
         return {
-            "gpu_s": str(gpu_s),
-            "util_s": str(util_s),
-            "energy_J": str(energy_j),
-            "samples": samples,
+            **dict(zip(_HOUR_NAMES, _sum_texts(t[:3], t[4], _HOUR_SCALES), strict=True)),
+            "samples": t[3],
         }
 
     def minute_partial(self, key: str) -> dict[str, Any]:
-        minute = self.minutes[key]
+        m = self.minutes[key]
         return {
-            "gpus": minute["gpus"].bit_count(),
-            "alloc": minute["alloc"].bit_count(),
-            "online_s": str(minute["online_s"]),
-            "alloc_s": str(minute["alloc_s"]),
-            "util_s": str(minute["util_s"]),
-            "energy_J": str(minute["energy_J"]),
-            "xid": minute["xid"],
-            "samples": minute["samples"],
+            "gpus": m[0].bit_count(),
+            "alloc": m[1].bit_count(),
+            **dict(zip(_MINUTE_NAMES, _sum_texts(m[2:6], m[8], _MINUTE_SCALES), strict=True)),
+            "xid": m[6],
+            "samples": m[7],
         }
 
     def signal(self, node: str) -> NodeSignal:
-        latest = self.max_end_s
+        latest = self.max_end_n
         idle: dict[str, str] = {}
         xid_gpus = []
         xid_total = 0
-        for gpu_uuid, (end_s, project_id, util_pct, xid) in self.last_samples.items():
-            if Decimal(end_s) != latest:
+        for gpu_uuid, (end_n, project_id, util_pct, xid) in self.last_samples.items():
+            if end_n != latest:
                 continue  # only the newest round describes the node now
-            if project_id is not None and Decimal(util_pct) < Decimal(IDLE_UTIL_PCT):
+            if project_id is not None and util_pct < IDLE_UTIL_PCT:
                 idle[gpu_uuid] = project_id
             if xid:
                 xid_gpus.append(gpu_uuid)
                 xid_total += xid
         return NodeSignal(
             node=node,
-            last_sample_time=datetime.fromtimestamp(float(latest), UTC),
+            last_sample_time=_EPOCH + timedelta(microseconds=latest // 1000),
             gpus=len(self.last_samples),
             idle_allocated_gpus=sorted(idle),
             idle_projects=idle,
             xid_errors=xid_total,
             xid_gpus=sorted(xid_gpus),
         )
+
+
+def exact_sum(texts: Any) -> Decimal:
+    """The exact sum of decimal strings (the default context would round beyond 28 digits)."""
+    total = ZERO
+    for text in texts:
+        total = EXACT.add(total, Decimal(text))
+    return total
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The cross-node sums' partition of a key: stable across processes and workers."""
+    return zlib.crc32(key.encode()) % partitions
 
 
 def hour_epoch(hour_iso: str) -> int:
@@ -410,14 +564,14 @@ def hour_completeness(hour_iso: str, record: dict[str, Any]) -> HourCompleteness
 def hourly_total(key: str, record: dict[str, Any]) -> HourlyTotal:
     project_id, gpu_model, hour_iso = key.split("|")
     nodes = record["nodes"].values()
-    energy_j = sum((Decimal(p["energy_J"]) for p in nodes), ZERO)
+    energy_j = exact_sum(p["energy_J"] for p in nodes)
     samples = sum(p["samples"] for p in nodes)
     return HourlyTotal(
         project_id=project_id,
         gpu_model=gpu_model,
         hour_start=datetime.fromisoformat(hour_iso),
-        gpu_seconds=sum((Decimal(p["gpu_s"]) for p in nodes), ZERO),
-        util_gpu_seconds=sum((Decimal(p["util_s"]) for p in nodes), ZERO),
+        gpu_seconds=exact_sum(p["gpu_s"] for p in nodes),
+        util_gpu_seconds=exact_sum(p["util_s"] for p in nodes),
         energy_wh=(energy_j / HOUR).quantize(Decimal("0.000001")),
         samples=samples,
         revision=samples,
@@ -426,10 +580,10 @@ def hourly_total(key: str, record: dict[str, Any]) -> HourlyTotal:
 
 def cluster_minute(minute_key: str, record: dict[str, Any]) -> ClusterMinute:
     nodes = record["nodes"].values()
-    online_s = sum((Decimal(p["online_s"]) for p in nodes), ZERO)
-    alloc_s = sum((Decimal(p["alloc_s"]) for p in nodes), ZERO)
-    util_s = sum((Decimal(p["util_s"]) for p in nodes), ZERO)
-    energy_j = sum((Decimal(p["energy_J"]) for p in nodes), ZERO)
+    online_s = exact_sum(p["online_s"] for p in nodes)
+    alloc_s = exact_sum(p["alloc_s"] for p in nodes)
+    util_s = exact_sum(p["util_s"] for p in nodes)
+    energy_j = exact_sum(p["energy_J"] for p in nodes)
     samples = sum(p["samples"] for p in nodes)
     return ClusterMinute(
         minute_start=datetime.fromtimestamp(int(minute_key), UTC),

@@ -15,7 +15,7 @@ from typing import Any
 
 from schemas.codec import InvalidUsage, decode_usage_event, decode_usage_message
 from schemas.usage import MAX_FUTURE_SKEW_S, MAX_INTERVAL_S, MAX_MESSAGE_BYTES, USAGE_EVENT_TYPE
-from services.metering.domain import SampleView
+from services.metering.domain import SampleView, epoch_ns
 
 # RFC 3339 with an explicit offset and at most microseconds: the form both parsers agree on.
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)", re.ASCII)
@@ -48,8 +48,9 @@ def decode_samples(raw: bytes, *, now: datetime, key: bytes | None) -> DecodedSa
     batch = isinstance(document, list)
     items = document if batch else [document]
     result = DecodedSamples([], [])
+    times: dict[str, int] = {}  # a node's batch shares one time: parse it once
     for index, item in enumerate(items):
-        view = _well_formed(item, node, now_s)
+        view = _well_formed(item, node, now_s, times)
         if view is None:
             try:
                 event = decode_usage_event(item, now=now, index=index if batch else None, node=node)
@@ -61,7 +62,9 @@ def decode_samples(raw: bytes, *, now: datetime, key: bytes | None) -> DecodedSa
     return result
 
 
-def _well_formed(item: Any, node: str | None, now_s: float) -> SampleView | None:
+def _well_formed(
+    item: Any, node: str | None, now_s: float, times: dict[str, int]
+) -> SampleView | None:
     """The sample's view when every check passes; None sends the event to the codec."""
     if type(item) is not dict:
         return None
@@ -74,8 +77,17 @@ def _well_formed(item: Any, node: str | None, now_s: float) -> SampleView | None
         value = item.get(optional)
         if value is not None and type(value) is not str:
             return None
-    if type(time_text) is not str or _RFC3339.fullmatch(time_text) is None:
+    if type(time_text) is not str:
         return None
+    end_n = times.get(time_text)
+    if end_n is None:
+        if _RFC3339.fullmatch(time_text) is None:
+            return None
+        try:
+            end_n = epoch_ns(datetime.fromisoformat(time_text))
+        except ValueError:
+            return None
+        times[time_text] = end_n
     data = item.get("data")
     if type(data) is not dict:
         return None
@@ -103,17 +115,13 @@ def _well_formed(item: Any, node: str | None, now_s: float) -> SampleView | None
         return None
     if node is not None and data["node"] != node:
         return None
-    try:
-        end = datetime.fromisoformat(time_text)
-    except ValueError:
-        return None
-    if end.timestamp() - now_s > MAX_FUTURE_SKEW_S:
+    if end_n / 1e9 - now_s > MAX_FUTURE_SKEW_S:
         return None
     return SampleView.make(
         node=data["node"],
         source=source,
         event_id=event_id,
-        end=end,
+        end_n=end_n,
         interval_s=interval,
         project_id=project_id,
         gpu_model=data["gpu_model"],

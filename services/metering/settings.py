@@ -19,7 +19,7 @@ class MeteringSettings(CommonSettings):
     @property
     def node_completeness_topic(self) -> str:
         """Internal: per-node completeness facts keyed by hour, for the cross-node merge."""
-        return self.topics.name("metering.internal.node-completeness.v1")
+        return self.topics.name("metering.internal.node-completeness.v2")
 
     @property
     def faust_id(self) -> str:

@@ -279,30 +279,29 @@ def test_each_class_of_bad_input_is_dead_lettered_and_good_samples_around_it_sti
     assert metering.healthy()
 
 
-@pytest.mark.known_bug_4
-def test_a_killed_worker_restores_its_state_from_the_changelog_and_counts_exactly(
+def test_a_worker_killed_three_times_under_load_counts_every_sample_exactly_once(
     metering: ServiceProcess, bootstrap_servers: str, topic_prefix: str
 ) -> None:
-    # Killing the worker while a batch is in flight can still lose a node-round now and then: an
-    # open bug of issue #4 (the Faust flush before commit was one cause, fixed in app.py). This
-    # test kills it once its output has caught up, which must be exact today.
+    # Given six nodes sending steadily, and some rounds sent twice (an agent replaying its spool)
     topic = f"{topic_prefix}gpu.usage.v1"
     nodes = [f"node-{n}" for n in range(6)]
     key = "hkgai-llm|H800|2026-11-28T01:00:00+00:00"
-    produce(bootstrap_servers, topic, fleet_rounds(nodes, 1, 150))
-    hourly_when(bootstrap_servers, topic_prefix, {key: 149 * 48})
-    # When the worker is killed with SIGKILL, and the same rounds plus new ones arrive while it is down
-    metering.kill()
-    produce(bootstrap_servers, topic, fleet_rounds(nodes, 100, 300))
-    metering.start()
-    produce(bootstrap_servers, topic, fleet_rounds(nodes, 250, 361))
+    rounds = fleet_rounds(nodes, 1, 361)
+    replayed = rounds[: 100 * 6] + fleet_rounds(nodes, 80, 120) + rounds[100 * 6 :]
+    producer = SteadyProducer(bootstrap_servers, topic, replayed, 0.3)
+    producer.start()
+    # When the worker is killed with SIGKILL three times while the samples arrive
+    for kill in range(3):
+        wait_until(lambda: counted(metering) >= 200, 60, what=f"counting before kill {kill + 1}")
+        metering.kill()
+        metering.start()
+    producer.finish()
     # Then every distinct sample is counted exactly once: 360 rounds x 6 nodes x 8 GPUs
     latest = hourly_when(bootstrap_servers, topic_prefix, {key: 360 * 48})
     assert Decimal(latest[key]["gpu_seconds"]) == Decimal(360 * 48 * 10)
     assert latest[key]["revision"] == 360 * 48
 
 
-@pytest.mark.known_bug_4
 def test_two_workers_share_the_partitions_and_one_leaving_mid_run_loses_nothing(
     metering: ServiceProcess, bootstrap_servers: str, topic_prefix: str, tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -102,7 +103,7 @@ def outcome(decode: Any, raw: bytes) -> tuple[Any, ...]:
         return ("raised", error.reason, error.detail)
     return (
         "decoded",
-        [vars(sample) for sample in decoded[0]],
+        [dataclasses.asdict(sample) for sample in decoded[0]],
         [(error.reason, error.detail) for error in decoded[1]],
     )
 

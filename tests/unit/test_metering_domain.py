@@ -80,7 +80,7 @@ def test_a_redelivered_sample_is_a_duplicate_and_an_unseen_older_one_is_out_of_o
         domain.Outcome.DUPLICATE,
         domain.Outcome.OUT_OF_ORDER,
     ]
-    assert state.hours["p1|H800|2026-11-28T02:00:00+00:00"][:2] == [Decimal(20), Decimal(10)]
+    assert state.hour_sums("p1|H800|2026-11-28T02:00:00+00:00")[:2] == (Decimal(20), Decimal(10))
 
 
 def test_unallocated_samples_count_for_utilization_but_never_for_billing() -> None:
@@ -89,7 +89,7 @@ def test_unallocated_samples_count_for_utilization_but_never_for_billing() -> No
     apply_all(state, [view(t, project=None, util=2.0), view(t, gpu="GPU-2")])
     assert list(state.hours) == ["p1|H800|2026-11-28T02:00:00+00:00"]
     minute = state.minute_partial(next(iter(state.minutes)))
-    assert minute["gpus"] == 2 and minute["alloc"] == 1 and minute["online_s"] == "20.0"
+    assert minute["gpus"] == 2 and minute["alloc"] == 1 and Decimal(minute["online_s"]) == 20
 
 
 def test_dedup_memory_stays_bounded_per_gpu() -> None:
@@ -139,7 +139,7 @@ def test_totals_equal_the_sum_of_distinct_samples_however_often_they_are_deliver
             deliveries.insert(position, samples[index])
     state = domain.NodeState()
     apply_all(state, deliveries)
-    counted = sum(Decimal(totals[0]) for totals in state.hours.values())
+    counted = sum(state.hour_sums(key)[0] for key in state.hours)
     assert counted == sum(Decimal(repr(i)) for i in intervals)
     assert sum(totals[3] for totals in state.hours.values()) == len(intervals)
 
@@ -221,3 +221,73 @@ def test_a_redelivery_after_a_restart_from_the_state_record_is_still_a_duplicate
         domain.Outcome.DUPLICATE,
         domain.Outcome.OUT_OF_ORDER,
     ]
+
+
+_awkward = st.one_of(
+    st.floats(min_value=0, max_value=100, allow_nan=False),  # any double: often 15+ decimals
+    st.integers(min_value=0, max_value=10**6).map(lambda n: n / 10**4),  # <= 4 decimals
+    st.sampled_from([0.0, 0.1, 33.333333333333336, 66.66666666666667, 99.99999999, 1e-10]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from([1.0, 10.0, 0.5, 2.5, 0.123456789, 0.1234567891, 7.000000001]),
+            _awkward,
+            st.floats(min_value=0, max_value=2000, allow_nan=False),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    restore_at=st.integers(min_value=0, max_value=40),
+)
+def test_sums_are_exact_decimals_of_the_json_text_whatever_the_floats(
+    rows: list[tuple[float, float, float]], restore_at: int
+) -> None:
+    """Integer fast path and Decimal remainder together equal the exact decimal reference, also
+    when the state is written to its record and read back in the middle."""
+    from decimal import localcontext
+
+    state = domain.NodeState()
+    t = datetime(2026, 11, 28, 2, 10, 0, tzinfo=UTC)  # every interval inside the 02:00 hour
+    expected = [Decimal(0), Decimal(0), Decimal(0)]
+    with localcontext() as ctx:
+        ctx.prec = 2000  # the reference must not round either
+        for i, (interval, util, power) in enumerate(rows):
+            if i == restore_at:
+                state = domain.NodeState(json.loads(json.dumps(state.to_record())))
+            t += timedelta(seconds=1)
+            sample = domain.SampleView.make(
+                node="n1",
+                source="/nodes/n1",
+                event_id=f"e{i}",
+                end_n=domain.epoch_ns(t),
+                interval_s=interval,
+                project_id="p1",
+                gpu_model="H800",
+                util_pct=util,
+                power_w=power,
+                xid_errors=0,
+                gpu_uuid="GPU-1",
+            )
+            assert state.apply(sample, RETENTION, set(), set()) == domain.Outcome.COUNTED
+            d_interval, d_util, d_power = (Decimal(repr(v)) for v in (interval, util, power))
+            expected[0] += d_interval
+            expected[1] += d_util * d_interval / 100
+            expected[2] += d_power * d_interval
+    (key,) = state.hours
+    assert state.hour_sums(key)[:3] == tuple(expected)
+    minute_online = sum(Decimal(state.minute_partial(k)["online_s"]) for k in state.minutes)
+    assert minute_online == expected[0]
+
+
+def test_scaled_accepts_only_values_whose_decimal_fits_nine_places() -> None:
+    assert domain.scaled(10.0) == 10 * 10**9
+    assert domain.scaled(0.1) == 10**8
+    assert domain.scaled(512.345) == 512_345_000_000
+    assert domain.scaled(0.123456789) == 123_456_789
+    assert domain.scaled(0.1234567891) is None
+    assert domain.scaled(66.66666666666667) is None
+    assert domain.plain(domain.scaled(0.1) or 0, 9) == "0.1"
