@@ -2,7 +2,10 @@
 
 (a) a raw aiokafka consume-and-decode loop over the usage topic: the practical ceiling;
 (b) the metering service end to end on the same data: from an empty group to hourly totals that
-    hold every sample.
+    hold every sample;
+(c) latency at a steady rate (default 15,000 GPUs at 1 Hz): from a round's first sample produced to
+    the hourly total that includes the whole round, p50/p99, and the worker's RSS holding that
+    many GPUs.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from gpumeter.localstack import TansuBroker, free_port
-from services.agent.simulator import FleetConfig, FleetSimulator
+from services.agent.simulator import FleetConfig, FleetSimulator, usage_event
 from services.common.kafka_admin import ensure_topics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -73,9 +76,7 @@ async def raw_ceiling(bootstrap: str, topic: str, samples: int) -> float:
     return samples / (time.perf_counter() - (started or time.perf_counter()))
 
 
-def metering_end_to_end(
-    bootstrap: str, prefix: str, samples: int, workdir: Path
-) -> tuple[float, float]:
+def start_metering(bootstrap: str, prefix: str, workdir: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {
         **os.environ,
@@ -94,6 +95,13 @@ def metering_end_to_end(
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    return process, port
+
+
+def metering_end_to_end(
+    bootstrap: str, prefix: str, samples: int, workdir: Path
+) -> tuple[float, float]:
+    process, port = start_metering(bootstrap, prefix, workdir)
     try:
         counted_re = 'gpumeter_metering_samples_total{outcome="counted"} '
         first = None
@@ -121,6 +129,82 @@ def metering_end_to_end(
         process.wait(20)
 
 
+async def steady_latency(
+    bootstrap: str, prefix: str, gpus: int, seconds: int
+) -> tuple[list[float], int]:
+    """Rounds of `gpus` samples (8 per node message) once a second with event times at real time,
+    all in one project; returns each round's latency and the rounds sent."""
+    nodes = max(1, gpus // 8)
+    usage, hourly = f"{prefix}gpu.usage.v1", f"{prefix}metering.usage.hourly.v1"
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=1 << 20)
+    consumer = AIOKafkaConsumer(
+        hourly, bootstrap_servers=bootstrap, auto_offset_reset="latest", group_id=None
+    )
+    await producer.start()
+    await consumer.start()
+    sent_at: dict[int, float] = {}  # round -> monotonic time its first sample was produced
+    needed: dict[int, tuple[str, int]] = {}  # round -> (hourly key, samples that include it)
+    cumulative: dict[str, int] = {}
+    latencies: list[float] = []
+
+    async def watch() -> None:
+        seen: dict[str, int] = {}
+        while True:
+            batch = await consumer.getmany(timeout_ms=100)
+            now = time.monotonic()
+            for records in batch.values():
+                for record in records:
+                    total = json.loads(record.value)
+                    key = record.key.decode()
+                    seen[key] = max(seen.get(key, 0), total["samples"])
+            for r in [r for r, (key, n) in needed.items() if seen.get(key, 0) >= n]:
+                latencies.append(now - sent_at.pop(r))
+                del needed[r]
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await asyncio.sleep(1.0)
+        started = time.monotonic()
+        first_at = datetime.now(UTC).replace(microsecond=0)
+        for r in range(seconds):
+            await asyncio.sleep(max(0.0, started + r - time.monotonic()))
+            at = first_at + timedelta(seconds=r)  # one round a second of event time, ids unique
+            key = f"bench|H800|{at.replace(minute=0, second=0).isoformat()}"
+            sent_at[r] = time.monotonic()
+            for n in range(nodes):
+                node = f"node-{n:05d}"
+                events = [
+                    usage_event(
+                        node=node,
+                        gpu_uuid=f"GPU-{node}-{g}",
+                        gpu_index=g,
+                        gpu_model="H800",
+                        at=at,
+                        interval_s=1.0,
+                        project_id="bench",
+                        job_id="slurm:1",
+                        util_pct=90.0,
+                        mem_used_mib=1000,
+                        power_w=500.0,
+                        temp_c=50,
+                        xid_errors=0,
+                    )
+                    for g in range(8)
+                ]
+                await producer.send(usage, key=node.encode(), value=json.dumps(events).encode())
+            cumulative[key] = cumulative.get(key, 0) + nodes * 8
+            needed[r] = (key, cumulative[key])
+        await producer.flush()
+        deadline = time.monotonic() + 30
+        while needed and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+    finally:
+        watcher.cancel()
+        await producer.stop()
+        await consumer.stop()
+    return latencies, seconds
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -128,10 +212,36 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def wait_healthy(port: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("metering did not become healthy")
+
+
+def latency_line(latencies: list[float], rounds: int) -> str:
+    if not latencies:
+        return f"no round completed of {rounds}"
+    ordered = sorted(latencies)
+    p50 = ordered[len(ordered) // 2]
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return (
+        f"sample produced -> hourly total p50 {p50 * 1000:,.0f} ms, p99 {p99 * 1000:,.0f} ms"
+        f" ({len(latencies)} of {rounds} rounds seen)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=120)
+    parser.add_argument("--steady-gpus", type=int, default=15_000)
+    parser.add_argument("--steady-seconds", type=int, default=60)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="gpumeter-bench-"))
     broker = None
@@ -151,6 +261,24 @@ def main() -> None:
         rate, rss = metering_end_to_end(bootstrap, prefix, samples, workdir)
         print(f"(b) metering end to end:                {rate:,.0f} samples/s  (RSS {rss:.0f} MB)")
         print(f"    ratio (b)/(a): {rate / ceiling:.2f}")
+        if args.steady_seconds:
+            steady_prefix = f"bench{uuid.uuid4().hex[:6]}."
+            asyncio.run(ensure_topics(bootstrap, {f"{steady_prefix}gpu.usage.v1": 8}))
+            process, port = start_metering(bootstrap, steady_prefix, workdir)
+            try:
+                wait_healthy(port)
+                latencies, rounds = asyncio.run(
+                    steady_latency(bootstrap, steady_prefix, args.steady_gpus, args.steady_seconds)
+                )
+                rss = rss_mb(process.pid)
+            finally:
+                process.terminate()
+                process.wait(20)
+            print(
+                f"(c) steady {args.steady_gpus:,} GPUs at 1 Hz for {rounds} s: "
+                + latency_line(latencies[5:] or latencies, rounds)
+                + f"  (RSS {rss:.0f} MB)"
+            )
     finally:
         if broker:
             broker.stop()

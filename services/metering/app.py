@@ -26,6 +26,10 @@ DEAD_LETTER_MAX_BYTES = (
 )  # producer and DLQ topic limit: a 1 MiB+ message, base64'd, fits
 MAX_DEAD_LETTER_RAW = 2 * 1024 * 1024
 RATE_WINDOW_S = 10.0
+SIGNAL_EVERY_S = 5
+# Called at the start of every full producer flush (before each offset commit): queue what must be
+# durable before the offsets that produced it are committed.
+BEFORE_FLUSH: list[Any] = []
 
 
 class MeteringMetrics:
@@ -100,7 +104,8 @@ def _make_producer_flush_complete() -> None:
     """faust-streaming's ProducerBuffer.flush returns as soon as one send takes over 0.1 s, with
     messages still queued; Faust then commits offsets past state and outputs never sent, and a
     crash loses those samples (seen under load with SIGKILL). Wait until nothing is queued or on
-    its way into the Kafka client; the client's own flush, which follows, waits for delivery."""
+    its way into the Kafka client; the client's own flush, which follows, waits for delivery.
+    BEFORE_FLUSH hooks queue their messages first, so they are part of what the flush delivers."""
     from faust.transport.producer import ProducerBuffer
 
     if getattr(ProducerBuffer, "_gpumeter_complete_flush", False):
@@ -115,6 +120,9 @@ def _make_producer_flush_complete() -> None:
             self._gpumeter_inflight -= 1
 
     async def flush_completely(self: Any) -> None:
+        if not self.should_stop:  # stopping: what was not committed is read again on restart
+            for hook in BEFORE_FLUSH:
+                hook()
         while self.size or getattr(self, "_gpumeter_inflight", 0):
             if self.size:
                 await self.flush_atmost(None)
@@ -174,6 +182,7 @@ def _make_highwaters_exact(bootstrap_servers: str) -> None:
 
 
 def create_app(settings: MeteringSettings) -> faust.App:
+    BEFORE_FLUSH.clear()
     _make_producer_flush_complete()
     _make_highwaters_exact(settings.kafka_bootstrap_servers)
     topics = settings.topics
@@ -241,7 +250,10 @@ def create_app(settings: MeteringSettings) -> faust.App:
         topics.completeness, value_serializer="raw", key_serializer="raw"
     )
 
+    # Node states are JSON bytes made here (the stdlib's C encoder): Faust's own JSON serializer
+    # took half the time of writing them. Records written before read the same.
     node_state = app.Table("node-state", key_type=str, partitions=settings.usage_partitions)
+    node_state.changelog_topic = node_state.changelog_topic.derive(value_serializer="raw")  # type: ignore[assignment]
     hour_totals = app.Table("hour-totals", key_type=str, partitions=settings.internal_partitions)
     minute_totals = app.Table(
         "minute-totals", key_type=str, partitions=settings.internal_partitions
@@ -258,7 +270,40 @@ def create_app(settings: MeteringSettings) -> faust.App:
     # Parsed node states, so a batch does not re-parse its record; the table stays the truth.
     live_states: dict[str, domain.NodeState] = {}
 
+    # Nodes whose state changed since it was last written, with their partition. States are written
+    # when the producer is flushed, which Faust does before every offset commit (and on rebalance
+    # and stop): one changelog record per node and commit, not per batch, and never an offset
+    # committed past a state that was not written.
+    dirty_states: dict[str, int] = {}
+
+    def write_dirty_states() -> None:
+        for node, partition in dirty_states.items():
+            record = json.dumps(live_states[node].to_record(), separators=(",", ":")).encode()
+            node_state.data[node] = record
+            node_state.send_changelog(partition, node, record)
+        dirty_states.clear()
+
+    BEFORE_FLUSH.append(write_dirty_states)
+
+    # Node signals: sent when what alerts read changes (idle GPUs, XID), else every
+    # SIGNAL_EVERY_S of event time, so a 1 Hz fleet does not send a signal per node and second.
+    signal_sent: dict[str, tuple[int, Any]] = {}
+
+    def signal_due(node: str, state: domain.NodeState, signal: Any) -> bool:
+        facts = (signal.idle_projects, signal.xid_errors, signal.gpus)
+        previous = signal_sent.get(node)
+        if (
+            previous is None
+            or previous[1] != facts
+            or state.max_end_n - previous[0] >= SIGNAL_EVERY_S * 10**9
+        ):
+            signal_sent[node] = (state.max_end_n, facts)
+            return True
+        return False
+
     async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+        write_dirty_states()
+        signal_sent.clear()
         live_states.clear()
         resend["pending"] = True
 
@@ -290,7 +335,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
         any copy of a node's state is one of its real states, and the sums keep the newest)."""
         resend["pending"] = False
         for node, record in list(node_state.data.items()):
-            state = live_states.get(node) or domain.NodeState(record)
+            state = live_states.get(node) or domain.NodeState(json.loads(record))
             queue_partials(node, state, state.hours, state.minutes, everything=True)
         send_partials()
 
@@ -337,7 +382,8 @@ def create_app(settings: MeteringSettings) -> faust.App:
         for node, samples in by_node.items():
             state = live_states.get(node)
             if state is None:
-                state = live_states[node] = domain.NodeState(node_state.data.get(node))
+                record = node_state.data.get(node)
+                state = live_states[node] = domain.NodeState(json.loads(record) if record else None)
             touched_hours: set[str] = set()
             touched_minutes: set[str] = set()
             for sample, event in samples:
@@ -354,21 +400,18 @@ def create_app(settings: MeteringSettings) -> faust.App:
                     )
             queue_partials(node, state, touched_hours, touched_minutes, everything=False)
             signal = state.signal(node)
-            signals_topic.send_soon(key=node.encode(), value=signal.model_dump_json().encode())
+            if signal_due(node, state, signal):
+                signals_topic.send_soon(key=node.encode(), value=signal.model_dump_json().encode())
             newest = max(newest or signal.last_sample_time, signal.last_sample_time)
-            # State is written after the partials are queued: both go through the same producer
-            # buffer, which Faust flushes before it commits offsets.
             state.expire(settings.hour_retention_s, settings.minute_retention_s)
-            new_record = state.to_record()
-            node_state.data[node] = new_record
-            node_state.send_changelog(samples[-1][1].message.partition, node, new_record)
+            dirty_states[node] = samples[-1][1].message.partition
         send_partials()
         for outcome, count in outcomes.items():
             metrics.samples.labels(outcome.value).inc(count)
         metrics.record_counted(outcomes[domain.Outcome.COUNTED])
         if newest is not None:
             metrics.event_lag.set((now - newest).total_seconds())
-        metrics.nodes.set(len(node_state.data))
+        metrics.nodes.set(max(len(node_state.data), len(live_states)))
         metrics.batch_seconds.labels("usage").observe(time.perf_counter() - started)
 
     def merge_partials(

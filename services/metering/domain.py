@@ -30,7 +30,9 @@ from typing import Any
 from schemas.metering import ClusterMinute, HourCompleteness, HourlyTotal, NodeSignal
 from schemas.usage import UsageEvent
 
-RECENT_IDS_PER_GPU = 128  # bounded dedup memory: O(GPUs), not O(events)
+# Bounded dedup memory, O(GPUs): a re-delivery (agent spool replay, worker restart) repeats the
+# newest few samples; one older than this many is dead-lettered as out of order, never counted.
+RECENT_IDS_PER_GPU = 32
 # Recent ids are kept as 64-bit digests: the state record stays small (it is written every batch),
 # and a collision could only turn an out-of-order dead letter into a duplicate, never count twice.
 ID_DIGEST_BYTES = 8
