@@ -514,14 +514,14 @@ def create_app(settings: MeteringSettings) -> faust.App:
     async def measure_lag() -> None:
         consumer = app.consumer
         partitions = [tp for tp in consumer.assignment() if tp.topic == topics.usage]
-        highwaters = await consumer.highwaters(*partitions) if partitions else {}
         metrics.consumer_lag.clear()
         for tp in partitions:
             # Faust keeps the offsets it committed, without a public getter.
             committed = getattr(consumer, "_committed_offset", {}).get(tp)
             if committed is None:
                 committed = await consumer.position(tp) or 0
-            highwater = highwaters.get(tp)
+            # The highwater of the last fetch: free, and right on Tansu too (its ListOffsets is not).
+            highwater = consumer.highwater(tp)
             if highwater is not None:
                 metrics.consumer_lag.labels(str(tp.partition)).set(max(highwater - committed, 0))
 
