@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Generator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -35,7 +36,7 @@ from services.alerts.notifier import (
     resend_to_alertmanagers,
 )
 from services.alerts.settings import AlertsSettings
-from services.alerts.store import Store
+from services.alerts.store import RETRYABLE_DB_ERRORS, Store
 from services.common.kafka_admin import ensure_topics
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class AlertsService:
         self.metrics = AlertsMetrics()
         self.stopping = asyncio.Event()
         self.ready = False
+        self.database_ok = True
         self.consumer: AIOKafkaConsumer | None = None
 
     def stop(self) -> None:
@@ -111,6 +113,7 @@ class AlertsService:
             "assigned_partitions": len(assignment),
             "receivers": sorted(self.config.receivers),
             "disabled_receivers": self.config.disabled,
+            "database": "ok" if self.database_ok else "unavailable, retrying",
         }
 
     def receivers_for(self, change: StateChange) -> list[str]:
@@ -146,6 +149,9 @@ class AlertsService:
             minute_lateness=timedelta(seconds=settings.alert_minute_lateness_s),
             dead_letter_window=timedelta(seconds=settings.alert_dead_letter_window_s),
             input_active_for=timedelta(seconds=settings.alert_input_active_s),
+            partial_min_gpus_ratio=Decimal(str(settings.alert_sub_minute_min_gpus_ratio))
+            if settings.alert_sub_minute
+            else None,
             states=loaded.states,
             pending_minutes=loaded.pending_minutes,
             watermark=loaded.watermark,
@@ -257,6 +263,7 @@ class AlertsService:
         next_absence_check = time.monotonic() + settings.alert_absence_check_interval_s
         next_pipeline_check = time.monotonic()
         late_seen = evaluator.late_minutes
+        partial_seen = evaluator.partial_evaluations
         while not self.stopping.is_set():
             timeout_ms = int(max(50, min(500, interval_s * 1000)))
             batch = await consumer.getmany(timeout_ms=timeout_ms, max_records=1000)
@@ -265,8 +272,9 @@ class AlertsService:
             for partition, messages in batch.items():
                 for message in messages:
                     changes.extend(self._handle(evaluator, partition.topic, message, received_at))
-            # Minutes are ingested for the whole batch first, then evaluated in minute order.
-            changes.extend(evaluator.evaluate_complete_minutes())
+            # Minutes are ingested for the whole batch first, then evaluated in minute order:
+            # complete ones, then the newest revision of each minute still in progress.
+            changes.extend(evaluator.evaluate_minutes())
             if time.monotonic() >= next_absence_check:
                 changes.extend(evaluator.check_absence(datetime.now(UTC)))
                 next_absence_check = time.monotonic() + settings.alert_absence_check_interval_s
@@ -285,7 +293,7 @@ class AlertsService:
             dirty = evaluator.drain()
             notifications = [(name, c) for c in changes for name in self.receivers_for(c)]
             if dirty or notifications:
-                await store.apply(dirty, evaluator.watermark, notifications)
+                await self._apply(store, dirty, evaluator.watermark, notifications)
             if batch:
                 try:
                     await consumer.commit()
@@ -302,8 +310,44 @@ class AlertsService:
             if evaluator.late_minutes > late_seen:
                 self.metrics.late_minutes.inc(evaluator.late_minutes - late_seen)
                 late_seen = evaluator.late_minutes
+            if evaluator.partial_evaluations > partial_seen:
+                self.metrics.partial_minutes.inc(evaluator.partial_evaluations - partial_seen)
+                partial_seen = evaluator.partial_evaluations
             if notifications:
                 notifier.wake()
+
+    async def _apply(
+        self,
+        store: Store,
+        dirty: Any,
+        watermark: Any,
+        notifications: list[tuple[str, StateChange]],
+    ) -> None:
+        """Write a batch's effects, waiting out PostgreSQL restarts and outages: the input is
+        not committed until the write is, and the write is idempotent (upserts, and outbox rows
+        keyed by their change), so a write retried after an unacknowledged commit adds nothing."""
+        delay_s = 0.5
+        while True:
+            try:
+                await store.apply(dirty, watermark, notifications)
+            except RETRYABLE_DB_ERRORS as exc:
+                if self.stopping.is_set():
+                    raise
+                self.database_ok = False
+                self.metrics.database_errors.inc()
+                log.warning(
+                    "database write failed (%s: %s); retrying in %.1f s",
+                    type(exc).__name__,
+                    exc,
+                    delay_s,
+                )
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 10.0)
+            else:
+                if not self.database_ok:
+                    log.info("database write succeeded again")
+                self.database_ok = True
+                return
 
     def _handle(
         self, evaluator: Evaluator, topic: str, message: ConsumerRecord, received_at: datetime

@@ -2,6 +2,29 @@
 
 Stream rules run on event time: a cluster minute is evaluated once it is complete (a minute at least
 `lateness` later has been seen), so replaying the same minutes gives the same state changes.
+
+Sub-minute evaluation (optional, on in the service): metering re-emits the in-progress minute's
+cumulative record after every batch, so the averaging signals (SUB_MINUTE_FIELDS) are also
+evaluated on the minute so far, as an observation over [minute start, minute start + covered),
+`covered` being the minute's mean GPU-seconds per online GPU. Rules:
+- a minute so far counts only once it covers enough of the centre: its online GPUs are at least
+  `partial_min_gpus_ratio` of those of the last complete minute (none yet: no partial evaluation);
+- held minutes are evaluated in minute order, and the first one that does not cover enough holds
+  back the later ones, so no minute is skipped and the `for` clock never jumps;
+- a minute is contiguous with the previous one (the `for` clock goes on) when the previous
+  observation ended inside the previous minute, however much of it had been seen;
+- the pending clock starts at the start of the first breaching minute, as for whole minutes, so a
+  decision made on a minute so far and one made on the whole minute give the same starts_at and
+  ends_at (minute-aligned); `for: 5m` fires once five minutes of breaching data have been seen;
+- once a series has observed a later point in time, earlier revisions (and the minute's complete
+  evaluation) change nothing for it: event time never goes back;
+- counts (xid_errors, nodes_reporting, gpus_online, gpus_allocated) grow as a minute fills up, so
+  a minute so far would under-state them: they are evaluated on complete minutes only;
+- replays: the same records give the same notifications, and a redelivered record changes
+  nothing. Re-metering the same samples may batch them differently, so the revisions of a minute
+  so far may differ; notifications can then differ only where a minute's value so far and its
+  whole value lie on different sides of a threshold (starts/ends are minute starts either way).
+
 The absence rule (a silent node) runs on the processing clock, from when each node was last heard.
 Billing signals (subsidy used, unpriced usage) run on event time (their `as_of`). Pipeline health
 (dead-letter rate, metering lag) runs on the processing clock, from readings of topic end offsets.
@@ -36,6 +59,8 @@ CLUSTER_FIELDS = (
     "gpus_online",
     "gpus_allocated",
 )
+# Averages over the GPU-seconds seen so far: meaningful for a minute still being filled.
+SUB_MINUTE_FIELDS = ("allocation_ratio", "mean_util_pct", "mean_power_w")
 NODE_SILENCE = "node.silence_seconds"  # processing clock
 NODE_XID = "node.xid_errors"  # event time, per node
 GPU_IDLE = (
@@ -140,12 +165,14 @@ class SeriesState:
 
 @dataclass(frozen=True)
 class Observation:
-    """A value over [start, end): a cluster minute; or at one instant (start == end)."""
+    """A value over [start, end): a cluster minute (or the part of it seen so far, `window` being
+    the whole minute); or at one instant (start == end)."""
 
     value: Decimal
     start: datetime
     end: datetime
     context: Mapping[str, str] = field(default_factory=dict)
+    window: timedelta | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +186,9 @@ class StateChange:
     ends_at: datetime | None
     value: Decimal
     repeat: bool = False
+    # The event time it was notified for: with fingerprint and status, what tells a repeat from
+    # the same change written twice.
+    notified_at: datetime | None = field(default=None, compare=False)
 
     def to_event(self) -> AlertEvent:
         return AlertEvent(
@@ -201,6 +231,8 @@ def observe(rule: Rule, state: SeriesState, obs: Observation) -> StateChange | N
         obs.start >= obs.end
         or state.last_observed_at is None
         or obs.start <= state.last_observed_at
+        # a windowed observation follows one that ended inside the previous window
+        or (obs.window is not None and obs.start - obs.window < state.last_observed_at)
     )
     state.last_observed_at = obs.end
     state.last_value = obs.value
@@ -269,6 +301,7 @@ def _change(
         ends_at=state.ends_at if status == "resolved" else None,
         value=value,
         repeat=repeat,
+        notified_at=state.last_notified_at,
     )
 
 
@@ -303,6 +336,8 @@ class Dirty:
 class Watermark:
     max_minute_seen: datetime | None = None
     last_evaluated_minute: datetime | None = None
+    # GPUs online in the last complete minute: how much a minute so far must cover
+    last_evaluated_gpus_online: int | None = None
 
 
 @dataclass
@@ -327,6 +362,7 @@ class Evaluator:
         minute_lateness: timedelta = MINUTE,
         dead_letter_window: timedelta = MINUTE,
         input_active_for: timedelta = 2 * MINUTE,
+        partial_min_gpus_ratio: Decimal | None = None,
         states: Iterable[SeriesState] = (),
         pending_minutes: Iterable[ClusterMinute] = (),
         watermark: Watermark | None = None,
@@ -338,6 +374,9 @@ class Evaluator:
         self.minute_lateness = minute_lateness
         self.dead_letter_window = dead_letter_window
         self.input_active_for = input_active_for
+        self.partial_min_gpus_ratio = partial_min_gpus_ratio  # None: whole minutes only
+        self._partial_revisions: dict[datetime, int] = {}  # minute -> revision evaluated so far
+        self.partial_evaluations = 0
         self.pipeline = PipelineReadings()
         self.states = {state.fingerprint: state for state in states}
         self.pending_minutes = {_utc(m.minute_start): m for m in pending_minutes}
@@ -357,7 +396,11 @@ class Evaluator:
     # cluster minutes: event time -------------------------------------------------------------
     def on_cluster_minute(self, minute: ClusterMinute) -> list[StateChange]:
         self.ingest_cluster_minute(minute)
-        return self.evaluate_complete_minutes()
+        return self.evaluate_minutes()
+
+    def evaluate_minutes(self) -> list[StateChange]:
+        """Complete minutes first, then (if enabled) the held minutes so far, all in minute order."""
+        return self.evaluate_complete_minutes() + self.evaluate_partial_minutes()
 
     def ingest_cluster_minute(self, minute: ClusterMinute) -> None:
         """Hold the latest revision of a minute until it is complete.
@@ -390,14 +433,51 @@ class Evaluator:
             self.dirty.minutes_upserted.pop(start, None)
             self.dirty.minutes_removed.add(start)
             self.watermark.last_evaluated_minute = start
+            self.watermark.last_evaluated_gpus_online = minute.gpus_online
             self.dirty.watermark_changed = True
+            self._partial_revisions.pop(start, None)
             for rule in self.rules:
                 if not rule.signal.startswith("cluster."):
                     continue
                 value = Decimal(str(getattr(minute, rule.signal.removeprefix("cluster."))))
-                obs = Observation(value, start, start + MINUTE)
+                obs = Observation(value, start, start + MINUTE, window=MINUTE)
                 changes.extend(self._observe(rule, {}, obs))
         return changes
+
+    def evaluate_partial_minutes(self) -> list[StateChange]:
+        """Evaluate each held minute's newest revision so far, in minute order (see the module doc).
+
+        A revision is evaluated once; seeing it again (a redelivery) changes nothing, and a
+        series that has already observed a later point ignores it.
+        """
+        if self.partial_min_gpus_ratio is None:
+            return []
+        rules = [r for r in self.rules if r.signal.removeprefix("cluster.") in SUB_MINUTE_FIELDS]
+        changes: list[StateChange] = []
+        for start in sorted(self.pending_minutes):
+            minute = self.pending_minutes[start]
+            if self._partial_revisions.get(start) == minute.revision:
+                continue
+            covered = self.partial_coverage(minute)
+            if covered is None:
+                break  # later minutes wait for this one: event time goes forward only
+            self._partial_revisions[start] = minute.revision
+            self.partial_evaluations += 1
+            for rule in rules:
+                value = partial_value(minute, rule.signal.removeprefix("cluster."), covered)
+                obs = Observation(value, start, start + covered, window=MINUTE)
+                changes.extend(self._observe(rule, {}, obs))
+        return changes
+
+    def partial_coverage(self, minute: ClusterMinute) -> timedelta | None:
+        """How much of its minute a record has seen, or None if it does not cover enough GPUs."""
+        reference = self.watermark.last_evaluated_gpus_online
+        if self.partial_min_gpus_ratio is None or not reference or minute.gpus_online <= 0:
+            return None
+        if minute.gpus_online < self.partial_min_gpus_ratio * reference:
+            return None
+        covered = timedelta(seconds=float(minute.online_gpu_seconds / minute.gpus_online))
+        return min(MINUTE, covered) if covered > timedelta(0) else None
 
     # node signals: event time for idle/XID, processing clock for silence --------------------
     def on_node_signal(self, signal: NodeSignal, received_at: datetime) -> list[StateChange]:
@@ -576,6 +656,15 @@ class Evaluator:
 
 def _utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
+
+
+def partial_value(minute: ClusterMinute, name: str, covered: timedelta) -> Decimal:
+    """A signal of the minute so far; power is energy over the seconds seen, not over 60 s."""
+    value = Decimal(str(getattr(minute, name)))
+    if name == "mean_power_w" and covered < MINUTE:
+        scale = Decimal(MINUTE.total_seconds()) / Decimal(str(covered.total_seconds()))
+        return (value * scale).quantize(Decimal("0.1"))
+    return value
 
 
 # routing ------------------------------------------------------------------------------------

@@ -41,6 +41,16 @@ class AlertsMetrics:
             "Cluster minute revisions that arrived after their minute was evaluated",
             registry=r,
         )
+        self.partial_minutes = Counter(
+            "alerts_partial_cluster_minute_evaluations",
+            "Revisions of a minute still in progress evaluated (sub-minute evaluation)",
+            registry=r,
+        )
+        self.database_errors = Counter(
+            "alerts_database_write_errors",
+            "Batch writes to PostgreSQL that failed and were retried",
+            registry=r,
+        )
         self.alertmanager_resends = Counter(
             "alerts_alertmanager_resends",
             "Periodic re-sends of active alerts to Alertmanager",

@@ -159,7 +159,7 @@ class Notifier:
             wake.clear()
             try:
                 rows = await self.store.undelivered(name)
-            except (asyncpg.PostgresError, OSError) as exc:
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 log.warning("outbox read for %s failed: %s", name, exc)
                 await self._sleep(self.poll_interval_s)
                 continue
@@ -172,7 +172,9 @@ class Notifier:
                 try:
                     await sender.send(row)
                 except DeliveryError as exc:
-                    with contextlib.suppress(asyncpg.PostgresError, OSError):
+                    with contextlib.suppress(
+                        asyncpg.PostgresError, asyncpg.InterfaceError, OSError
+                    ):
                         await self.store.mark_failed(row.seq, str(exc), rejected=not exc.retriable)
                     if not exc.retriable:
                         self.metrics.notifications_failed.labels(name, "rejected").inc()
@@ -188,7 +190,7 @@ class Notifier:
                     break  # re-read: the same row is first again
                 try:
                     await self.store.mark_delivered(row.seq)
-                except (asyncpg.PostgresError, OSError) as exc:
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                     log.warning("could not mark notification %s delivered: %s", row.seq, exc)
                     break
                 failures = 0
@@ -198,7 +200,7 @@ class Notifier:
         while not self._stop.is_set():
             try:
                 depths = await self.store.outbox_depths()
-            except (asyncpg.PostgresError, OSError):
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                 depths = None
             if depths is not None:
                 for name in self.senders:
@@ -222,7 +224,7 @@ async def resend_to_alertmanagers(
         try:
             depths = await store.outbox_depths()
             snapshot = await store.alertmanager_snapshot(resolved_within_s)
-        except (asyncpg.PostgresError, OSError) as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             log.warning("alertmanager re-send skipped: %s", exc)
             continue
         now = datetime.now(UTC)

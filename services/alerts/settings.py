@@ -21,6 +21,11 @@ class AlertsSettings(CommonSettings):
     rules_file: Path = Field(Path("deploy/alert-rules.yaml"), validation_alias="ALERT_RULES_FILE")
     # A cluster minute is evaluated once a minute this much later than its end has been seen.
     alert_minute_lateness_s: float = Field(60.0, ge=0)
+    # Sub-minute evaluation: allocation, utilization and power are also evaluated on the minute
+    # in progress, as metering's cumulative record grows (off: whole minutes only, as before).
+    alert_sub_minute: bool = True
+    # ... once that minute's online GPUs reach this share of the last complete minute's.
+    alert_sub_minute_min_gpus_ratio: float = Field(0.95, gt=0, le=1)
     # How often silent nodes are looked for (processing clock).
     alert_absence_check_interval_s: float = Field(5.0, gt=0)
     # How often topic end offsets are read for the pipeline rules (dead-letter rate, metering lag).

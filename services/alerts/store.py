@@ -18,6 +18,19 @@ from schemas.alert import AlertEvent
 from schemas.metering import ClusterMinute
 from services.alerts.domain import Dirty, NodeSeen, SeriesState, StateChange, Watermark
 
+# Errors after which the same write may succeed on a fresh connection: PostgreSQL restarting or
+# unreachable, a connection dropped under us. Every write here is idempotent, so it is retried.
+RETRYABLE_DB_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    OSError,
+    TimeoutError,
+)
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_LOCK = 0x616C65727473  # pg_advisory_lock key: "alerts"
 
@@ -113,7 +126,11 @@ class Store:
                 for r in state_rows
             ],
             pending_minutes=[ClusterMinute.model_validate(r["payload"]) for r in minute_rows],
-            watermark=Watermark(mark["max_minute_seen"], mark["last_evaluated_minute"])
+            watermark=Watermark(
+                mark["max_minute_seen"],
+                mark["last_evaluated_minute"],
+                mark["last_evaluated_gpus_online"],
+            )
             if mark
             else Watermark(),
             nodes=[
@@ -197,24 +214,29 @@ class Store:
             if dirty.watermark_changed:
                 await conn.execute(
                     """
-                    INSERT INTO alert_watermark (id, max_minute_seen, last_evaluated_minute)
-                    VALUES (1, $1, $2)
+                    INSERT INTO alert_watermark (id, max_minute_seen, last_evaluated_minute,
+                        last_evaluated_gpus_online)
+                    VALUES (1, $1, $2, $3)
                     ON CONFLICT (id) DO UPDATE SET max_minute_seen = EXCLUDED.max_minute_seen,
-                        last_evaluated_minute = EXCLUDED.last_evaluated_minute
+                        last_evaluated_minute = EXCLUDED.last_evaluated_minute,
+                        last_evaluated_gpus_online = EXCLUDED.last_evaluated_gpus_online
                     """,
                     watermark.max_minute_seen,
                     watermark.last_evaluated_minute,
+                    watermark.last_evaluated_gpus_online,
                 )
             if notifications:
                 await conn.executemany(
-                    "INSERT INTO alert_outbox (receiver, fingerprint, status, event)"
-                    " VALUES ($1, $2, $3, $4)",
+                    "INSERT INTO alert_outbox (receiver, fingerprint, status, event, notified_at)"
+                    " VALUES ($1, $2, $3, $4, $5)"
+                    " ON CONFLICT (receiver, fingerprint, status, notified_at) DO NOTHING",
                     [
                         (
                             receiver,
                             change.fingerprint,
                             change.status,
                             change.to_event().model_dump(mode="json"),
+                            change.notified_at,
                         )
                         for receiver, change in notifications
                     ],

@@ -20,7 +20,8 @@ import asyncpg
 import httpx
 import pytest
 
-from gpumeter.localstack import free_port
+from gpumeter.localstack import EmbeddedPostgres, free_port
+from gpumeter.stack import create_database
 from schemas.metering import ClusterMinute, NodeSignal
 from tests.fixtures.kafka import produce_json, read_topic
 from tests.fixtures.processes import REPO_ROOT, ServiceProcess, wait_until
@@ -448,3 +449,136 @@ def test_alertmanager_slack_and_pagerduty_receivers_get_their_own_shapes_by_rout
         ]
     finally:
         alerts.stop()
+
+
+def minute_so_far(index: int, ratio: str, seconds: int, gpus: int = 80) -> tuple[str, dict]:
+    """Metering's cumulative record of minute `index` after `seconds`, `gpus` GPUs reporting."""
+    start = T0 + index * MINUTE
+    online = Decimal(gpus * seconds)
+    value = ClusterMinute(
+        minute_start=start,
+        nodes_reporting=gpus // 8,
+        gpus_online=gpus,
+        gpus_allocated=int(Decimal(ratio) * gpus),
+        online_gpu_seconds=online,
+        allocated_gpu_seconds=Decimal(ratio) * online,
+        allocation_ratio=Decimal(ratio),
+        mean_util_pct=Decimal("55.5"),
+        mean_power_w=Decimal("410"),
+        xid_errors=0,
+        revision=gpus * seconds,
+    )
+    return start.isoformat(), value.model_dump(mode="json")
+
+
+def watermark(database_url: str) -> dict[str, Any]:
+    async def run() -> dict[str, Any]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            row = await conn.fetchrow("SELECT * FROM alert_watermark WHERE id = 1")
+            held = await conn.fetch("SELECT minute_start, revision FROM alert_cluster_minutes")
+            return {**(dict(row) if row else {}), "held": {r[0]: r[1] for r in held}}
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def test_the_minute_in_progress_fires_before_it_completes_once_it_covers_the_centre(
+    alerts_env: dict[str, str],
+    receiver: Receiver,
+    tmp_path: Path,
+    http_port: int,
+    database_url: str,
+    bootstrap_servers: str,
+    topic_prefix: str,
+):
+    # given the shipped rules (>= 0.90 for 5 min) and three whole minutes at 0.92, the first complete
+    env = {**alerts_env, "ALERT_WEBHOOK_URL": receiver.url}
+    alerts = service(env, tmp_path, http_port).start()
+    topic = f"{topic_prefix}metering.cluster.minutely.v1"
+    try:
+        produce_minutes(bootstrap_servers, topic_prefix, 0, ["0.92"] * 3)
+        wait_until(
+            lambda: watermark(database_url).get("last_evaluated_gpus_online") == 80,
+            30,
+            what="first complete minute stored",
+        )
+        # when the service is killed and restarted (the yardstick comes back from the database)
+        alerts.kill()
+        alerts.start()
+        produce_minutes(bootstrap_servers, topic_prefix, 3, ["0.92"])
+        # and the fifth minute has barely started: one node of ten, at 0.10 (would reset `for`)
+        produce_json(bootstrap_servers, topic, [minute_so_far(4, "0.10", 10, gpus=8)])
+        minute_4 = T0 + 4 * MINUTE
+        wait_until(
+            lambda: watermark(database_url)["held"].get(minute_4) == 80, 30, what="minute 4 held"
+        )
+        assert receiver.bodies == []
+        # and then covers every GPU, first for 30 s, then for its whole 60 s
+        produce_json(bootstrap_servers, topic, [minute_so_far(4, "0.92", 30)])
+        wait_until(
+            lambda: watermark(database_url)["held"].get(minute_4) == 2400, 30, what="30 s seen"
+        )
+        assert receiver.bodies == []  # 4 min 30 s of breaching data: still pending
+        produce_json(bootstrap_servers, topic, [minute_so_far(4, "0.92", 60)])
+        # then it fires while minute 4 is still in progress (no later minute was ever produced),
+        # with the startsAt whole-minute evaluation gives
+        wait_until(lambda: receiver.bodies, 30, what="firing notification")
+        [alert] = receiver.bodies[0]["alerts"]
+        assert (alert["status"], alert["startsAt"]) == ("firing", "2026-11-28T02:05:00Z")
+        assert watermark(database_url)["last_evaluated_minute"] < minute_4
+        metrics = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=5).text
+        assert "alerts_partial_cluster_minute_evaluations_total" in metrics
+        assert len(receiver.bodies) == 1
+    finally:
+        alerts.stop()
+
+
+def test_postgresql_down_and_back_loses_no_change_and_sends_none_twice(
+    alerts_env: dict[str, str],
+    receiver: Receiver,
+    tmp_path: Path,
+    http_port: int,
+    bootstrap_servers: str,
+    topic_prefix: str,
+):
+    # given the service on a PostgreSQL of its own, which the test stops and starts again
+    postgres = EmbeddedPostgres(tmp_path / "pgdata").start()
+    try:
+        asyncio.run(create_database(postgres.dsn(), "alerts"))
+        env = {
+            **alerts_env,
+            "DATABASE_URL": postgres.dsn("alerts"),
+            "ALERT_WEBHOOK_URL": receiver.url,
+        }
+        alerts = service(env, tmp_path, http_port).start()
+        try:
+            produce_minutes(bootstrap_servers, topic_prefix, 0, ["0.92"] * 7)
+            wait_until(lambda: receiver.statuses() == ["firing"], 30, what="firing notification")
+            # when PostgreSQL stops, and the allocation drops while it is down
+            postgres.stop()
+            produce_minutes(bootstrap_servers, topic_prefix, 7, ["0.70", "0.70", "0.70"])
+
+            def retrying() -> bool:
+                metrics = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=5).text
+                return "alerts_database_write_errors_total 0.0" not in metrics
+
+            wait_until(retrying, 30, what="a failed database write, retried")
+            health = httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=5).json()
+            assert health["database"] == "unavailable, retrying"
+            assert alerts.process is not None and alerts.process.poll() is None
+            # then, once it is back, the change is notified, once
+            postgres.start()
+            wait_until(lambda: receiver.statuses() == ["firing", "resolved"], 60, what="resolved")
+            health = httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=5).json()
+            assert health["database"] == "ok"
+            produce_minutes(bootstrap_servers, topic_prefix, 10, ["0.70", "0.70"])
+            wait_until(lambda: alerts.healthy(), 10, what="healthy after more input")
+            assert receiver.statuses() == ["firing", "resolved"]
+            alerts.stop()
+            assert alerts.process.returncode == 0
+        finally:
+            alerts.stop()
+    finally:
+        postgres.stop()
