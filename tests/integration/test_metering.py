@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import threading
+import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -135,6 +138,22 @@ def hourly_when(bootstrap: str, topic_prefix: str, expected_samples: dict[str, i
     return latest_json_by_key(
         read_topic(bootstrap, f"{topic_prefix}metering.usage.hourly.v1", done)
     )
+
+
+def diagnosis(bootstrap: str, topic_prefix: str, service: ServiceProcess) -> str:
+    """What a failed exactness check needs to be understood: dead letters by reason, the log."""
+    letters: list = []
+    with contextlib.suppress(AssertionError):  # read for 5 s: what there is
+        read_topic(
+            bootstrap,
+            f"{topic_prefix}gpu.usage.dlq.v1",
+            lambda messages: letters.extend(messages[len(letters) :]) and False,
+            timeout_s=5,
+        )
+    reasons = Counter(json.loads(m.value).get("reason") for m in letters)
+    log = service.log_path.read_text(errors="replace")
+    recovery = [line for line in log.splitlines() if "Recovery" in line or "generation" in line]
+    return f"dead letters by reason: {dict(reasons)}\n" + "\n".join(recovery[-40:])
 
 
 def test_duplicates_count_once_and_a_batch_equals_the_same_samples_sent_singly(
@@ -288,16 +307,23 @@ def test_a_worker_killed_three_times_under_load_counts_every_sample_exactly_once
     key = "hkgai-llm|H800|2026-11-28T01:00:00+00:00"
     rounds = fleet_rounds(nodes, 1, 361)
     replayed = rounds[: 100 * 6] + fleet_rounds(nodes, 80, 120) + rounds[100 * 6 :]
-    producer = SteadyProducer(bootstrap_servers, topic, replayed, 0.3)
+    producer = SteadyProducer(bootstrap_servers, topic, replayed, 1.0)
     producer.start()
-    # When the worker is killed with SIGKILL three times while the samples arrive
+    # When the worker is killed with SIGKILL three times while the samples arrive, each time a
+    # few seconds after it started counting, so that it has committed offsets and written state
+    pauses = [1.5, 4.0, 2.5]
     for kill in range(3):
         wait_until(lambda: counted(metering) >= 200, 60, what=f"counting before kill {kill + 1}")
+        time.sleep(pauses[kill])
         metering.kill()
         metering.start()
     producer.finish()
     # Then every distinct sample is counted exactly once: 360 rounds x 6 nodes x 8 GPUs
-    latest = hourly_when(bootstrap_servers, topic_prefix, {key: 360 * 48})
+    try:
+        latest = hourly_when(bootstrap_servers, topic_prefix, {key: 360 * 48})
+    except AssertionError as error:
+        why = diagnosis(bootstrap_servers, topic_prefix, metering)
+        raise AssertionError(f"{error}\n{why}") from None
     assert Decimal(latest[key]["gpu_seconds"]) == Decimal(360 * 48 * 10)
     assert latest[key]["revision"] == 360 * 48
 
