@@ -45,12 +45,15 @@ def decode_hourly(value: bytes) -> HourlyTotal:
             for error in exc.errors()
         )
         raise BadHourlyRecord("not_json" if json_broken else "invalid_record", detail) from None
-    hour = total.hour_start.astimezone(dt.UTC)
+    hour = total.hour_start
+    if hour.utcoffset():  # another offset: to UTC (a +00:00 instant is kept as parsed, no copy)
+        hour = hour.astimezone(dt.UTC)
+        total = total.model_copy(update={"hour_start": hour})
     if hour.minute or hour.second or hour.microsecond:
         raise BadHourlyRecord("invalid_record", f"hour_start {hour.isoformat()} is not on an hour")
     if total.gpu_seconds < 0 or total.util_gpu_seconds < 0 or total.energy_wh < 0:
         raise BadHourlyRecord("invalid_record", "negative total")
-    return total.model_copy(update={"hour_start": hour})
+    return total
 
 
 def decode_completeness(value: bytes) -> HourCompleteness:

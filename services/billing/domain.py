@@ -75,7 +75,22 @@ def period_of_date(day: dt.date) -> str:
 
 def period_of(moment: dt.datetime) -> str:
     """The billing period (HK calendar month) of an aware instant."""
-    return period_of_date(hk_date(moment))
+    return day_and_period(moment)[1]
+
+
+_days_and_periods: dict[dt.datetime, tuple[dt.date, str]] = {}
+
+
+def day_and_period(moment: dt.datetime) -> tuple[dt.date, str]:
+    """(HK date, billing period) of an aware instant, with one memo lookup."""
+    found = _days_and_periods.get(moment)
+    if found is None:
+        day = hk_date(moment)
+        found = (day, period_of_date(day))
+        if len(_days_and_periods) >= _CACHE_LIMIT:
+            _days_and_periods.clear()
+        _days_and_periods[moment] = found
+    return found
 
 
 def next_period(period: str) -> str:
@@ -143,6 +158,10 @@ class Pricing:
 
     rate_cards: tuple[RateCard, ...] = ()
     projects: Mapping[str, Project] = field(default_factory=dict)
+    # rate_for() per (model, day): drafts of many projects ask for the same days
+    _rates: dict[tuple[str, dt.date], Decimal | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def of(cls, rate_cards: Iterable[RateCard], projects: Iterable[Project]) -> Pricing:
@@ -150,6 +169,15 @@ class Pricing:
 
     def rate_for(self, gpu_model: str, day: dt.date) -> Decimal | None:
         """Rate card with the latest effective_from not after `day`; None when there is none."""
+        key = (gpu_model, day)
+        if key in self._rates:
+            return self._rates[key]
+        if len(self._rates) >= _CACHE_LIMIT:
+            self._rates.clear()
+        rate = self._rates[key] = self._find_rate(gpu_model, day)
+        return rate
+
+    def _find_rate(self, gpu_model: str, day: dt.date) -> Decimal | None:
         best: RateCard | None = None
         for card in self.rate_cards:
             applies = card.gpu_model == gpu_model and card.effective_from <= day
@@ -260,12 +288,12 @@ def build_invoice(
     seconds_by_key: dict[tuple[str, Decimal | None, bool, str | None], Decimal] = defaultdict(
         Decimal
     )
+    rate_for = pricing.rate_for
     for hour in usage:
-        day = hk_date(hour.hour_start)
-        hour_period = period_of_date(day)
+        day, hour_period = day_and_period(hour.hour_start)
         key = (
             hour.gpu_model,
-            pricing.rate_for(hour.gpu_model, day),
+            rate_for(hour.gpu_model, day),
             is_subsidised(project, day),
             None if hour_period == period else hour_period,
         )
@@ -327,7 +355,10 @@ def assign_usage(
     """
     plan: dict[str, list[UsageHour]] = defaultdict(list)
     for hour in unbilled:
-        plan[invoice_period_for(period_of(hour.hour_start), finalized)].append(hour)
+        period = day_and_period(hour.hour_start)[1]
+        if period in finalized:
+            period = invoice_period_for(period, finalized)
+        plan[period].append(hour)
     return dict(plan)
 
 

@@ -28,6 +28,11 @@ T = TypeVar("T")
 
 FLAG_FINALIZED_WITH_UNPRICED = "finalized_with_unpriced_usage"
 
+# Projects whose drafts the engine computes between yields to the event loop: the consumer and
+# the API share the loop with the draft drainer, and must not wait for a whole bulk rebuild.
+ENGINE_SLICE = 25
+DRAIN_CHUNK = 200  # projects per query while draining: decoding a chunk also holds the loop
+
 
 class PeriodAlreadyFinalized(Exception):
     def __init__(self, period: str) -> None:
@@ -125,7 +130,9 @@ async def recompute_projects(
         usage = await store.unbilled_usage_many(conn, chunk, per_day=not per_hour)
         stored = await store.invoice_subsidies_many(conn, chunk)
         drafts: list[ComputedInvoice] = []
-        for project_id in chunk:
+        for index, project_id in enumerate(chunk, start=1):
+            if index % ENGINE_SLICE == 0:
+                await asyncio.sleep(0)  # let the consumer on this event loop go on meanwhile
             plans[project_id], built = _rebuild_project(
                 project_id,
                 from_periods[project_id],
@@ -159,27 +166,16 @@ async def recompute_project(
 
 
 async def ingest_hourly_batch(conn: Connection, totals: Sequence[HourlyTotal]) -> int:
-    """Upsert hourly totals into the ledger and mark the projects whose drafts they change as
-    dirty (with the earliest usage period changed), atomically; returns the hours changed.
+    """Upsert hourly totals into the ledger and its daily sums and mark the projects whose drafts
+    they change as dirty (with the earliest usage period changed), atomically; returns the hours
+    changed.
 
     The drafts are rebuilt later by drain_dirty_projects(). No write lock is taken: the upsert
-    is guarded by revision, the mark keeps the earliest period, and the drainer deletes a mark
-    only at the version it read.
+    is guarded by revision, the daily sums take each hour's delta from the row it replaced, the
+    mark keeps the earliest period, and the drainer deletes a mark only at the version it read.
+    It is a single statement, so it needs no transaction of its own.
     """
-    async with conn.transaction():
-        return await _ingest(conn, totals)
-
-
-async def _ingest(conn: Connection, totals: Sequence[HourlyTotal]) -> int:
-    changed_hours = await store.upsert_hourly(conn, totals)
-    earliest: dict[str, dt.datetime] = {}
-    for project_id, _gpu_model, hour_start in changed_hours:
-        if project_id not in earliest or hour_start < earliest[project_id]:
-            earliest[project_id] = hour_start
-    await store.mark_dirty(
-        conn, {project_id: domain.period_of(hour) for project_id, hour in earliest.items()}
-    )
-    return len(changed_hours)
+    return await store.ingest_hourly(conn, totals)
 
 
 async def drain_dirty_projects(conn: Connection, limit: int | None = None) -> list[str]:
@@ -201,7 +197,9 @@ async def _drain(conn: Connection, limit: int | None = None) -> list[str]:
         project_id: domain.invoice_period_for(period, finalized)
         for project_id, period, _version in marks
     }
-    _plans, changed = await recompute_projects(conn, from_periods, pricing, finalized)
+    _plans, changed = await recompute_projects(
+        conn, from_periods, pricing, finalized, chunk_size=DRAIN_CHUNK
+    )
     await store.clear_dirty(conn, marks)
     if changed:
         await refresh_signals(conn)
@@ -215,7 +213,7 @@ async def apply_hourly_batch(conn: Connection, totals: Sequence[HourlyTotal]) ->
     result = BatchResult()
     async with conn.transaction():
         await store.lock_writes(conn)
-        result.hours_changed = await _ingest(conn, totals)
+        result.hours_changed = await store.ingest_hourly(conn, totals)
         result.invoices_changed = await _drain(conn)
     return result
 

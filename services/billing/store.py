@@ -19,6 +19,7 @@ import asyncpg
 from schemas.catalog import Project, RateCard, Subsidy
 from schemas.metering import HourCompleteness, HourlyTotal
 from services.billing.domain import (
+    HONG_KONG,
     ComputedInvoice,
     ComputedLine,
     HourStatus,
@@ -43,6 +44,9 @@ RETRYABLE_DB_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.TooManyConnectionsError,
+    # A connection whose server went away mid-operation can be left in a state asyncpg refuses
+    # ("cannot switch to state ..."); the pool replaces it on the next try.
+    asyncpg.exceptions.InternalClientError,
     ConnectionError,
     OSError,
     TimeoutError,
@@ -151,48 +155,92 @@ def latest_revisions(totals: Iterable[HourlyTotal]) -> list[HourlyTotal]:
     """Keep, per natural key, the record with the highest revision (one statement may not hit a row twice)."""
     best: dict[tuple[str, str, dt.datetime], HourlyTotal] = {}
     for total in totals:
-        key = (total.project_id, total.gpu_model, total.hour_start.astimezone(dt.UTC))
-        if key not in best or total.revision > best[key].revision:
+        key = (total.project_id, total.gpu_model, total.hour_start)
+        found = best.get(key)
+        if found is None or total.revision > found.revision:
             best[key] = total
     return list(best.values())
 
 
-UPSERT_HOURLY = """
-INSERT INTO usage_hourly AS u
-    (project_id, gpu_model, hour_start, gpu_seconds, util_gpu_seconds, energy_wh, samples, revision)
-SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::numeric[], $5::numeric[],
-                     $6::numeric[], $7::integer[], $8::bigint[])
-ON CONFLICT (project_id, gpu_model, hour_start) DO UPDATE SET
-    gpu_seconds = EXCLUDED.gpu_seconds,
-    util_gpu_seconds = EXCLUDED.util_gpu_seconds,
-    energy_wh = EXCLUDED.energy_wh,
-    samples = EXCLUDED.samples,
-    revision = EXCLUDED.revision,
-    updated_at = now()
-WHERE u.revision < EXCLUDED.revision
-RETURNING project_id, gpu_model, hour_start
+# One statement, so atomic without a transaction of its own: upsert the hours (only a higher
+# revision replaces a row), add each changed hour's delta (new minus old, from RETURNING OLD, which
+# reads the row version the upsert replaced, even one committed concurrently) to its HK day, and,
+# when $9, mark the projects whose usage changed dirty from the earliest usage period changed.
+# Totals with deltas: a replay changes no hour, so it adds nothing. Day and mark rows are written in
+# key order, one lock order for concurrent batches.
+INGEST_HOURLY = """
+WITH changed AS (
+    INSERT INTO usage_hourly AS u (project_id, gpu_model, hour_start, gpu_seconds,
+                                   util_gpu_seconds, energy_wh, samples, revision)
+    SELECT project_id, gpu_model, hour_start, gpu_seconds::numeric, util_gpu_seconds::numeric,
+           energy_wh::numeric, samples, revision
+    FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
+                $7::integer[], $8::bigint[])
+        AS b(project_id, gpu_model, hour_start, gpu_seconds, util_gpu_seconds, energy_wh,
+             samples, revision)
+    ON CONFLICT (project_id, gpu_model, hour_start) DO UPDATE SET
+        gpu_seconds = EXCLUDED.gpu_seconds,
+        util_gpu_seconds = EXCLUDED.util_gpu_seconds,
+        energy_wh = EXCLUDED.energy_wh,
+        samples = EXCLUDED.samples,
+        revision = EXCLUDED.revision,
+        updated_at = now()
+    WHERE u.revision < EXCLUDED.revision
+    RETURNING new.project_id, new.gpu_model, new.hour_start,
+              new.gpu_seconds - COALESCE(old.gpu_seconds, 0) AS seconds_delta,
+              (new.gpu_seconds <> 0)::integer
+                  - COALESCE((old.gpu_seconds <> 0)::integer, 0) AS hours_used_delta
+),
+days AS (
+    INSERT INTO usage_daily AS d (project_id, gpu_model, hk_date, gpu_seconds, hours_used)
+    SELECT project_id, gpu_model, (hour_start AT TIME ZONE 'Asia/Hong_Kong')::date,
+           sum(seconds_delta), sum(hours_used_delta)
+    FROM changed GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+    ON CONFLICT (project_id, gpu_model, hk_date) DO UPDATE SET
+        gpu_seconds = d.gpu_seconds + EXCLUDED.gpu_seconds,
+        hours_used = d.hours_used + EXCLUDED.hours_used
+),
+marks AS (
+    INSERT INTO dirty_projects AS p (project_id, from_period)
+    SELECT project_id, to_char(min(hour_start) AT TIME ZONE 'Asia/Hong_Kong', 'YYYY-MM')
+    FROM changed WHERE $9::boolean GROUP BY 1 ORDER BY 1
+    ON CONFLICT (project_id) DO UPDATE SET
+        from_period = LEAST(p.from_period, EXCLUDED.from_period),
+        version = p.version + 1,
+        marked_at = now()
+)
+SELECT count(*) FROM changed
 """
 
 
-async def upsert_hourly(
-    conn: Connection, totals: Sequence[HourlyTotal]
-) -> list[tuple[str, str, dt.datetime]]:
-    """Insert new hours, update those whose revision is higher; returns the keys that changed."""
+async def ingest_hourly(
+    conn: Connection, totals: Sequence[HourlyTotal], mark_dirty: bool = True
+) -> int:
+    """Upsert hourly totals into the ledger and its daily sums (and, with `mark_dirty`, mark the
+    projects whose usage changed for the draft drainer) in one statement; returns the hours changed.
+    """
     rows = latest_revisions(totals)
     if not rows:
-        return []
-    changed = await conn.fetch(
-        UPSERT_HOURLY,
+        return 0
+    changed: int = await conn.fetchval(
+        INGEST_HOURLY,
         [r.project_id for r in rows],
         [r.gpu_model for r in rows],
         [r.hour_start for r in rows],
-        [r.gpu_seconds for r in rows],
-        [r.util_gpu_seconds for r in rows],
-        [r.energy_wh for r in rows],
+        # amounts as exact decimal text: asyncpg's binary numeric encoding costs more per value
+        [str(r.gpu_seconds) for r in rows],
+        [str(r.util_gpu_seconds) for r in rows],
+        [str(r.energy_wh) for r in rows],
         [r.samples for r in rows],
         [r.revision for r in rows],
+        mark_dirty,
     )
-    return [(row["project_id"], row["gpu_model"], row["hour_start"]) for row in changed]
+    return changed
+
+
+async def upsert_hourly(conn: Connection, totals: Sequence[HourlyTotal]) -> int:
+    """ingest_hourly() without dirty marks; returns the hours changed."""
+    return await ingest_hourly(conn, totals, mark_dirty=False)
 
 
 UNBILLED_USAGE = """
@@ -238,50 +286,115 @@ WHERE u.project_id = ANY($1::text[]) AND u.gpu_seconds <> COALESCE(b.billed, 0)
 
 UNBILLED_USAGE_MANY_HOURLY = f"{UNBILLED_USAGE_MANY} ORDER BY 1, 3, 2"
 
-UNBILLED_USAGE_MANY_DAILY = f"""
-SELECT project_id, gpu_model, (date_trunc('day', hour_start AT TIME ZONE 'Asia/Hong_Kong')
-                               AT TIME ZONE 'Asia/Hong_Kong') AS hour_start, sum(unbilled) AS unbilled
-FROM ({UNBILLED_USAGE_MANY}) hourly
-GROUP BY 1, 2, 3 ORDER BY 1, 3, 2
+# The same per HK day, from usage_daily. Billed usage exists only for hours of finalized periods
+# (finalizing P bills hours of P and late hours of earlier finalized periods), so a day of an open
+# period is unbilled as a whole and is read from its daily row (when any of its hours has usage).
+UNBILLED_DAILY_OPEN = """
+SELECT project_id, gpu_model, hk_date, gpu_seconds AS unbilled
+FROM usage_daily
+WHERE project_id = ANY($1::text[]) AND hours_used > 0
 """
 
-# The same, cheaper: hours are grouped by UTC+8 day with integer arithmetic instead of a time
-# zone conversion per hour, and only each group's first hour is converted. The groups are
-# Asia/Hong_Kong days wherever the zone is UTC+8 (since 1979); `straddles` reports a group whose
-# first and last hours fall on different HK dates, and the caller then uses the exact query.
-UNBILLED_USAGE_MANY_DAILY_FAST = f"""
-SELECT project_id, gpu_model,
-       (date_trunc('day', first_hour AT TIME ZONE 'Asia/Hong_Kong')
-        AT TIME ZONE 'Asia/Hong_Kong') AS hour_start,
-       (first_hour AT TIME ZONE 'Asia/Hong_Kong')::date
-           <> (last_hour AT TIME ZONE 'Asia/Hong_Kong')::date AS straddles,
-       unbilled
-FROM (
-    SELECT project_id, gpu_model, min(hour_start) AS first_hour, max(hour_start) AS last_hour,
-           sum(unbilled) AS unbilled
-    FROM ({UNBILLED_USAGE_MANY}) hourly
-    GROUP BY 1, 2, (extract(epoch FROM hour_start)::bigint + 28800) / 86400
-) days
-ORDER BY 1, 3, 2
+# With finalized periods ($2/$3: their first and end HK dates; $4/$5: the same as instants), their
+# days are left out of the daily rows, and their hours are read from the ledger minus what was
+# billed, per hour (a day's totals may agree while its hours differ), summed per HK day.
+UNBILLED_DAILY_WITH_CLOSED = f"""
+{UNBILLED_DAILY_OPEN}
+  AND NOT EXISTS (SELECT 1 FROM unnest($2::date[], $3::date[]) AS c(first_day, end_day)
+                  WHERE hk_date >= c.first_day AND hk_date < c.end_day)
+UNION ALL
+SELECT u.project_id, u.gpu_model, (u.hour_start AT TIME ZONE 'Asia/Hong_Kong')::date,
+       sum(u.gpu_seconds - COALESCE(b.billed, 0))
+FROM unnest($4::timestamptz[], $5::timestamptz[]) AS c(period_start, period_end)
+JOIN usage_hourly u ON u.project_id = ANY($1::text[])
+                   AND u.hour_start >= c.period_start AND u.hour_start < c.period_end
+LEFT JOIN (
+    SELECT project_id, gpu_model, hour_start, sum(gpu_seconds) AS billed
+    FROM billed_usage WHERE project_id = ANY($1::text[]) GROUP BY 1, 2, 3
+) b USING (project_id, gpu_model, hour_start)
+WHERE u.gpu_seconds <> COALESCE(b.billed, 0)
+GROUP BY 1, 2, 3
 """
+
+
+def _per_project(days_query: str) -> str:
+    # One row per project with its days as arrays (by day, then model): far fewer rows to decode.
+    return f"""
+SELECT project_id, array_agg(gpu_model ORDER BY hk_date, gpu_model) AS gpu_models,
+       array_agg(hk_date ORDER BY hk_date, gpu_model) AS hk_dates,
+       array_agg(unbilled ORDER BY hk_date, gpu_model) AS unbilled
+FROM ({days_query}) days
+GROUP BY project_id
+"""
+
+
+UNBILLED_USAGE_MANY_DAILY = _per_project(UNBILLED_DAILY_OPEN)
+UNBILLED_USAGE_MANY_DAILY_WITH_CLOSED = _per_project(UNBILLED_DAILY_WITH_CLOSED)
+
+_hk_midnights: dict[dt.date, dt.datetime] = {}
+
+
+def hk_midnight(day: dt.date) -> dt.datetime:
+    """00:00 in Asia/Hong_Kong of `day`, as an aware UTC instant (memoized: days repeat)."""
+    found = _hk_midnights.get(day)
+    if found is None:
+        found = dt.datetime(day.year, day.month, day.day, tzinfo=HONG_KONG).astimezone(dt.UTC)
+        if len(_hk_midnights) >= 65536:
+            _hk_midnights.clear()
+        _hk_midnights[day] = found
+    return found
 
 
 async def unbilled_usage_many(
     conn: Connection, project_ids: Sequence[str], per_day: bool = False
 ) -> dict[str, list[UsageHour]]:
-    """unbilled_usage() of many projects in one query: project -> its hours (or HK days)."""
+    """unbilled_usage() of many projects in one query: project -> its hours (or HK days, each
+    stamped with its HK midnight)."""
     usage: dict[str, list[UsageHour]] = {project_id: [] for project_id in project_ids}
     if not project_ids:
         return usage
-    if per_day:
-        rows = await conn.fetch(UNBILLED_USAGE_MANY_DAILY_FAST, list(project_ids))
-        if any(r["straddles"] for r in rows):
-            rows = await conn.fetch(UNBILLED_USAGE_MANY_DAILY, list(project_ids))
+    if not per_day:
+        for r in await conn.fetch(UNBILLED_USAGE_MANY_HOURLY, list(project_ids)):
+            usage[r["project_id"]].append(UsageHour(r["gpu_model"], r["hour_start"], r["unbilled"]))
+        return usage
+    closed = sorted(await finalized_periods(conn))
+    if closed:
+        bounds = [period_bounds(period) for period in closed]
+        rows = await conn.fetch(
+            UNBILLED_USAGE_MANY_DAILY_WITH_CLOSED,
+            list(project_ids),
+            [start.astimezone(HONG_KONG).date() for start, _end in bounds],
+            [end.astimezone(HONG_KONG).date() for _start, end in bounds],
+            [start for start, _end in bounds],
+            [end for _start, end in bounds],
+        )
     else:
-        rows = await conn.fetch(UNBILLED_USAGE_MANY_HOURLY, list(project_ids))
-    for r in rows:
-        usage[r["project_id"]].append(UsageHour(r["gpu_model"], r["hour_start"], r["unbilled"]))
+        rows = await conn.fetch(UNBILLED_USAGE_MANY_DAILY, list(project_ids))
+    midnights = _hk_midnights
+    for project_id, gpu_models, hk_dates, unbilled in rows:
+        usage[project_id] = [
+            UsageHour(gpu_model, midnights.get(day) or hk_midnight(day), gpu_seconds)
+            for gpu_model, day, gpu_seconds in zip(gpu_models, hk_dates, unbilled, strict=True)
+        ]
     return usage
+
+
+REBUILD_USAGE_DAILY = """
+INSERT INTO usage_daily AS d (project_id, gpu_model, hk_date, gpu_seconds, hours_used)
+SELECT project_id, gpu_model, (hour_start AT TIME ZONE 'Asia/Hong_Kong')::date,
+       sum(gpu_seconds), count(*) FILTER (WHERE gpu_seconds <> 0)
+FROM usage_hourly
+GROUP BY 1, 2, 3
+ON CONFLICT (project_id, gpu_model, hk_date) DO UPDATE SET
+    gpu_seconds = EXCLUDED.gpu_seconds, hours_used = EXCLUDED.hours_used
+WHERE (d.gpu_seconds, d.hours_used) IS DISTINCT FROM (EXCLUDED.gpu_seconds, EXCLUDED.hours_used)
+"""
+
+
+async def rebuild_usage_daily(conn: Connection) -> None:
+    """Recompute every daily sum from the ledger (as migration 0004 does); for bulk loads that
+    bypass ingest_hourly(), run while nothing ingests (ingestion takes no write lock)."""
+    await conn.execute(REBUILD_USAGE_DAILY)
 
 
 async def usage_rows(
@@ -306,29 +419,12 @@ async def usage_rows(
 
 async def billable_project_ids(conn: Connection) -> list[str]:
     rows = await conn.fetch(
-        "SELECT project_id FROM usage_hourly UNION SELECT project_id FROM invoices ORDER BY 1"
+        "SELECT project_id FROM usage_daily UNION SELECT project_id FROM invoices ORDER BY 1"
     )
     return [row["project_id"] for row in rows]
 
 
 # --- dirty projects (drafts behind the ledger) ---------------------------------------------------
-
-
-async def mark_dirty(conn: Connection, from_periods: dict[str, str]) -> None:
-    """Record that these projects' drafts must be rebuilt from (at least) the given usage period;
-    an existing mark keeps the earlier period and gets a new version."""
-    if not from_periods:
-        return
-    project_ids = sorted(from_periods)  # one lock order for concurrent batches
-    await conn.execute(
-        "INSERT INTO dirty_projects AS d (project_id, from_period)"
-        " SELECT * FROM unnest($1::text[], $2::text[])"
-        " ON CONFLICT (project_id) DO UPDATE"
-        " SET from_period = LEAST(d.from_period, EXCLUDED.from_period),"
-        " version = d.version + 1, marked_at = now()",
-        project_ids,
-        [from_periods[project_id] for project_id in project_ids],
-    )
 
 
 async def dirty_projects(conn: Connection, limit: int | None = None) -> list[tuple[str, str, int]]:
