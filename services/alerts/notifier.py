@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-import asyncpg
 import httpx
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -23,7 +22,7 @@ from services.alerts import payloads
 from services.alerts.config import ReceiverConfig
 from services.alerts.domain import Route, route
 from services.alerts.metrics import AlertsMetrics
-from services.alerts.store import OutboxRow, Store
+from services.alerts.store import DB_ERRORS, OutboxRow, Store
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +158,7 @@ class Notifier:
             wake.clear()
             try:
                 rows = await self.store.undelivered(name)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            except DB_ERRORS as exc:
                 log.warning("outbox read for %s failed: %s", name, exc)
                 await self._sleep(self.poll_interval_s)
                 continue
@@ -172,9 +171,7 @@ class Notifier:
                 try:
                     await sender.send(row)
                 except DeliveryError as exc:
-                    with contextlib.suppress(
-                        asyncpg.PostgresError, asyncpg.InterfaceError, OSError
-                    ):
+                    with contextlib.suppress(*DB_ERRORS):
                         await self.store.mark_failed(row.seq, str(exc), rejected=not exc.retriable)
                     if not exc.retriable:
                         self.metrics.notifications_failed.labels(name, "rejected").inc()
@@ -190,7 +187,7 @@ class Notifier:
                     break  # re-read: the same row is first again
                 try:
                     await self.store.mark_delivered(row.seq)
-                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                except DB_ERRORS as exc:
                     log.warning("could not mark notification %s delivered: %s", row.seq, exc)
                     break
                 failures = 0
@@ -200,7 +197,7 @@ class Notifier:
         while not self._stop.is_set():
             try:
                 depths = await self.store.outbox_depths()
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            except DB_ERRORS:
                 depths = None
             if depths is not None:
                 for name in self.senders:
@@ -224,7 +221,7 @@ async def resend_to_alertmanagers(
         try:
             depths = await store.outbox_depths()
             snapshot = await store.alertmanager_snapshot(resolved_within_s)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except DB_ERRORS as exc:
             log.warning("alertmanager re-send skipped: %s", exc)
             continue
         now = datetime.now(UTC)

@@ -27,9 +27,14 @@ RETRYABLE_DB_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.TooManyConnectionsError,
+    # A pooled connection whose server went away mid-operation can be left in a state asyncpg
+    # refuses to use ("cannot switch to state ..."): the pool replaces it on the next try.
+    asyncpg.exceptions.InternalClientError,
     OSError,
     TimeoutError,
 )
+# What the outbox loops wait out: the above, and any error PostgreSQL itself reports.
+DB_ERRORS: tuple[type[Exception], ...] = (asyncpg.PostgresError, *RETRYABLE_DB_ERRORS)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_LOCK = 0x616C65727473  # pg_advisory_lock key: "alerts"
