@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Debian packages some tests use (a real Prometheus Alertmanager). Installed when missing and we are
-# root with apt-get; otherwise say what is missing and carry on (the tests then report it clearly).
+# Debian packages some tests use (a real Prometheus Alertmanager, headless Chromium for the
+# dashboard). Installed when missing and we are root with apt-get; otherwise say what is missing
+# and carry on (the tests then report it clearly).
 set -euo pipefail
 missing=()
 command -v prometheus-alertmanager >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

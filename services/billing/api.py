@@ -303,6 +303,12 @@ def create_api(
     for error_type in store.RETRYABLE_DB_ERRORS:
         app.add_exception_handler(error_type, _database_down)
 
+    # Dashboard and PDF invoices; imported here because they use this module's auth and errors.
+    # Included before /v1/invoices/{invoice_id} so that its .pdf route matches first.
+    from services.billing.web.routes import create_router
+
+    app.include_router(create_router(settings, store_))
+
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> JSONResponse:
         report: dict[str, Any] = {"status": "ok", "database": await store_.ping()}

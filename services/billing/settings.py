@@ -61,11 +61,27 @@ class BillingSettings(CommonSettings):
         min_length=1,
         description="ProviderName, PublisherName and InvoiceIssuerName of the FOCUS export",
     )
+    alerts_url: str | None = Field(
+        None,
+        description="base URL of the alerts service (its GET /v1/alerts feeds the dashboard's"
+        " active alerts); unset: the dashboard says alerts are not configured",
+    )
 
     @field_validator("api_tokens", mode="before")
     @classmethod
     def _parse_tokens(cls, value: object) -> object:
         return parse_api_tokens(value) if isinstance(value, str) else value
+
+    @field_validator("alerts_url", mode="before")
+    @classmethod
+    def _alerts_url(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().rstrip("/")
+            if not value:
+                return None
+            if not value.startswith(("http://", "https://")):
+                raise ValueError("ALERTS_URL: expected an http:// or https:// URL")
+        return value
 
     @property
     def consumer_group(self) -> str:
