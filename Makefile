@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run run-no-fleet test lint bench clean
+.PHONY: run run-no-fleet test lint bench drill clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m gpumeter.bench $(ARGS)
+
+drill: $(STAMP)
+	$(PY) -m gpumeter.drill $(ARGS)
 
 clean:
 	rm -rf var

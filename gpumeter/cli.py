@@ -15,6 +15,10 @@ def main(argv: list[str] | None = None) -> int:
         from services.billing.cli import main as billing_main
 
         return billing_main(argv)
+    if argv and argv[0] == "drill":
+        from gpumeter.drill import main as drill_main
+
+        return drill_main(argv[1:])
 
     parser = argparse.ArgumentParser(prog="gpumeter", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -22,9 +26,11 @@ def main(argv: list[str] | None = None) -> int:
         "up", help="run broker, database, services and a simulated fleet locally"
     )
     up.add_argument("--no-fleet", action="store_true", help="leave the simulated fleet out")
-    up.add_argument("--nodes", type=int, default=8, help="simulated nodes (8 GPUs each)")
-    up.add_argument("--speed", type=float, default=1800.0, help="simulated seconds per real second")
-    up.add_argument("--start", default="-2d", help="simulated start: ISO time or offset like -2d")
+    up.add_argument("--nodes", type=int, default=165, help="simulated nodes (8 H800 each)")
+    up.add_argument(
+        "--speed", type=float, default=120.0, help="simulated seconds per real second (to now)"
+    )
+    up.add_argument("--start", default="-1d", help="simulated start: ISO time or offset like -2d")
     up.add_argument(
         "--interval", type=float, default=60.0, help="sampling interval of the simulated agents (s)"
     )
@@ -32,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--data-dir", type=Path, default=Path("var"))
     up.add_argument(
         "--duration", type=float, default=None, help="stop by itself after this many seconds"
+    )
+    commands.add_parser(
+        "drill", help="the fault drill: kill, cut and restart, then check the money"
     )
     commands.add_parser("catalog", help="catalog apply FILE (billing)")
     commands.add_parser("invoices", help="list, show, export invoices (billing)")

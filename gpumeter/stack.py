@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -38,14 +39,20 @@ HKT = ZoneInfo("Asia/Hong_Kong")
 class StackOptions:
     data_dir: Path = Path("var")
     fleet: bool = True
-    nodes: int = 8
-    speed: float = 1800.0
-    start: str = "-2d"
+    # About the Cyberport centre's scale; at 120x a day of history takes 12 minutes (~2,600
+    # samples/s on 2 cores), then the fleet runs in real time. --speed/--start/--nodes change it.
+    nodes: int = 165
+    speed: float = 120.0
+    start: str = "-1d"
     interval_s: float = 60.0
     partitions: int = 8
     duration_s: float | None = None  # stop by itself after this long (used by tests and demos)
     catalog: Path = REPO_ROOT / "deploy" / "catalog.sample.yaml"
     rules: Path = REPO_ROOT / "deploy" / "alert-rules.yaml"
+    topic_prefix: str = ""  # isolates a run on a shared broker (the fault drill)
+    # The address the agents use, given the broker's: the fault drill puts a proxy in between.
+    agent_bootstrap: Callable[[str], str] | None = None
+    agent_env: dict[str, str] = field(default_factory=dict)
 
 
 class WebhookInbox:
@@ -53,11 +60,13 @@ class WebhookInbox:
 
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []
+        self.idempotency_keys: list[str | None] = []  # per request, beside `received`
         inbox = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                inbox.idempotency_keys.append(self.headers.get("Idempotency-Key"))
                 try:
                     inbox.received.append(json.loads(body))
                 except json.JSONDecodeError:
@@ -81,6 +90,9 @@ class WebhookInbox:
 class Stack:
     options: StackOptions
     children: dict[str, subprocess.Popen] = field(default_factory=dict)
+    launches: dict[str, tuple[list[str], int | None, dict[str, str] | None]] = field(
+        default_factory=dict
+    )
     broker: TansuBroker | None = None
     postgres: EmbeddedPostgres | None = None
     ports: dict[str, int] = field(default_factory=dict)
@@ -132,7 +144,10 @@ class Stack:
             "ALERT_WEBHOOK_URL": self.inbox.url,
             "PYTHONUNBUFFERED": "1",
         }
-        topics = Topics()  # each service creates the topics it writes, with their settings
+        if opts.topic_prefix:
+            self.env["TOPIC_PREFIX"] = opts.topic_prefix
+        # Each service creates the topics it writes, with their settings.
+        topics = Topics(opts.topic_prefix)
         say(f"topics: {', '.join(topics.public())}")
 
         self.run_once(
@@ -145,7 +160,10 @@ class Stack:
             http_port=self.ports["metering"],
         )
         self.spawn(
-            "billing", [sys.executable, "-m", "services.billing"], http_port=self.ports["billing"]
+            "billing",
+            [sys.executable, "-m", "services.billing"],
+            http_port=self.ports["billing"],
+            extra_env={"ALERTS_URL": f"http://127.0.0.1:{self.ports['alerts']}"},  # dashboard
         )
         self.spawn(
             "alerts", [sys.executable, "-m", "services.alerts"], http_port=self.ports["alerts"]
@@ -162,6 +180,12 @@ class Stack:
                     "AGENT_SIM_SPEED": str(opts.speed),
                     "AGENT_SIM_START": opts.start,
                     "AGENT_INTERVAL_S": str(opts.interval_s),
+                    **(
+                        {"KAFKA_BOOTSTRAP_SERVERS": opts.agent_bootstrap(bootstrap)}
+                        if opts.agent_bootstrap
+                        else {}
+                    ),
+                    **opts.agent_env,
                 },
             )
             say(
@@ -190,6 +214,7 @@ class Stack:
         http_port: int | None = None,
         extra_env: dict[str, str] | None = None,
     ) -> None:
+        self.launches[name] = (command, http_port, extra_env)
         env = {**os.environ, **self.env, **(extra_env or {})}
         if http_port:
             env["HTTP_PORT"] = str(http_port)
@@ -202,6 +227,24 @@ class Stack:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal a child's whole process group (SIGKILL: a crash, no cleanup) and reap it."""
+        child = self.children[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, sig)
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait(5)
+
+    def respawn(self, name: str) -> None:
+        """Start a child again exactly as it was started, and wait for /healthz if it has one."""
+        command, http_port, extra_env = self.launches[name]
+        self.spawn(name, command, http_port=http_port, extra_env=extra_env)
+        if http_port:
+            self.wait_healthy(name)
 
     def wait_healthy(self, name: str, timeout_s: float = 90.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -224,6 +267,7 @@ class Stack:
         api = f"http://127.0.0.1:{self.ports['billing']}"
         period = datetime.now(HKT).strftime("%Y-%m")
         say("")
+        say(f"dashboard     {api}/dashboard#token={self.billing_token}")
         say(f"billing API   {api}   (OpenAPI: {api}/openapi.json)")
         say(f"admin token   {self.admin_token}")
         say(f"billing token {self.billing_token}")
@@ -269,6 +313,10 @@ class Stack:
         finally:
             if view is not None:
                 view.close()
+            api = f"http://127.0.0.1:{self.ports['billing']}"
+            say(f"web dashboard {api}/dashboard#token={self.billing_token}")
+            tokens = self.options.data_dir / "api-tokens.json"
+            say(f"billing API   {api}/v1   (OpenAPI: {api}/openapi.json; tokens in {tokens})")
 
     def check_children(self) -> None:
         for name, child in self.children.items():
@@ -294,6 +342,7 @@ class Stack:
                 snap["invoices"] = body if isinstance(body, list) else body.get("invoices", [])
         except httpx.HTTPError as exc:
             snap["billing_error"] = str(exc)
+        snap["allocation"], snap["cap"] = self.dashboard_figures(period, headers)
         metrics = scrape(f"http://127.0.0.1:{self.ports['metering']}/metrics")
         counted = sum(
             v
@@ -325,6 +374,34 @@ class Stack:
                     .get("simulated_time")
                 )
         return snap
+
+    def dashboard_figures(
+        self, period: str, headers: dict[str, str]
+    ) -> tuple[list[tuple[str, float]], dict[str, tuple[Decimal, Decimal]]]:
+        """From billing's dashboard API: the centre's allocation ratio per hour of the period
+        (allocated GPUs on average / GPUs in the fleet), and each subsidised project's cap and
+        what of it is used."""
+        base = f"http://127.0.0.1:{self.ports['billing']}/dashboard/api"
+        allocation: list[tuple[str, float]] = []
+        cap: dict[str, tuple[Decimal, Decimal]] = {}
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, ArithmeticError):
+            centre = httpx.get(
+                f"{base}/centre", params={"period": period}, headers=headers, timeout=5
+            ).json()
+            hours = centre["hours"]
+            gpus = self.options.nodes * 8 if self.options.fleet else 0
+            if not gpus:
+                gpus = 8 * max((h.get("nodes_online") or 0 for h in hours), default=0)
+            if gpus:
+                allocation = [
+                    (h["hour_start"], float(Decimal(h["allocated_gpus"]) / gpus)) for h in hours
+                ]
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, ArithmeticError):
+            projects = httpx.get(f"{base}/cap", headers=headers, timeout=5).json()["projects"]
+            cap = {
+                p["project_id"]: (Decimal(p["cap_hkd"]), Decimal(p["used_hkd"])) for p in projects
+            }
+        return allocation, cap
 
     def stop(self) -> None:
         for name in ("agent", "alerts", "billing", "metering"):
@@ -370,10 +447,38 @@ def totals(snapshot: dict[str, Any]) -> tuple[Decimal, Decimal]:
     return gross, subsidy
 
 
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], low: float = 0.5, high: float = 1.0) -> str:
+    """One character per value, from `low` (or less) to `high` (or more)."""
+    span = high - low
+    return "".join(
+        SPARKS[min(len(SPARKS) - 1, max(0, int((v - low) / span * len(SPARKS))))] for v in values
+    )
+
+
+def allocation_line(snapshot: dict[str, Any], hours: int = 48) -> str:
+    points = snapshot.get("allocation") or []
+    if not points:
+        return "allocation: no hours yet"
+    recent = [ratio for _hour, ratio in points[-hours:]]
+    return f"allocation {recent[-1]:.1%} now (last {len(recent)} h, 50%..100%: {sparkline(recent)})"
+
+
+def cap_used(snapshot: dict[str, Any], project_id: str) -> str:
+    found = (snapshot.get("cap") or {}).get(project_id)
+    if not found or not found[0]:
+        return "-"
+    cap, used = found
+    return f"{used / cap:.1%}"
+
+
 def plain_line(snapshot: dict[str, Any]) -> str:
     gross, subsidy = totals(snapshot)
     return (
-        f"[{snapshot['at']}] {len(snapshot['invoices'])} draft invoices for {snapshot['period']}: "
+        f"[{snapshot['at']}] {allocation_line(snapshot, 12)}; "
+        f"{len(snapshot['invoices'])} draft invoices for {snapshot['period']}: "
         f"gross HK${gross:,.2f}, subsidy HK${subsidy:,.2f}, net HK${gross - subsidy:,.2f}; "
         f"{snapshot['samples_per_s']:,.0f} samples/s, lag {snapshot['lag']:,.0f}, "
         f"{len(snapshot['active_alerts'])} alerts firing"
@@ -402,10 +507,19 @@ class LiveView:
             f"[b]{snapshot['period']}[/b]  simulated time {snapshot.get('simulated_time', '-')}  "
             f"samples/s {snapshot['samples_per_s']:,.0f}  counted {snapshot['samples_counted']:,.0f}  "
             f"lag {snapshot['lag']:,.0f}\n"
+            f"{allocation_line(snapshot)}\n"
             f"gross HK${gross:,.2f}  subsidy HK${subsidy:,.2f}  net HK${gross - subsidy:,.2f}"
         )
         table = Table(title="draft invoices", expand=True)
-        for column in ("project", "gross HK$", "subsidy HK$", "net HK$", "cap remaining HK$"):
+        columns = (
+            "project",
+            "gross HK$",
+            "subsidy HK$",
+            "net HK$",
+            "cap remaining HK$",
+            "cap used",
+        )
+        for column in columns:
             table.add_column(column, justify="left" if column == "project" else "right")
         for invoice in sorted(snapshot["invoices"], key=lambda i: -Decimal(i["gross_hkd"])):
             table.add_row(
@@ -414,6 +528,7 @@ class LiveView:
                 invoice["subsidy_hkd"],
                 invoice["net_hkd"],
                 invoice.get("subsidy_cap_remaining_hkd") or "-",
+                cap_used(snapshot, invoice["project_id"]),
             )
         alerts = Table(title="alerts firing", expand=True)
         alerts.add_column("alert")
@@ -436,8 +551,6 @@ class LiveView:
 
     def close(self) -> None:
         self.live.stop()
-        api = f"http://127.0.0.1:{self.stack.ports['billing']}"
-        say(f"billing API {api} (token in {self.stack.options.data_dir / 'api-tokens.json'})")
 
 
 def say(text: str) -> None:

@@ -61,6 +61,13 @@ def test_gpumeter_up_runs_the_centre_and_ctrl_c_stops_every_process(tmp_path: Pa
             interval_s=1,
             what="invoices in the live view",
         )
+        # and the centre's allocation per hour, as a ratio of the fleet's GPUs
+        wait_until(
+            lambda: re.search(r"allocation \d+\.\d% now \(last [1-9]\d* h", output()),
+            60,
+            interval_s=1,
+            what="the allocation ratio in the live view",
+        )
         wait_until(
             lambda: "ALERT FIRING: CentreAllocation" in output(),
             150,
@@ -73,6 +80,9 @@ def test_gpumeter_up_runs_the_centre_and_ctrl_c_stops_every_process(tmp_path: Pa
     text = log_path.read_text(errors="replace")
     assert process.returncode == 0, text[-3000:]
     assert "stopped: no process left behind" in text
+    # and it ends by pointing to the web dashboard and the API
+    assert re.search(r"web dashboard http://127\.0\.0\.1:\d+/dashboard#token=\S+", text)
+    assert re.search(r"billing API   http://127\.0\.0\.1:\d+/v1", text)
     ports = [int(p) for p in re.findall(r"healthy on http://127\.0\.0\.1:(\d+)", text)]
     assert len(ports) == 3
     assert not any(listening(port) for port in ports)
