@@ -17,22 +17,8 @@ import asyncpg
 from schemas.alert import AlertEvent
 from schemas.metering import ClusterMinute
 from services.alerts.domain import Dirty, NodeSeen, SeriesState, StateChange, Watermark
+from services.common.db import RETRYABLE_DB_ERRORS
 
-# Errors after which the same write may succeed on a fresh connection: PostgreSQL restarting or
-# unreachable, a connection dropped under us. Every write here is idempotent, so it is retried.
-RETRYABLE_DB_ERRORS: tuple[type[Exception], ...] = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.SerializationError,
-    asyncpg.exceptions.DeadlockDetectedError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    # A pooled connection whose server went away mid-operation can be left in a state asyncpg
-    # refuses to use ("cannot switch to state ..."): the pool replaces it on the next try.
-    asyncpg.exceptions.InternalClientError,
-    OSError,
-    TimeoutError,
-)
 # What the outbox loops wait out: the above, and any error PostgreSQL itself reports.
 DB_ERRORS: tuple[type[Exception], ...] = (asyncpg.PostgresError, *RETRYABLE_DB_ERRORS)
 

@@ -28,29 +28,13 @@ from services.billing.domain import (
     UsageHour,
     period_bounds,
 )
+from services.common.db import RETRYABLE_DB_ERRORS as RETRYABLE_DB_ERRORS  # store.RETRYABLE_...
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 MIGRATION_LOCK_ID = 0x6270_6D01  # pg advisory lock: one migrator at a time
 WRITE_LOCK_ID = 0x6270_6D02  # serializes ledger, invoice and finalization writes
-
-# Errors after which the same operation may succeed on a fresh connection (server restart,
-# network, startup, or a transaction PostgreSQL asks us to retry).
-RETRYABLE_DB_ERRORS: tuple[type[Exception], ...] = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.SerializationError,
-    asyncpg.exceptions.DeadlockDetectedError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    # A connection whose server went away mid-operation can be left in a state asyncpg refuses
-    # ("cannot switch to state ..."); the pool replaces it on the next try.
-    asyncpg.exceptions.InternalClientError,
-    ConnectionError,
-    OSError,
-    TimeoutError,
-)
 
 Connection = Any  # asyncpg.Connection or a pool's proxy of one
 
