@@ -181,10 +181,29 @@ def _make_highwaters_exact(bootstrap_servers: str) -> None:
     AIOKafkaConsumerThread._gpumeter_exact_highwaters = True  # type: ignore[attr-defined]
 
 
+def _set_fetch_max_wait(wait_ms: int) -> None:
+    """Faust creates its consumer with fetch_max_wait_ms=1500 and no setting to change it: set
+    it on the consumer before it starts (its fetcher reads it then)."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    create = getattr(AIOKafkaConsumerThread, "_gpumeter_create_worker_consumer", None)
+    if create is None:
+        create = AIOKafkaConsumerThread._create_worker_consumer
+        AIOKafkaConsumerThread._gpumeter_create_worker_consumer = create  # type: ignore[attr-defined]
+
+    def create_worker_consumer(self: Any, transport: Any) -> Any:
+        consumer = create(self, transport)
+        consumer._fetch_max_wait_ms = wait_ms
+        return consumer
+
+    AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
+
+
 def create_app(settings: MeteringSettings) -> faust.App:
     BEFORE_FLUSH.clear()
     _make_producer_flush_complete()
     _make_highwaters_exact(settings.kafka_bootstrap_servers)
+    _set_fetch_max_wait(settings.fetch_max_wait_ms)
     topics = settings.topics
     rebalance_s = settings.kafka_rebalance_timeout_ms / 1000
     app = faust.App(
@@ -265,7 +284,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
     # Partials are cumulative, so re-sending them is always safe. After every assignment, each
     # node's partials are re-sent once from its restored state: outputs lost between a state write
     # and a crash reach the sums even from a node that never sends again.
-    resend = {"pending": True}
+    resend = {"pending": True, "recovered": False}
 
     # Parsed node states, so a batch does not re-parse its record; the table stays the truth.
     live_states: dict[str, domain.NodeState] = {}
@@ -306,8 +325,15 @@ def create_app(settings: MeteringSettings) -> faust.App:
         signal_sent.clear()
         live_states.clear()
         resend["pending"] = True
+        resend["recovered"] = False
+
+    async def on_recovered(sender: Any, **kwargs: Any) -> None:
+        # Sent when this assignment's tables are restored (Faust's own `completed` event is set
+        # once and never cleared, so it cannot tell a later assignment's recovery apart).
+        resend["recovered"] = True
 
     app.on_partitions_assigned.connect(on_assigned)  # type: ignore[arg-type]
+    app.on_rebalance_complete.connect(on_recovered)  # type: ignore[arg-type]
 
     hour_out = PartialOutbox(node_hourly_topic, settings.internal_partitions)
     minute_out = PartialOutbox(node_minutely_topic, settings.internal_partitions)
@@ -361,7 +387,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
 
     def process_usage(events: list[Any]) -> None:
         started = time.perf_counter()
-        if resend["pending"]:
+        if resend["pending"] and resend["recovered"]:
             resend_all()
         now = datetime.now(UTC)
         by_node: dict[str, list[tuple[domain.SampleView, Any]]] = defaultdict(list)
@@ -503,8 +529,10 @@ def create_app(settings: MeteringSettings) -> faust.App:
     @app.timer(1.0)
     async def resend_when_idle() -> None:
         # No usage arrives after an assignment (an idle centre, silent nodes): re-send anyway.
-        recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
-        if resend["pending"] and recovered and not app.rebalancing:
+        # Not from a state still being restored: a re-send from a stale node state, with the
+        # flag then cleared, left a node's last partial unsent until it sent again.
+        in_recovery = getattr(app, "in_recovery", False)
+        if resend["pending"] and resend["recovered"] and not app.rebalancing and not in_recovery:
             resend_all()
 
     @app.page("/healthz")
