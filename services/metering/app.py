@@ -50,6 +50,11 @@ class MeteringMetrics:
         self.messages = Counter(
             "gpumeter_metering_messages_total", "Usage messages consumed", registry=self.registry
         )
+        self.offset_gaps = Counter(
+            "gpumeter_metering_usage_offset_gaps_total",
+            "Usage messages the stream skipped over within one assignment (offsets never seen)",
+            registry=self.registry,
+        )
         self.batch_seconds = Histogram(
             "gpumeter_metering_batch_seconds",
             "Time to process one batch",
@@ -320,7 +325,11 @@ def create_app(settings: MeteringSettings) -> faust.App:
             return True
         return False
 
+    # The next usage offset each partition should deliver, to notice messages skipped over.
+    next_offset: dict[int, int] = {}
+
     async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+        next_offset.clear()  # the stream restarts from the committed offsets
         write_dirty_states()
         signal_sent.clear()
         live_states.clear()
@@ -394,6 +403,18 @@ def create_app(settings: MeteringSettings) -> faust.App:
         for event in events:
             metrics.messages.inc()
             message = event.message
+            expected = next_offset.get(message.partition)
+            if expected is not None and message.offset > expected:
+                # The broker's offsets are contiguous on this topic: a jump means the stream did
+                # not hand us messages that were read. Counted and logged, as that is a loss.
+                metrics.offset_gaps.inc(message.offset - expected)
+                log.warning(
+                    "usage partition %d: offsets %d..%d never reached the stream",
+                    message.partition,
+                    expected,
+                    message.offset - 1,
+                )
+            next_offset[message.partition] = message.offset + 1
             try:
                 decoded = decode_samples(message.value, now=now, key=message.key)
             except InvalidUsage as error:

@@ -152,7 +152,8 @@ def diagnosis(bootstrap: str, topic_prefix: str, service: ServiceProcess) -> str
         )
     reasons = Counter(json.loads(m.value).get("reason") for m in letters)
     log = service.log_path.read_text(errors="replace")
-    recovery = [line for line in log.splitlines() if "Recovery" in line or "generation" in line]
+    marks = ("Recovery", "generation", "never reached the stream")
+    recovery = [line for line in log.splitlines() if any(mark in line for mark in marks)]
     return f"dead letters by reason: {dict(reasons)}\n" + "\n".join(recovery[-40:])
 
 
