@@ -327,8 +327,15 @@ class Stack:
 
     def snapshot(self) -> dict[str, Any]:
         """What the services say now, through their public APIs and /metrics."""
-        period = datetime.now(HKT).strftime("%Y-%m")
+        simulated_time = self.simulated_time()
+        # The period the fleet is in: a fleet replaying last month fills last month's invoices.
+        when = datetime.now(HKT)
+        with contextlib.suppress(ValueError, TypeError):
+            when = datetime.fromisoformat(str(simulated_time)).astimezone(HKT)
+        period = when.strftime("%Y-%m")
         snap: dict[str, Any] = {"period": period, "at": time.strftime("%H:%M:%S"), "invoices": []}
+        if simulated_time is not None:
+            snap["simulated_time"] = simulated_time
         headers = {"Authorization": f"Bearer {self.billing_token}"}
         try:
             response = httpx.get(
@@ -366,14 +373,19 @@ class Stack:
             snap["active_alerts"] = alerts.get("alerts", []) if isinstance(alerts, dict) else alerts
         except (httpx.HTTPError, ValueError):
             snap["active_alerts"] = []
+        return snap
+
+    def simulated_time(self) -> str | None:
+        """Where the simulated fleet's clock is (its /healthz), if it runs."""
         if "agent" in self.ports and "agent" in self.children:
             with contextlib.suppress(httpx.HTTPError, ValueError):
-                snap["simulated_time"] = (
+                found = (
                     httpx.get(f"http://127.0.0.1:{self.ports['agent']}/healthz", timeout=2)
                     .json()
                     .get("simulated_time")
                 )
-        return snap
+                return str(found) if found else None
+        return None
 
     def dashboard_figures(
         self, period: str, headers: dict[str, str]
@@ -462,8 +474,13 @@ def allocation_line(snapshot: dict[str, Any], hours: int = 48) -> str:
     points = snapshot.get("allocation") or []
     if not points:
         return "allocation: no hours yet"
-    recent = [ratio for _hour, ratio in points[-hours:]]
-    return f"allocation {recent[-1]:.1%} now (last {len(recent)} h, 50%..100%: {sparkline(recent)})"
+    # The newest hour is still filling up (its ratio only grows): show the hours before it.
+    done = points[:-1] or points
+    recent = [ratio for _hour, ratio in done[-hours:]]
+    return (
+        f"allocation {recent[-1]:.1%} last hour (last {len(recent)} h, 50%..100%: "
+        f"{sparkline(recent)})"
+    )
 
 
 def cap_used(snapshot: dict[str, Any], project_id: str) -> str:

@@ -63,7 +63,7 @@ def test_gpumeter_up_runs_the_centre_and_ctrl_c_stops_every_process(tmp_path: Pa
         )
         # and the centre's allocation per hour, as a ratio of the fleet's GPUs
         wait_until(
-            lambda: re.search(r"allocation \d+\.\d% now \(last [1-9]\d* h", output()),
+            lambda: re.search(r"allocation \d+\.\d% last hour \(last [1-9]\d* h", output()),
             60,
             interval_s=1,
             what="the allocation ratio in the live view",
