@@ -36,7 +36,8 @@ from services.alerts.notifier import (
     resend_to_alertmanagers,
 )
 from services.alerts.settings import AlertsSettings
-from services.alerts.store import RETRYABLE_DB_ERRORS, Store
+from services.alerts.store import Store
+from services.common.db import retry_db
 from services.common.kafka_admin import ensure_topics
 
 log = logging.getLogger(__name__)
@@ -326,28 +327,21 @@ class AlertsService:
         """Write a batch's effects, waiting out PostgreSQL restarts and outages: the input is
         not committed until the write is, and the write is idempotent (upserts, and outbox rows
         keyed by their change), so a write retried after an unacknowledged commit adds nothing."""
-        delay_s = 0.5
-        while True:
-            try:
-                await store.apply(dirty, watermark, notifications)
-            except RETRYABLE_DB_ERRORS as exc:
-                if self.stopping.is_set():
-                    raise
-                self.database_ok = False
-                self.metrics.database_errors.inc()
-                log.warning(
-                    "database write failed (%s: %s); retrying in %.1f s",
-                    type(exc).__name__,
-                    exc,
-                    delay_s,
-                )
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 10.0)
-            else:
-                if not self.database_ok:
-                    log.info("database write succeeded again")
-                self.database_ok = True
-                return
+
+        def failed(_exc: BaseException) -> None:
+            self.database_ok = False
+            self.metrics.database_errors.inc()
+
+        await retry_db(
+            lambda: store.apply(dirty, watermark, notifications),
+            "alerts batch write",
+            max_backoff_s=10.0,
+            initial_backoff_s=0.5,
+            on_retry=failed,
+        )
+        if not self.database_ok:
+            log.info("database write succeeded again")
+        self.database_ok = True
 
     def _handle(
         self, evaluator: Evaluator, topic: str, message: ConsumerRecord, received_at: datetime

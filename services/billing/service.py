@@ -21,6 +21,7 @@ from schemas.metering import HourCompleteness, HourlyTotal
 from services.billing import domain, metrics, store
 from services.billing.domain import ComputedInvoice, Pricing, UsageHour
 from services.billing.store import Connection
+from services.common.db import retry_db
 
 log = logging.getLogger(__name__)
 
@@ -383,13 +384,14 @@ async def with_db_retry(
 ) -> T:
     """Run `operation` on a pooled connection until it succeeds; connection failures are retried
     with backoff (a restarting PostgreSQL), anything else propagates."""
-    backoff_s = 0.1
-    while True:
-        try:
-            async with store_.acquire() as conn:
-                return await operation(conn)
-        except store.RETRYABLE_DB_ERRORS as exc:
-            metrics.DB_RETRIES.labels(operation=what).inc()
-            log.warning("%s: database unavailable (%r); retrying in %.1f s", what, exc, backoff_s)
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, max_backoff_s)
+
+    async def on_a_connection() -> T:
+        async with store_.acquire() as conn:
+            return await operation(conn)
+
+    return await retry_db(
+        on_a_connection,
+        what,
+        max_backoff_s=max_backoff_s,
+        on_retry=lambda _exc: metrics.DB_RETRIES.labels(operation=what).inc(),
+    )

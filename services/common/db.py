@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 import asyncpg
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Errors after which the same operation may succeed on a fresh connection: PostgreSQL restarting
 # or unreachable, a connection dropped under us, or a transaction PostgreSQL asks us to retry.
@@ -21,3 +29,25 @@ RETRYABLE_DB_ERRORS: tuple[type[Exception], ...] = (
     OSError,
     TimeoutError,
 )
+
+
+async def retry_db(
+    call: Callable[[], Awaitable[T]],
+    what: str,
+    *,
+    max_backoff_s: float = 5.0,
+    initial_backoff_s: float = 0.1,
+    on_retry: Callable[[BaseException], None] | None = None,
+) -> T:
+    """Await `call()` until it succeeds, waiting out RETRYABLE_DB_ERRORS with doubling backoff (a
+    restarting PostgreSQL); anything else propagates. `call` must be safe to run again."""
+    backoff_s = initial_backoff_s
+    while True:
+        try:
+            return await call()
+        except RETRYABLE_DB_ERRORS as exc:
+            if on_retry is not None:
+                on_retry(exc)
+            log.warning("%s: database unavailable (%r); retrying in %.1f s", what, exc, backoff_s)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, max_backoff_s)
