@@ -17,6 +17,7 @@ from schemas.codec import InvalidUsage, dead_letter
 from services.common.kafka_admin import fetched_end_offsets
 from services.metering import domain
 from services.metering.fast_decode import decode_samples
+from services.metering.sender import DirectSender
 from services.metering.settings import MeteringSettings
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,15 @@ DEAD_LETTER_MAX_BYTES = (
 MAX_DEAD_LETTER_RAW = 2 * 1024 * 1024
 RATE_WINDOW_S = 10.0
 SIGNAL_EVERY_S = 5
-# Called at the start of every full producer flush (before each offset commit): queue what must be
+# Awaited at the start of every full producer flush (before each offset commit): send what must be
 # durable before the offsets that produced it are committed.
 BEFORE_FLUSH: list[Any] = []
+# Called after the Kafka client's flush, before offsets are committed: raise to stop the commit.
+AFTER_FLUSH: list[Any] = []
+# Faust stops every stream while more than this many records wait in its producer buffer (its
+# default is 100). Bulk outputs go through DirectSender; this keeps the remaining ones from
+# stalling the streams while a handful are in flight.
+PRODUCER_BUFFER_MAX_MESSAGES = 10_000
 
 
 class MeteringMetrics:
@@ -110,7 +117,9 @@ def _make_producer_flush_complete() -> None:
     messages still queued; Faust then commits offsets past state and outputs never sent, and a
     crash loses those samples (seen under load with SIGKILL). Wait until nothing is queued or on
     its way into the Kafka client; the client's own flush, which follows, waits for delivery.
-    BEFORE_FLUSH hooks queue their messages first, so they are part of what the flush delivers."""
+    BEFORE_FLUSH hooks send their records first, so they are part of what the flush delivers;
+    AFTER_FLUSH hooks run once the client's flush returns and may refuse the commit."""
+    from faust.transport.drivers.aiokafka import Producer
     from faust.transport.producer import ProducerBuffer
 
     if getattr(ProducerBuffer, "_gpumeter_complete_flush", False):
@@ -127,16 +136,25 @@ def _make_producer_flush_complete() -> None:
     async def flush_completely(self: Any) -> None:
         if not self.should_stop:  # stopping: what was not committed is read again on restart
             for hook in BEFORE_FLUSH:
-                hook()
+                await hook()
         while self.size or getattr(self, "_gpumeter_inflight", 0):
             if self.size:
                 await self.flush_atmost(None)
             else:
                 await asyncio.sleep(0.001)
 
+    client_flush = Producer.flush
+
+    async def flush_and_check(self: Any) -> None:
+        await client_flush(self)
+        for hook in AFTER_FLUSH:
+            hook()
+
     ProducerBuffer._send_pending = counted_send_pending  # type: ignore[method-assign]
     ProducerBuffer.flush = flush_completely  # type: ignore[method-assign]
+    ProducerBuffer.max_messages = PRODUCER_BUFFER_MAX_MESSAGES
     ProducerBuffer._gpumeter_complete_flush = True  # type: ignore[attr-defined]
+    Producer.flush = flush_and_check  # type: ignore[method-assign]
 
 
 class PartialOutbox:
@@ -146,7 +164,8 @@ class PartialOutbox:
 
     CHUNK = 2000
 
-    def __init__(self, topic: Any, partitions: int) -> None:
+    def __init__(self, sender: DirectSender, topic: str, partitions: int) -> None:
+        self.sender = sender
         self.topic = topic
         self.partitions = partitions
         self.entries: dict[int, list[Any]] = defaultdict(list)
@@ -157,10 +176,8 @@ class PartialOutbox:
     def send(self) -> None:
         for partition, entries in self.entries.items():
             for i in range(0, len(entries), self.CHUNK):
-                self.topic.send_soon(
-                    key=None,
-                    value=json.dumps(entries[i : i + self.CHUNK]).encode(),
-                    partition=partition,
+                self.sender.add(
+                    self.topic, None, json.dumps(entries[i : i + self.CHUNK]).encode(), partition
                 )
         self.entries.clear()
 
@@ -206,6 +223,7 @@ def _set_fetch_max_wait(wait_ms: int) -> None:
 
 def create_app(settings: MeteringSettings) -> faust.App:
     BEFORE_FLUSH.clear()
+    AFTER_FLUSH.clear()
     _make_producer_flush_complete()
     _make_highwaters_exact(settings.kafka_bootstrap_servers)
     _set_fetch_max_wait(settings.fetch_max_wait_ms)
@@ -241,6 +259,8 @@ def create_app(settings: MeteringSettings) -> faust.App:
     )
     metrics = MeteringMetrics()
     app.gpumeter_metrics = metrics  # type: ignore[attr-defined]
+    sender = DirectSender(app)
+    AFTER_FLUSH.append(sender.check)
 
     usage_topic = app.topic(
         topics.usage,
@@ -300,12 +320,16 @@ def create_app(settings: MeteringSettings) -> faust.App:
     # committed past a state that was not written.
     dirty_states: dict[str, int] = {}
 
-    def write_dirty_states() -> None:
+    node_state_changelog = node_state.changelog_topic.get_topic_name()
+
+    async def write_dirty_states() -> None:
         for node, partition in dirty_states.items():
             record = json.dumps(live_states[node].to_record(), separators=(",", ":")).encode()
             node_state.data[node] = record
-            node_state.send_changelog(partition, node, record)
+            # The table's key serializer is JSON: keys are written as Faust would write them.
+            sender.add(node_state_changelog, json.dumps(node).encode(), record, partition)
         dirty_states.clear()
+        await sender.send()
 
     BEFORE_FLUSH.append(write_dirty_states)
 
@@ -330,7 +354,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
 
     async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
         next_offset.clear()  # the stream restarts from the committed offsets
-        write_dirty_states()
+        await write_dirty_states()
         signal_sent.clear()
         live_states.clear()
         resend["pending"] = True
@@ -344,9 +368,11 @@ def create_app(settings: MeteringSettings) -> faust.App:
     app.on_partitions_assigned.connect(on_assigned)  # type: ignore[arg-type]
     app.on_rebalance_complete.connect(on_recovered)  # type: ignore[arg-type]
 
-    hour_out = PartialOutbox(node_hourly_topic, settings.internal_partitions)
-    minute_out = PartialOutbox(node_minutely_topic, settings.internal_partitions)
-    completeness_out = PartialOutbox(node_completeness_topic, settings.internal_partitions)
+    partitions = settings.internal_partitions
+    hour_out = PartialOutbox(sender, node_hourly_topic.get_topic_name(), partitions)
+    minute_out = PartialOutbox(sender, node_minutely_topic.get_topic_name(), partitions)
+    completeness_out = PartialOutbox(sender, node_completeness_topic.get_topic_name(), partitions)
+    signals_topic_name = signals_topic.get_topic_name()
 
     def queue_partials(
         node: str, state: domain.NodeState, hours: Any, minutes: Any, everything: bool
@@ -448,7 +474,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
             queue_partials(node, state, touched_hours, touched_minutes, everything=False)
             signal = state.signal(node)
             if signal_due(node, state, signal):
-                signals_topic.send_soon(key=node.encode(), value=signal.model_dump_json().encode())
+                sender.add(signals_topic_name, node.encode(), signal.model_dump_json().encode())
             newest = max(newest or signal.last_sample_time, signal.last_sample_time)
             state.expire(settings.hour_retention_s, settings.minute_retention_s)
             dirty_states[node] = samples[-1][1].message.partition
@@ -492,6 +518,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
     async def meter_usage(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
             process_usage(events)  # synchronous: no commit can interleave with a half-applied batch
+            await sender.send()  # this batch's partials and signals, before its offsets are acked
 
     @app.agent(node_hourly_topic)
     async def sum_hours(stream: Any) -> None:
@@ -555,6 +582,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
         in_recovery = getattr(app, "in_recovery", False)
         if resend["pending"] and resend["recovered"] and not app.rebalancing and not in_recovery:
             resend_all()
+            await sender.send()
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
