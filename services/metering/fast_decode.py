@@ -3,6 +3,11 @@
 The checks here accept only a subset of what `schemas.codec.decode_usage_event` accepts. An event
 that fails any of them is handed to the codec, which either accepts it after all or raises the
 typed error with its reason and detail, so dead letters are the same whichever path decided.
+
+Two layers: msgspec decodes a whole message straight into typed structs (parsing and type checks in
+C, about half the cost of `json.loads` alone); a message it does not accept in full, or with any
+event failing the checks after it, is decoded again by the general path below, event by event.
+msgspec earns its place here: decoding is the largest share of metering's CPU per sample.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
+
+import msgspec
 
 from schemas.codec import InvalidUsage, decode_usage_event, decode_usage_message
 from schemas.usage import MAX_FUTURE_SKEW_S, MAX_INTERVAL_S, MAX_MESSAGE_BYTES, USAGE_EVENT_TYPE
@@ -21,6 +28,37 @@ from services.metering.domain import SampleView, epoch_ns
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)", re.ASCII)
 _TEXT_FIELDS = ("node", "gpu_uuid", "gpu_model")
 _COUNT_FIELDS = ("gpu_index", "mem_used_mib", "mem_total_mib", "xid_errors")
+
+
+class _Data(msgspec.Struct):
+    node: str
+    gpu_uuid: str
+    gpu_index: int
+    gpu_model: str
+    interval_s: int | float  # an int is decided by the codec: kept apart to send it there
+    project_id: str | None
+    job_id: str | None
+    util_pct: int | float
+    mem_used_mib: int
+    mem_total_mib: int
+    power_w: int | float
+    temp_c: int
+    xid_errors: int
+
+
+class _Event(msgspec.Struct):
+    specversion: Literal["1.0"]
+    id: str
+    source: str
+    type: str
+    time: str
+    data: _Data
+    subject: str | None = None
+    datacontenttype: str | None = None
+
+
+_ONE = msgspec.json.Decoder(_Event)
+_MANY = msgspec.json.Decoder(list[_Event])
 
 
 @dataclass
@@ -34,6 +72,10 @@ def decode_samples(raw: bytes, *, now: datetime, key: bytes | None) -> DecodedSa
 
     Whole-message problems raise the codec's errors; per-event problems are returned.
     """
+    if len(raw) <= MAX_MESSAGE_BYTES:
+        samples = _all_well_formed(raw, key, now.timestamp())
+        if samples is not None:
+            return DecodedSamples(samples, [])
     document: Any = None
     if len(raw) <= MAX_MESSAGE_BYTES:
         try:
@@ -60,6 +102,68 @@ def decode_samples(raw: bytes, *, now: datetime, key: bytes | None) -> DecodedSa
             view = SampleView.of(event)
         result.samples.append(view)
     return result
+
+
+def _all_well_formed(raw: bytes, key: bytes | None, now_s: float) -> list[SampleView] | None:
+    """Every event's view when msgspec takes the whole message and each event passes; else None."""
+    try:
+        events = [_ONE.decode(raw)] if raw[:1] == b"{" else _MANY.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if not events:
+        return None
+    node = key.decode("utf-8", "replace") if key else None
+    times: dict[str, int] = {}
+    samples = []
+    for event in events:
+        data = event.data
+        interval, util, power = data.interval_s, data.util_pct, data.power_w
+        if (
+            event.type != USAGE_EVENT_TYPE
+            or not event.id
+            or not event.source
+            or not data.node
+            or not data.gpu_uuid
+            or not data.gpu_model
+            or data.gpu_index < 0
+            or data.mem_used_mib < 0
+            or data.mem_total_mib < 0
+            or data.xid_errors < 0
+            or type(interval) is not float
+            or type(util) is not float
+            or type(power) is not float
+            or not (0 < interval <= MAX_INTERVAL_S and 0 <= util <= 100 and power >= 0)
+            or (node is not None and data.node != node)
+        ):
+            return None
+        time_text = event.time
+        end_n = times.get(time_text)
+        if end_n is None:
+            if _RFC3339.fullmatch(time_text) is None:
+                return None
+            try:
+                end_n = epoch_ns(datetime.fromisoformat(time_text))
+            except ValueError:
+                return None
+            times[time_text] = end_n
+        if end_n / 1e9 - now_s > MAX_FUTURE_SKEW_S:
+            return None
+        samples.append(
+            SampleView.make(
+                node=data.node,
+                source=event.source,
+                event_id=event.id,
+                end_n=end_n,
+                interval_s=interval,
+                project_id=data.project_id,
+                gpu_model=data.gpu_model,
+                util_pct=util,
+                power_w=power,
+                xid_errors=data.xid_errors,
+                gpu_uuid=data.gpu_uuid,
+            )
+        )
+    return samples
 
 
 def _well_formed(

@@ -132,3 +132,20 @@ def test_the_fast_path_decodes_each_event_as_the_codec_does_alone_and_in_a_batch
 )
 def test_the_fast_path_rejects_whole_messages_with_the_codecs_reason(raw: bytes) -> None:
     assert outcome(by_fast_path, raw) == outcome(by_codec, raw)
+
+
+def test_well_formed_messages_take_the_struct_decoder_and_decode_as_the_codec_does() -> None:
+    # The fast layer must be the one that decides ordinary traffic (else it is dead code that
+    # merely costs a failed parse), and decide it exactly as the codec would.
+    from services.metering.fast_decode import _all_well_formed
+
+    for raw in (
+        json.dumps(good()).encode(),
+        json.dumps([good(g) for g in range(8)]).encode(),
+        json.dumps([good(1, project_id=None, job_id=None), good(2, util_pct=0.0)]).encode(),
+    ):
+        samples = _all_well_formed(raw, b"node-1", NOW.timestamp())
+        assert samples is not None
+        assert [dataclasses.asdict(s) for s in samples] == outcome(by_codec, raw)[1]
+    # Anything it does not take in full is left to the general path.
+    assert _all_well_formed(json.dumps([good(1), good(interval_s=10)]).encode(), None, 0.0) is None
