@@ -312,6 +312,10 @@ class NodeState:
         # Counted samples ever: the node's revision for its completeness facts (only grows).
         self.counted: int = record.get("counted", 0)
         self._changed_hours: set[int] = set()
+        # Written forms of hours and minutes no sample touched since the last record: a state is
+        # written at every commit, and most of its 15 minutes and hours have not changed.
+        self._hour_texts: dict[str, list[Any]] = {}
+        self._minute_texts: dict[str, dict[str, Any]] = {}
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -319,9 +323,7 @@ class NodeState:
                 key: {"t": plain(c[0], S_IN), "ids": base64.b64encode(c[1]).decode()}
                 for key, c in self.gpus.items()
             },
-            "hours": {
-                key: [*_sum_texts(t[:3], t[4], _HOUR_SCALES), t[3]] for key, t in self.hours.items()
-            },
+            "hours": {key: self._hour_record(key) for key in self.hours},
             "minutes": {key: self._minute_record(key) for key in self.minutes},
             "max_end_s": plain(self.max_end_n, S_IN),
             "last": {
@@ -332,16 +334,26 @@ class NodeState:
             "counted": self.counted,
         }
 
+    def _hour_record(self, key: str) -> list[Any]:
+        record = self._hour_texts.get(key)
+        if record is None:
+            t = self.hours[key]
+            record = self._hour_texts[key] = [*_sum_texts(t[:3], t[4], _HOUR_SCALES), t[3]]
+        return record
+
     def _minute_record(self, key: str) -> dict[str, Any]:
-        m = self.minutes[key]
-        texts = _sum_texts(m[2:6], m[8], _MINUTE_SCALES)
-        return {
-            "gpus": m[0],
-            "alloc": m[1],
-            **dict(zip(_MINUTE_NAMES, texts, strict=True)),
-            "xid": m[6],
-            "samples": m[7],
-        }
+        record = self._minute_texts.get(key)
+        if record is None:
+            m = self.minutes[key]
+            texts = _sum_texts(m[2:6], m[8], _MINUTE_SCALES)
+            record = self._minute_texts[key] = {
+                "gpus": m[0],
+                "alloc": m[1],
+                **dict(zip(_MINUTE_NAMES, texts, strict=True)),
+                "xid": m[6],
+                "samples": m[7],
+            }
+        return record
 
     @property
     def max_end_s(self) -> Decimal:
@@ -393,6 +405,7 @@ class NodeState:
             totals = self.hours.get(key)
             if totals is None:
                 totals = self.hours[key] = [0, 0, 0, 0, None]
+            self._hour_texts.pop(key, None)
             totals[0] += gpu_s
             totals[1] += util_s
             totals[2] += energy
@@ -405,6 +418,7 @@ class NodeState:
         minute = self.minutes.get(minute_key)
         if minute is None:
             minute = self.minutes[minute_key] = [0, 0, 0, 0, 0, 0, 0, 0, None]
+        self._minute_texts.pop(minute_key, None)
         gpu_bit = self.gpu_bits[sample.gpu_key]
         minute[0] |= gpu_bit
         minute[2] += gpu_s
@@ -433,8 +447,10 @@ class NodeState:
         latest = self.max_end_n // _IN
         for key in [k for k in self.hours if latest - _hour_of_key(k) > hour_retention_s + HOUR]:
             del self.hours[key]
+            self._hour_texts.pop(key, None)
         for key in [k for k in self.minutes if latest - int(k) > minute_retention_s]:
             del self.minutes[key]
+            self._minute_texts.pop(key, None)
         for hour in [h for h in self.online_hours if latest - h > hour_retention_s + HOUR]:
             del self.online_hours[hour]
             self._changed_hours.discard(hour)

@@ -291,3 +291,40 @@ def test_scaled_accepts_only_values_whose_decimal_fits_nine_places() -> None:
     assert domain.scaled(0.1234567891) is None
     assert domain.scaled(66.66666666666667) is None
     assert domain.plain(domain.scaled(0.1) or 0, 9) == "0.1"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.integers(min_value=1, max_value=900),  # seconds since the previous sample
+            st.sampled_from(["GPU-1", "GPU-2"]),
+            st.sampled_from([0.5, 10.0, 33.333333333333336]),
+            st.booleans(),  # write the record after this sample (as a commit would)
+        ),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_a_record_written_between_samples_equals_one_built_from_scratch(steps) -> None:
+    # Written hours and minutes are kept until a sample changes them: a record written at any
+    # point must still be exactly the state's, as if nothing had been kept.
+    t = datetime(2026, 11, 28, 0, 0, 0, tzinfo=UTC)
+    state = domain.NodeState()
+    samples = []
+    for gap, gpu, util, write in steps:
+        t += timedelta(seconds=gap)
+        samples.append(view(t, gpu=gpu, util=util))
+        state.apply(samples[-1], RETENTION, set(), set())
+        state.expire(RETENTION, 15 * 60)
+        if write:
+            assert state.to_record() == from_scratch(samples).to_record()
+    assert state.to_record() == from_scratch(samples).to_record()
+
+
+def from_scratch(samples: list[domain.SampleView]) -> domain.NodeState:
+    state = domain.NodeState()
+    for sample in samples:
+        state.apply(sample, RETENTION, set(), set())
+        state.expire(RETENTION, 15 * 60)
+    return state
