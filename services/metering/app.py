@@ -322,13 +322,18 @@ def create_app(settings: MeteringSettings) -> faust.App:
 
     node_state_changelog = node_state.changelog_topic.get_topic_name()
 
-    async def write_dirty_states() -> None:
+    def queue_dirty_states() -> None:
+        # Synchronous: no batch can be applied between reading the live states and clearing the
+        # dirty set (a batch applied in between would be marked clean without being written).
         for node, partition in dirty_states.items():
             record = json.dumps(live_states[node].to_record(), separators=(",", ":")).encode()
             node_state.data[node] = record
             # The table's key serializer is JSON: keys are written as Faust would write them.
             sender.add(node_state_changelog, json.dumps(node).encode(), record, partition)
         dirty_states.clear()
+
+    async def write_dirty_states() -> None:
+        queue_dirty_states()
         await sender.send()
 
     BEFORE_FLUSH.append(write_dirty_states)
@@ -352,15 +357,18 @@ def create_app(settings: MeteringSettings) -> faust.App:
     # The next usage offset each partition should deliver, to notice messages skipped over.
     next_offset: dict[int, int] = {}
 
-    async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+    async def on_assigned(app_: Any, assigned: Any, **kwargs: Any) -> None:
         next_offset.clear()  # the stream restarts from the committed offsets
-        await write_dirty_states()
+        # Queue the dirty states and drop the live ones in one step, then send: a batch applied
+        # while the states were being sent would otherwise be dropped with live_states unwritten.
+        queue_dirty_states()
         signal_sent.clear()
         live_states.clear()
         resend["pending"] = True
         resend["recovered"] = False
+        await sender.send()
 
-    async def on_recovered(sender: Any, **kwargs: Any) -> None:
+    async def on_recovered(app_: Any, **kwargs: Any) -> None:
         # Sent when this assignment's tables are restored (Faust's own `completed` event is set
         # once and never cleared, so it cannot tell a later assignment's recovery apart).
         resend["recovered"] = True
