@@ -116,9 +116,13 @@ class SteadyProducer(threading.Thread):
         await producer.start()
         try:
             for start in range(0, len(self.messages), 48):
-                for key, value in self.messages[start : start + 48]:
+                deliveries = [
                     await producer.send(self.topic, key=key, value=value)
+                    for key, value in self.messages[start : start + 48]
+                ]
                 await producer.flush()
+                for delivery in deliveries:
+                    delivery.result()  # a message the broker refused fails the test as such
                 await asyncio.sleep(self.pause_s)  # pacing the load, not waiting for anything
         finally:
             await producer.stop()
@@ -154,7 +158,62 @@ def diagnosis(bootstrap: str, topic_prefix: str, service: ServiceProcess) -> str
     log = service.log_path.read_text(errors="replace")
     marks = ("Recovery", "generation", "never reached the stream")
     recovery = [line for line in log.splitlines() if any(mark in line for mark in marks)]
-    return f"dead letters by reason: {dict(reasons)}\n" + "\n".join(recovery[-40:])
+    return (
+        f"dead letters by reason: {dict(reasons)}\n{per_node(bootstrap, topic_prefix, letters)}\n"
+        + "\n".join(recovery[-40:])
+    )
+
+
+def per_node(bootstrap: str, topic_prefix: str, letters: list) -> str:
+    """Where a node's samples stopped: its last stored state and its best partial, per hour."""
+    found: dict[str, list] = {}
+    topics = {
+        "state": f"{topic_prefix}gpumeter-metering-node-state-changelog",
+        "partial": f"{topic_prefix}metering.internal.node-hourly.v2",
+        "usage": f"{topic_prefix}gpu.usage.v1",
+    }
+    for name, topic in topics.items():
+        with contextlib.suppress(AssertionError):
+            read_topic(
+                bootstrap,
+                topic,
+                lambda messages, name=name: found.__setitem__(name, messages) and False,
+                timeout_s=5,
+            )
+    states: dict[str, dict] = {}
+    history: dict[str, list[str]] = {}  # each node's stored states: when, where, how many
+    for message in found.get("state", []):
+        if message.value is not None:
+            node, state = json.loads(message.key), json.loads(message.value)
+            states[node] = state
+            history.setdefault(node, []).append(
+                f"{message.timestamp % 100_000:>5} p{message.partition}@{message.offset}"
+                f" counted {state['counted']} to {state['max_end_s']}"
+            )
+    partials: dict[tuple[str, str], int] = {}
+    for message in found.get("partial", []):
+        for key, node, partial in json.loads(message.value):
+            partials[key, node] = max(partials.get((key, node), 0), partial["samples"])
+    sent: dict[str, set] = {}
+    for message in found.get("usage", []):
+        for event in json.loads(message.value):
+            sent.setdefault(event["data"]["node"], set()).add(event["id"])
+    lines = [f"distinct samples on the usage topic, {n}: {len(ids)}" for n, ids in sent.items()]
+    lines += [
+        f"state {node}: counted {state.get('counted')} hours {state.get('hours')}"
+        for node, state in sorted(states.items())
+    ]
+    lines += [f"best partial {key} {node}: {n}" for (key, node), n in sorted(partials.items())]
+    for node, state in sorted(states.items()):
+        if state["counted"] < len(sent.get(node, ())):  # the node that lost samples: its story
+            lines += [f"{node} stored states (ms, partition@offset):", *history[node][-60:]]
+            gpu = f"/GPU-{node}-0/"
+            lines += [
+                f"dead letter {letter['partition']}@{letter['offset']}: {letter['detail']}"
+                for letter in map(lambda m: json.loads(m.value), letters)
+                if gpu in letter["detail"]
+            ][-60:]
+    return "\n".join(lines)
 
 
 def test_duplicates_count_once_and_a_batch_equals_the_same_samples_sent_singly(
