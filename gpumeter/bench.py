@@ -167,8 +167,14 @@ async def steady_latency(
     nodes = max(1, gpus // 8)
     usage, hourly = f"{prefix}gpu.usage.v1", f"{prefix}metering.usage.hourly.v1"
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=1 << 20)
+    # A short fetch wait: Tansu answers a held fetch only at its next poll (~115 ms median at
+    # aiokafka's default 500 ms), which would be the watcher's delay, not metering's.
     consumer = AIOKafkaConsumer(
-        hourly, bootstrap_servers=bootstrap, auto_offset_reset="latest", group_id=None
+        hourly,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="latest",
+        group_id=None,
+        fetch_max_wait_ms=50,
     )
     await producer.start()
     await consumer.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 
@@ -32,6 +33,7 @@ def main() -> None:
             configs={settings.topics.usage_dlq: {"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)}},
         )
     )
+    gc.set_threshold(settings.gc_gen0_threshold, 20, 10)
     app = create_app(settings)
     level = FAUST_LOG_LEVELS.get(settings.log_level.upper(), "info")
     sys.argv = [sys.argv[0], "worker", "--loglevel", level]
