@@ -136,17 +136,8 @@ def _all_well_formed(raw: bytes, key: bytes | None, now_s: float) -> list[Sample
             or (node is not None and data.node != node)
         ):
             return None
-        time_text = event.time
-        end_n = times.get(time_text)
-        if end_n is None:
-            if _RFC3339.fullmatch(time_text) is None:
-                return None
-            try:
-                end_n = epoch_ns(datetime.fromisoformat(time_text))
-            except ValueError:
-                return None
-            times[time_text] = end_n
-        if end_n / 1e9 - now_s > MAX_FUTURE_SKEW_S:
+        end_n = _time_ns(event.time, times)
+        if end_n is None or end_n / 1e9 - now_s > MAX_FUTURE_SKEW_S:
             return None
         samples.append(
             SampleView.make(
@@ -166,6 +157,20 @@ def _all_well_formed(raw: bytes, key: bytes | None, now_s: float) -> list[Sample
     return samples
 
 
+def _time_ns(time_text: str, times: dict[str, int]) -> int | None:
+    """The event time in epoch nanoseconds, parsed once per message; None if not plain RFC 3339."""
+    end_n = times.get(time_text)
+    if end_n is None:
+        if _RFC3339.fullmatch(time_text) is None:
+            return None
+        try:
+            end_n = epoch_ns(datetime.fromisoformat(time_text))
+        except ValueError:
+            return None
+        times[time_text] = end_n
+    return end_n
+
+
 def _well_formed(
     item: Any, node: str | None, now_s: float, times: dict[str, int]
 ) -> SampleView | None:
@@ -183,15 +188,9 @@ def _well_formed(
             return None
     if type(time_text) is not str:
         return None
-    end_n = times.get(time_text)
+    end_n = _time_ns(time_text, times)
     if end_n is None:
-        if _RFC3339.fullmatch(time_text) is None:
-            return None
-        try:
-            end_n = epoch_ns(datetime.fromisoformat(time_text))
-        except ValueError:
-            return None
-        times[time_text] = end_n
+        return None
     data = item.get("data")
     if type(data) is not dict:
         return None
