@@ -6,11 +6,14 @@ import asyncio
 import json
 import logging
 import time
+import types
 from collections import defaultdict, deque
 from datetime import UTC, datetime
 from typing import Any
 
 import faust
+from mode import Service
+from mode.services import WaitResults
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from schemas.codec import InvalidUsage, dead_letter
@@ -169,6 +172,9 @@ def _make_producer_flush_complete() -> None:
     Producer.flush = flush_and_check  # type: ignore[method-assign]
 
 
+_SERVICE_WAIT_FIRST = Service.wait_first
+
+
 class PartialOutbox:
     """Per-node partials batched per destination partition: one message per partition and batch
     (in chunks), instead of one per key and node. The partition is a function of the key alone,
@@ -240,6 +246,62 @@ def _make_highwaters_exact(bootstrap_servers: str) -> None:
     AIOKafkaConsumerThread._gpumeter_exact_highwaters = True  # type: ignore[attr-defined]
 
 
+@types.coroutine
+def _resumed(coro: Any, yielded: Any) -> Any:
+    """Go on driving `coro`, already started and suspended on `yielded`, as `yield from` would."""
+    while True:
+        try:
+            value = yield yielded
+        except BaseException as exc:  # thrown in by the task driving us: handed on to `coro`
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = coro.send(value)
+            except StopIteration as stop:
+                return stop.value
+
+
+async def _finish(coro: Any, yielded: Any) -> Any:
+    return await _resumed(coro, yielded)  # a native coroutine: wait_first wants an Awaitable
+
+
+def _close_unstarted(coros: Any) -> None:
+    for other in coros:
+        if asyncio.iscoroutine(other):
+            other.close()  # never started: closed, so no "never awaited" warning
+
+
+async def wait_first_in_place(self: Any, *coros: Any, timeout: Any = None) -> Any:
+    """`Service.wait_first`, but a first coroutine that completes without suspending is run in
+    place: no tasks, no `asyncio.wait`. One that suspends is handed, resumed, to the original."""
+    first = coros[0] if coros else None
+    if not asyncio.iscoroutine(first) or self._stopped.is_set() or self._crashed.is_set():
+        return await _SERVICE_WAIT_FIRST(self, *coros, timeout=timeout)
+    try:
+        yielded = first.send(None)
+    except StopIteration as stop:
+        _close_unstarted(coros[1:])
+        return WaitResults([first], [stop.value], False)
+    except BaseException:
+        _close_unstarted(coros[1:])
+        raise
+    return await _SERVICE_WAIT_FIRST(self, _finish(first, yielded), *coros[1:], timeout=timeout)
+
+
+def _make_drain_skip_wait_first() -> None:
+    """Faust's consumer hands each fetched message to the streams through
+    `wait_first(callback(message), suspend_flow.wait())`: four tasks and an `asyncio.wait` per
+    message, so that a callback blocked on a full stream buffer is abandoned when a rebalance
+    suspends the flow. Almost every callback completes without suspending; running those in
+    place took end-to-end metering from 41k to 59k samples/s in `make bench`."""
+    from faust.transport.consumer import Consumer
+
+    Consumer.wait_first = wait_first_in_place  # type: ignore[method-assign]
+
+
 def _set_fetch_max_wait(wait_ms: int) -> None:
     """Faust creates its consumer with fetch_max_wait_ms=1500 and no setting to change it: set
     it on the consumer before it starts (its fetcher reads it then)."""
@@ -266,6 +328,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
     _make_commits_wait_for_held()
     _make_highwaters_exact(settings.kafka_bootstrap_servers)
     _set_fetch_max_wait(settings.fetch_max_wait_ms)
+    _make_drain_skip_wait_first()
     topics = settings.topics
     rebalance_s = settings.kafka_rebalance_timeout_ms / 1000
     app = faust.App(
