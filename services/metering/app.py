@@ -21,13 +21,10 @@ from services.common.kafka_admin import fetched_end_offsets
 from services.metering import domain
 from services.metering.fast_decode import decode_samples
 from services.metering.sender import DirectSender
-from services.metering.settings import MeteringSettings
+from services.metering.settings import DEAD_LETTER_MAX_BYTES, MeteringSettings
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTER_MAX_BYTES = (
-    3 * 1024 * 1024
-)  # producer and DLQ topic limit: a 1 MiB+ message, base64'd, fits
 MAX_DEAD_LETTER_RAW = 2 * 1024 * 1024
 RATE_WINDOW_S = 10.0
 SIGNAL_EVERY_S = 5
@@ -43,6 +40,9 @@ PRODUCER_BUFFER_MAX_MESSAGES = 10_000
 # Usage partitions whose stream skipped the committed offset's message: nothing is committed
 # past that offset until the message is read again (see `_make_commits_wait_for_held`).
 HELD_PARTITIONS: set[Any] = set()
+# Stream topics whose partitions start at their earliest offset when the group committed nothing
+# for them (see `_make_uncommitted_partitions_start_at_earliest`).
+STREAM_TOPICS: set[str] = set()
 # How long a held partition waits for the skipped message before it is reported lost (a message
 # deleted by retention never comes back) and commits go on.
 RESEEK_GIVE_UP_S = 30.0
@@ -73,8 +73,8 @@ class MeteringMetrics:
         )
         self.reseeks = Counter(
             "gpumeter_metering_usage_reseeks_total",
-            "Times a usage partition was read again from its committed offset because the "
-            "stream started past it after an assignment",
+            "Times a usage partition was read again because the stream skipped offsets (past "
+            "the committed one after an assignment, or within a run)",
             registry=self.registry,
         )
         self.batch_seconds = Histogram(
@@ -209,20 +209,78 @@ def _make_commits_wait_for_held() -> None:
     first acknowledged offset of committed + 1 as contiguous (its committed offset is the next
     to read, so that is a gap of one). Seen as one node-round missing after SIGKILL in about 1
     of 10 runs. Metering holds such a partition, reads it again from the committed offset, and
-    releases it once that message is processed."""
+    releases it once that message is processed.
+
+    While a partition is held, Faust's consumer also delivers every message of it: it drops a
+    message below the highest offset it delivered, and messages fetched before metering's seek
+    (which metering skips) would otherwise make it drop the ones read again."""
     from faust.transport.consumer import Consumer
 
     if getattr(Consumer, "_gpumeter_hold", False):
         return
     new_offset = Consumer._new_offset
+    init = Consumer.__init__
 
     def new_offset_unless_held(self: Any, tp: Any) -> Any:
         if tp in HELD_PARTITIONS:
             return None
         return new_offset(self, tp)
 
+    def init_with_held_read_offsets(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self._read_offset = _ReadOffsets(self._read_offset)
+
     Consumer._new_offset = new_offset_unless_held  # type: ignore[method-assign]
+    Consumer.__init__ = init_with_held_read_offsets  # type: ignore[method-assign]
     Consumer._gpumeter_hold = True  # type: ignore[attr-defined]
+
+
+class _ReadOffsets(defaultdict):
+    """Faust's highest delivered offset per partition; none for a held partition."""
+
+    def __init__(self, offsets: Any) -> None:
+        super().__init__(lambda: None, offsets)
+
+    def __getitem__(self, tp: Any) -> Any:
+        if tp in HELD_PARTITIONS:
+            return None
+        return super().__getitem__(tp)
+
+
+def _make_uncommitted_partitions_start_at_earliest() -> None:
+    """Seek stream partitions with no committed offset to their earliest offset after Faust's
+    seek to the committed ones.
+
+    Faust starts fetching a new assignment before it seeks, and drops what it fetches for
+    partitions whose streams are not yet resumed; the seek to the committed offset then reads
+    those messages again. A partition the group never committed (its worker was killed before
+    its first commit) has no committed offset to seek to, so the fetch position stayed past the
+    dropped messages: seen as a restarted worker of two that never counted one node's first
+    100 rounds. The consumer's `earliest` reset is what such a partition must start from."""
+    from faust.transport.consumer import ThreadDelegateConsumer
+
+    if getattr(ThreadDelegateConsumer, "_gpumeter_earliest_when_uncommitted", False):
+        return
+    seek_to_committed = ThreadDelegateConsumer.seek_to_committed
+
+    async def seek_to_committed_or_earliest(self: Any) -> Any:
+        committed = await seek_to_committed(self)
+        never = [
+            tp
+            for tp, offset in committed.items()
+            if tp.topic in STREAM_TOPICS and (offset is None or offset <= 0)
+        ]
+        if never:
+            earliest = await self.earliest_offsets(*never)
+            for tp in never:
+                offset = earliest.get(tp)
+                if offset is not None:
+                    log.debug("%s[%d]: nothing committed; reading from %d", *tp, offset)
+                    await self._seek(tp, offset)
+        return committed
+
+    ThreadDelegateConsumer.seek_to_committed = seek_to_committed_or_earliest  # type: ignore[method-assign]
+    ThreadDelegateConsumer._gpumeter_earliest_when_uncommitted = True  # type: ignore[attr-defined]
 
 
 def _make_highwaters_exact(bootstrap_servers: str) -> None:
@@ -324,7 +382,9 @@ def create_app(settings: MeteringSettings) -> faust.App:
     BEFORE_FLUSH.clear()
     AFTER_FLUSH.clear()
     HELD_PARTITIONS.clear()
+    STREAM_TOPICS.clear()
     _make_producer_flush_complete()
+    _make_uncommitted_partitions_start_at_earliest()
     _make_commits_wait_for_held()
     _make_highwaters_exact(settings.kafka_bootstrap_servers)
     _set_fetch_max_wait(settings.fetch_max_wait_ms)
@@ -394,6 +454,10 @@ def create_app(settings: MeteringSettings) -> faust.App:
     )
     completeness_topic = app.topic(
         topics.completeness, value_serializer="raw", key_serializer="raw"
+    )
+    STREAM_TOPICS.update(
+        topic.get_topic_name()
+        for topic in (usage_topic, node_hourly_topic, node_minutely_topic, node_completeness_topic)
     )
 
     # Node states are JSON bytes made here (the stdlib's C encoder): Faust's own JSON serializer
@@ -547,6 +611,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
             message = event.message
             partition = message.partition
             expected = next_offset.get(partition)
+            restart_at = None
             if partition in reseeking:
                 target, give_up_at = reseeking[partition]
                 if message.offset > target and time.monotonic() < give_up_at:
@@ -557,23 +622,33 @@ def create_app(settings: MeteringSettings) -> faust.App:
             elif expected is None:
                 # The first message since the assignment: it should be the committed offset
                 # (Faust keeps the offsets it committed or sought to, without a public getter).
+                # A partition never committed is started at its earliest offset by Faust's seek
+                # (see `_make_uncommitted_partitions_start_at_earliest`).
                 committed = getattr(app.consumer, "_committed_offset", {}).get(message.tp)
                 if isinstance(committed, int) and message.offset > committed:
-                    log.warning(
-                        "usage partition %d: the stream started at offset %d, past the committed "
-                        "offset %d; reading it again from there",
-                        partition,
-                        message.offset,
-                        committed,
-                    )
-                    metrics.reseeks.inc()
-                    HELD_PARTITIONS.add(message.tp)
-                    reseeking[partition] = (committed, time.monotonic() + RESEEK_GIVE_UP_S)
-                    seeks_due.append((message.tp, committed))
-                    continue
-            if expected is not None and message.offset > expected:
+                    restart_at = committed
+            elif message.offset > expected:
                 # The broker's offsets are contiguous on this topic: a jump means the stream did
-                # not hand us messages that were read. Counted and logged, as that is a loss.
+                # not hand us messages that were read (Faust drops what it fetches for a
+                # partition paused around a rebalance, and its commits then pass over them).
+                restart_at = expected
+            if restart_at is not None:
+                log.warning(
+                    "usage partition %d: offset %d arrived where %d was due; reading it again "
+                    "from %d",
+                    partition,
+                    message.offset,
+                    restart_at,
+                    restart_at,
+                )
+                metrics.reseeks.inc()
+                HELD_PARTITIONS.add(message.tp)
+                reseeking[partition] = (restart_at, time.monotonic() + RESEEK_GIVE_UP_S)
+                seeks_due.append((message.tp, restart_at))
+                continue
+            if expected is not None and message.offset > expected:
+                # Read again and still not there after RESEEK_GIVE_UP_S (deleted by retention):
+                # counted and logged, as that is a loss.
                 metrics.offset_gaps.inc(message.offset - expected)
                 log.warning(
                     "usage partition %d: offsets %d..%d never reached the stream",

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from services.common.settings import CommonSettings
+
+# Producer and DLQ topic limit: a dead letter of a 1 MiB+ message, base64'd, fits.
+DEAD_LETTER_MAX_BYTES = 3 * 1024 * 1024
 
 
 class MeteringSettings(CommonSettings):
     app_id: str = "gpumeter-metering"
     http_port: int = 8081
+    # Worker processes on this host, each using one core (see services/metering/supervisor.py).
+    worker_processes: int = Field(1, ge=1)
     usage_partitions: int = 8
     internal_partitions: int = 4
     batch_max: int = 5000

@@ -156,7 +156,7 @@ def diagnosis(bootstrap: str, topic_prefix: str, service: ServiceProcess) -> str
         )
     reasons = Counter(json.loads(m.value).get("reason") for m in letters)
     log = service.log_path.read_text(errors="replace")
-    marks = ("Recovery", "generation", "never reached the stream")
+    marks = ("Recovery", "generation", "never reached the stream", "reading it again")
     recovery = [line for line in log.splitlines() if any(mark in line for mark in marks)]
     return (
         f"dead letters by reason: {dict(reasons)}\n{per_node(bootstrap, topic_prefix, letters)}\n"
@@ -411,5 +411,14 @@ def test_two_workers_share_the_partitions_and_one_leaving_mid_run_loses_nothing(
         second.stop()
     # Then the first takes over its partitions and the totals hold every sample exactly once
     key = "hkgai-llm|H800|2026-11-28T01:00:00+00:00"
-    latest = hourly_when(bootstrap_servers, topic_prefix, {key: 240 * 64})
+    try:
+        latest = hourly_when(bootstrap_servers, topic_prefix, {key: 240 * 64})
+    except AssertionError as error:
+        why = diagnosis(bootstrap_servers, topic_prefix, metering)
+        second_log = second.log_path.read_text(errors="replace").splitlines()
+        marks = ("Recovery", "generation", "never reached", "WARNING")
+        why += "\nsecond worker:\n" + "\n".join(
+            line for line in second_log[-400:] if any(mark in line for mark in marks)
+        )
+        raise AssertionError(f"{error}\n{why}") from None
     assert Decimal(latest[key]["gpu_seconds"]) == Decimal(240 * 64 * 10)
