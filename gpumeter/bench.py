@@ -76,10 +76,21 @@ async def raw_ceiling(bootstrap: str, topic: str, samples: int) -> float:
     return samples / (time.perf_counter() - (started or time.perf_counter()))
 
 
-def start_metering(bootstrap: str, prefix: str, workdir: Path) -> tuple[subprocess.Popen, int]:
+def produce_usage(bootstrap: str, nodes: int, rounds: int) -> tuple[str, int]:
+    """A fleet's rounds on the usage topic of a new prefix; returns the prefix and samples."""
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
+    topic = f"{prefix}gpu.usage.v1"
+    asyncio.run(ensure_topics(bootstrap, {topic: 8}))
+    return prefix, asyncio.run(produce_fleet(bootstrap, topic, nodes, rounds))
+
+
+def start_metering(
+    bootstrap: str, prefix: str, workdir: Path, processes: int = 1
+) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {
         **os.environ,
+        "WORKER_PROCESSES": str(processes),
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "TOPIC_PREFIX": prefix,
         "HTTP_PORT": str(port),
@@ -98,35 +109,41 @@ def start_metering(bootstrap: str, prefix: str, workdir: Path) -> tuple[subproce
     return process, port
 
 
+def counted_samples(metrics_text: str) -> float:
+    """Samples counted, summed over a supervisor's worker processes (label `process`)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics_text.splitlines()
+        if line.startswith("gpumeter_metering_samples_total{") and 'outcome="counted"' in line
+    )
+
+
 def metering_end_to_end(
-    bootstrap: str, prefix: str, samples: int, workdir: Path
+    bootstrap: str, prefix: str, samples: int, workdir: Path, processes: int = 1
 ) -> tuple[float, float]:
-    process, port = start_metering(bootstrap, prefix, workdir)
+    """Samples/s from the first counted sample to the last, and the RSS of all its processes."""
+    process, port = start_metering(bootstrap, prefix, workdir, processes)
     try:
-        counted_re = 'gpumeter_metering_samples_total{outcome="counted"} '
         first = None
-        while True:
-            time.sleep(0.05)
-            if process.poll() is not None:
-                raise SystemExit(f"metering exited; see {workdir / 'metering.log'}")
-            try:
-                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
-            except httpx.HTTPError:
-                continue
-            counted = 0.0
-            for line in text.splitlines():
-                if line.startswith(counted_re):
-                    counted = float(line.split()[-1])
-            if counted and first is None:
-                first = (time.perf_counter(), counted)
-            if counted >= samples:
-                assert first is not None
-                elapsed = time.perf_counter() - first[0]
-                rss = rss_mb(process.pid)
-                return (counted - first[1]) / elapsed if elapsed else float("inf"), rss
+        with httpx.Client(timeout=5) as client:
+            while True:
+                time.sleep(0.1)
+                if process.poll() is not None:
+                    raise SystemExit(f"metering exited; see {workdir / 'metering.log'}")
+                try:
+                    counted = counted_samples(client.get(f"http://127.0.0.1:{port}/metrics").text)
+                except httpx.HTTPError:
+                    continue
+                if counted and first is None:
+                    first = (time.perf_counter(), counted)
+                if counted >= samples:
+                    assert first is not None
+                    elapsed = time.perf_counter() - first[0]
+                    rss = tree_rss_mb(process.pid)
+                    return (counted - first[1]) / elapsed if elapsed else float("inf"), rss
     finally:
         process.terminate()
-        process.wait(20)
+        process.wait(40)
 
 
 TEMPLATE_AT = datetime(2000, 1, 1, tzinfo=UTC)
@@ -237,6 +254,19 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and its children (a supervisor and its workers)."""
+    total = rss_mb(pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if parent == pid:
+                total += rss_mb(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def wait_healthy(port: int, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -264,7 +294,16 @@ def latency_line(latencies: list[float], rounds: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=120)
+    parser.add_argument("--rounds", type=int, default=480)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes for the second run of (b) (default: one per core)",
+    )
+    parser.add_argument(
+        "--steady-processes", type=int, default=1, help="worker processes for (c) (default 1)"
+    )
     parser.add_argument("--steady-gpus", type=int, default=15_000)
     parser.add_argument("--steady-seconds", type=int, default=60)
     parser.add_argument("--steady-warmup", type=int, default=10)
@@ -276,21 +315,31 @@ def main() -> None:
         broker = TansuBroker(workdir / "tansu.log").start()
         bootstrap = broker.bootstrap_servers
     try:
-        prefix = f"bench{uuid.uuid4().hex[:6]}."
-        topic = f"{prefix}gpu.usage.v1"
-        asyncio.run(ensure_topics(bootstrap, {topic: 8}))
         print(f"producing {args.nodes} nodes x 8 GPUs x {args.rounds} rounds ...", flush=True)
-        samples = asyncio.run(produce_fleet(bootstrap, topic, args.nodes, args.rounds))
+        prefix, samples = produce_usage(bootstrap, args.nodes, args.rounds)
         print(f"produced {samples:,} samples in {samples // 8:,} batched messages", flush=True)
-        ceiling = asyncio.run(raw_ceiling(bootstrap, topic, samples))
+        ceiling = asyncio.run(raw_ceiling(bootstrap, f"{prefix}gpu.usage.v1", samples))
         print(f"(a) raw aiokafka consume + JSON decode: {ceiling:,.0f} samples/s", flush=True)
         rate, rss = metering_end_to_end(bootstrap, prefix, samples, workdir)
-        print(f"(b) metering end to end:                {rate:,.0f} samples/s  (RSS {rss:.0f} MB)")
-        print(f"    ratio (b)/(a): {rate / ceiling:.2f}")
+        print(
+            f"(b) metering end to end, 1 worker process: {rate:,.0f} samples/s"
+            f"  (RSS {rss:.0f} MB; ratio to (a) {rate / ceiling:.2f})",
+            flush=True,
+        )
+        if args.processes > 1:
+            # The same data again under a new prefix: a fresh group and fresh internal topics.
+            prefix, samples = produce_usage(bootstrap, args.nodes, args.rounds)
+            rate, rss = metering_end_to_end(bootstrap, prefix, samples, workdir, args.processes)
+            print(
+                f"(b) metering end to end, {args.processes} worker processes"
+                f" (WORKER_PROCESSES={args.processes}): {rate:,.0f} samples/s"
+                f"  (RSS {rss:.0f} MB in all; ratio to (a) {rate / ceiling:.2f})",
+                flush=True,
+            )
         if args.steady_seconds:
             steady_prefix = f"bench{uuid.uuid4().hex[:6]}."
             asyncio.run(ensure_topics(bootstrap, {f"{steady_prefix}gpu.usage.v1": 8}))
-            process, port = start_metering(bootstrap, steady_prefix, workdir)
+            process, port = start_metering(bootstrap, steady_prefix, workdir, args.steady_processes)
             try:
                 wait_healthy(port)
                 latencies, rounds = asyncio.run(
@@ -302,12 +351,13 @@ def main() -> None:
                         args.steady_warmup,
                     )
                 )
-                rss = rss_mb(process.pid)
+                rss = tree_rss_mb(process.pid)
             finally:
                 process.terminate()
-                process.wait(20)
+                process.wait(40)
             print(
-                f"(c) steady {args.steady_gpus:,} GPUs at 1 Hz for {rounds} s: "
+                f"(c) steady {args.steady_gpus:,} GPUs at 1 Hz for {rounds} s,"
+                f" {args.steady_processes} worker process(es): "
                 + latency_line(latencies, rounds)
                 + f" after {args.steady_warmup} s at the same rate"
                 + f"  (RSS {rss:.0f} MB)"

@@ -11,12 +11,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 
 def serve_health_and_metrics(
-    host: str, port: int, registry: CollectorRegistry, health: Callable[[], dict]
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    health: Callable[[], dict],
+    metrics: Callable[[], bytes] | None = None,
 ) -> ThreadingHTTPServer:
+    """`metrics`, when given, makes the /metrics body instead of the registry alone."""
+    exposition = metrics or (lambda: generate_latest(registry))
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             if self.path == "/metrics":
-                body, ctype, status = generate_latest(registry), CONTENT_TYPE_LATEST, 200
+                body, ctype, status = exposition(), CONTENT_TYPE_LATEST, 200
             elif self.path == "/healthz":
                 report = health()
                 status = 200 if report.get("status") == "ok" else 503

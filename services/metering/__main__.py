@@ -1,4 +1,5 @@
-"""`python -m services.metering` starts one metering worker (run more for more partitions)."""
+"""`python -m services.metering` starts one metering worker, or WORKER_PROCESSES of them under a
+supervisor (one per core: a worker is one Python process)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import logging
 import sys
 
 from services.common.kafka_admin import ensure_topics
-from services.metering.app import DEAD_LETTER_MAX_BYTES, create_app
-from services.metering.settings import MeteringSettings
+from services.metering.settings import DEAD_LETTER_MAX_BYTES, MeteringSettings
 
 FAUST_LOG_LEVELS = {
     "CRITICAL": "crit",
@@ -33,6 +33,12 @@ def main() -> None:
             configs={settings.topics.usage_dlq: {"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)}},
         )
     )
+    if settings.worker_processes > 1:
+        from services.metering.supervisor import run_supervised  # no Faust in the supervisor
+
+        sys.exit(run_supervised(settings))
+    from services.metering.app import create_app
+
     gc.set_threshold(settings.gc_gen0_threshold, 20, 10)
     app = create_app(settings)
     level = FAUST_LOG_LEVELS.get(settings.log_level.upper(), "info")

@@ -412,6 +412,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
         web_port=settings.http_port,
         web_in_thread=False,
         table_cleanup_interval=3600.0,
+        table_standby_replicas=settings.table_standby_replicas,
         # Big fetches and buffers: the consumer must never pause partitions for a full buffer.
         stream_buffer_maxsize=max(4096, settings.batch_max * 4),
         broker_max_poll_records=settings.batch_max,

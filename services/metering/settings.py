@@ -15,6 +15,9 @@ class MeteringSettings(CommonSettings):
     http_port: int = 8081
     # Worker processes on this host, each using one core (see services/metering/supervisor.py).
     worker_processes: int = Field(1, ge=1)
+    # Copies of other workers' tables each worker keeps warm for a fast takeover (Faust's
+    # standby replicas); each costs memory and changelog reading in every worker.
+    table_standby_replicas: int = Field(1, ge=0)
     usage_partitions: int = 8
     internal_partitions: int = 4
     batch_max: int = 5000
