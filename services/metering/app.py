@@ -607,8 +607,8 @@ def create_app(settings: MeteringSettings) -> faust.App:
             resend_all()
         now = datetime.now(UTC)
         by_node: dict[str, list[tuple[domain.SampleView, Any]]] = defaultdict(list)
+        metrics.messages.inc(len(events))
         for event in events:
-            metrics.messages.inc()
             message = event.message
             partition = message.partition
             expected = next_offset.get(partition)
@@ -668,6 +668,8 @@ def create_app(settings: MeteringSettings) -> faust.App:
             for sample in decoded.samples:
                 by_node[sample.node].append((sample, event))
         newest = None
+        counted_outcome = domain.Outcome.COUNTED
+        counted = 0
         outcomes: dict[domain.Outcome, int] = defaultdict(int)
         for node, samples in by_node.items():
             state = live_states.get(node)
@@ -680,6 +682,9 @@ def create_app(settings: MeteringSettings) -> faust.App:
                 outcome = state.apply(
                     sample, settings.hour_retention_s, touched_hours, touched_minutes
                 )
+                if outcome is counted_outcome:
+                    counted += 1
+                    continue
                 outcomes[outcome] += 1
                 if outcome in (domain.Outcome.OUT_OF_ORDER, domain.Outcome.BEYOND_RETENTION):
                     send_dead_letter(
@@ -696,9 +701,10 @@ def create_app(settings: MeteringSettings) -> faust.App:
             state.expire(settings.hour_retention_s, settings.minute_retention_s)
             dirty_states[node] = samples[-1][1].message.partition
         send_partials()
+        outcomes[counted_outcome] += counted
         for outcome, count in outcomes.items():
             metrics.samples.labels(outcome.value).inc(count)
-        metrics.record_counted(outcomes[domain.Outcome.COUNTED])
+        metrics.record_counted(counted)
         if newest is not None:
             metrics.event_lag.set((now - newest).total_seconds())
         metrics.nodes.set(max(len(node_state.data), len(live_states)))

@@ -316,6 +316,8 @@ class NodeState:
         # written at every commit, and most of its 15 minutes and hours have not changed.
         self._hour_texts: dict[str, list[Any]] = {}
         self._minute_texts: dict[str, dict[str, Any]] = {}
+        # (interval start, hour, minute key, hour ISO) of the last sample applied
+        self._buckets: tuple[Any, int, str, str] = (None, 0, "", "")
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -372,7 +374,15 @@ class NodeState:
             if _holds_digest(cursor[1], id_digest(sample.event_id)):
                 return Outcome.DUPLICATE
             return Outcome.OUT_OF_ORDER
-        hour = sample.bucket(HOUR)
+        start_n = sample.start_n
+        buckets = self._buckets
+        if start_n is not None and start_n == buckets[0]:
+            hour, minute_key, hour_iso = buckets[1], buckets[2], buckets[3]
+        else:  # a node's samples of one round share their buckets: computed once per round
+            hour = sample.bucket(HOUR)
+            minute_key, hour_iso = str(sample.bucket(MINUTE)), iso(hour)
+            if start_n is not None:
+                self._buckets = (start_n, hour, minute_key, hour_iso)
         if self.max_end_n - hour * _IN > hour_retention_s * _IN:
             return Outcome.BEYOND_RETENTION
         if cursor is None:
@@ -401,7 +411,7 @@ class NodeState:
             exact = sample.contributions()
         project_id = sample.project_id
         if project_id is not None:
-            key = f"{project_id}|{sample.gpu_model}|{iso(hour)}"
+            key = f"{project_id}|{sample.gpu_model}|{hour_iso}"
             totals = self.hours.get(key)
             if totals is None:
                 totals = self.hours[key] = [0, 0, 0, 0, None]
@@ -414,7 +424,6 @@ class NodeState:
                 totals[4] = _add_extra(totals[4], exact)
             touched_hours.add(key)
 
-        minute_key = str(sample.bucket(MINUTE))
         minute = self.minutes.get(minute_key)
         if minute is None:
             minute = self.minutes[minute_key] = [0, 0, 0, 0, 0, 0, 0, 0, None]

@@ -16,13 +16,13 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from schemas.codec import InvalidUsage, decode_usage_event, decode_usage_message
 from schemas.usage import MAX_FUTURE_SKEW_S, MAX_INTERVAL_S, MAX_MESSAGE_BYTES, USAGE_EVENT_TYPE
-from services.metering.domain import SampleView, epoch_ns
+from services.metering.domain import SampleView, epoch_ns, scaled
 
 # RFC 3339 with an explicit offset and at most microseconds: the form both parsers agree on.
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)", re.ASCII)
@@ -30,27 +30,32 @@ _TEXT_FIELDS = ("node", "gpu_uuid", "gpu_model")
 _COUNT_FIELDS = ("gpu_index", "mem_used_mib", "mem_total_mib", "xid_errors")
 
 
+_Text = Annotated[str, msgspec.Meta(min_length=1)]
+_Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
 class _Data(msgspec.Struct):
-    node: str
-    gpu_uuid: str
-    gpu_index: int
-    gpu_model: str
+    # Presence, types, non-empty texts and non-negative counts are checked by msgspec, in C.
+    node: _Text
+    gpu_uuid: _Text
+    gpu_index: _Count
+    gpu_model: _Text
     interval_s: int | float  # an int is decided by the codec: kept apart to send it there
     project_id: str | None
     job_id: str | None
     util_pct: int | float
-    mem_used_mib: int
-    mem_total_mib: int
+    mem_used_mib: _Count
+    mem_total_mib: _Count
     power_w: int | float
     temp_c: int
-    xid_errors: int
+    xid_errors: _Count
 
 
 class _Event(msgspec.Struct):
     specversion: Literal["1.0"]
-    id: str
-    source: str
-    type: str
+    id: _Text
+    source: _Text
+    type: Literal["io.gpumeter.gpu.usage.v1"]
     time: str
     data: _Data
     subject: str | None = None
@@ -115,21 +120,12 @@ def _all_well_formed(raw: bytes, key: bytes | None, now_s: float) -> list[Sample
     node = key.decode("utf-8", "replace") if key else None
     times: dict[str, int] = {}
     samples = []
+    last_interval, interval_n = None, None
     for event in events:
         data = event.data
         interval, util, power = data.interval_s, data.util_pct, data.power_w
         if (
-            event.type != USAGE_EVENT_TYPE
-            or not event.id
-            or not event.source
-            or not data.node
-            or not data.gpu_uuid
-            or not data.gpu_model
-            or data.gpu_index < 0
-            or data.mem_used_mib < 0
-            or data.mem_total_mib < 0
-            or data.xid_errors < 0
-            or type(interval) is not float
+            type(interval) is not float
             or type(util) is not float
             or type(power) is not float
             or not (0 < interval <= MAX_INTERVAL_S and 0 <= util <= 100 and power >= 0)
@@ -139,8 +135,11 @@ def _all_well_formed(raw: bytes, key: bytes | None, now_s: float) -> list[Sample
         end_n = _time_ns(event.time, times)
         if end_n is None or end_n / 1e9 - now_s > MAX_FUTURE_SKEW_S:
             return None
-        samples.append(
-            SampleView.make(
+        if interval != last_interval:  # a node's samples share their interval: scaled once
+            last_interval, interval_n = interval, scaled(interval)
+        util_n, power_n = scaled(util), scaled(power)
+        if interval_n is None or util_n is None or power_n is None:
+            view = SampleView.make(  # more than 9 decimals: the exact Decimal path
                 node=data.node,
                 source=event.source,
                 event_id=event.id,
@@ -153,7 +152,25 @@ def _all_well_formed(raw: bytes, key: bytes | None, now_s: float) -> list[Sample
                 xid_errors=data.xid_errors,
                 gpu_uuid=data.gpu_uuid,
             )
-        )
+        else:
+            gpu_uuid = data.gpu_uuid
+            view = SampleView(
+                data.node,
+                f"{event.source}|{gpu_uuid}",
+                event.id,
+                end_n,
+                end_n - interval_n,
+                interval_n,
+                util_n,
+                power_n,
+                None,
+                data.project_id,
+                data.gpu_model,
+                util,
+                data.xid_errors,
+                gpu_uuid,
+            )
+        samples.append(view)
     return samples
 
 

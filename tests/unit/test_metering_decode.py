@@ -71,6 +71,11 @@ VARIANTS = [
     good(gpu_model=None),
     good(temp_c="40"),
     good(extra_field="ignored"),
+    good(util_pct=55.1234567891),  # more than 9 decimals: exact Decimal path
+    good(power_w=0.1 + 0.2),
+    good(interval_s=9.9999999999),
+    good(mem_used_mib=-1),
+    good(gpu_uuid=""),
     mutated(("time",), "2026-11-28T02:55:00+08:00"),
     mutated(("time",), "2026-11-28T02:55:00.123456Z"),
     mutated(("time",), "2026-11-28T02:55:00.1234567Z"),
@@ -143,9 +148,19 @@ def test_well_formed_messages_take_the_struct_decoder_and_decode_as_the_codec_do
         json.dumps(good()).encode(),
         json.dumps([good(g) for g in range(8)]).encode(),
         json.dumps([good(1, project_id=None, job_id=None), good(2, util_pct=0.0)]).encode(),
+        json.dumps([good(1), good(2, interval_s=5.0), good(3), good(4, util_pct=1e-10)]).encode(),
     ):
         samples = _all_well_formed(raw, b"node-1", NOW.timestamp())
         assert samples is not None
         assert [dataclasses.asdict(s) for s in samples] == outcome(by_codec, raw)[1]
     # Anything it does not take in full is left to the general path.
     assert _all_well_formed(json.dumps([good(1), good(interval_s=10)]).encode(), None, 0.0) is None
+
+
+def test_the_struct_decoder_accepts_exactly_the_contracts_event_type() -> None:
+    from typing import get_args, get_type_hints
+
+    from schemas.usage import USAGE_EVENT_TYPE
+    from services.metering.fast_decode import _Event
+
+    assert get_args(get_type_hints(_Event)["type"]) == (USAGE_EVENT_TYPE,)
