@@ -2,10 +2,10 @@
 
 (a) a raw aiokafka consume-and-decode loop over the usage topic: the practical ceiling;
 (b) the metering service end to end on the same data: from an empty group to hourly totals that
-    hold every sample;
+    hold every sample, with one worker process and then with one per core (WORKER_PROCESSES);
 (c) latency at a steady rate (default 15,000 GPUs at 1 Hz): from a round's first sample produced to
-    the hourly total that includes the whole round, p50/p99, and the worker's RSS holding that
-    many GPUs.
+    the hourly total that includes the whole round, p50/p99, and the RSS of all the service's
+    processes holding that many GPUs (one worker per core unless --steady-processes says).
 """
 
 from __future__ import annotations
@@ -302,7 +302,10 @@ def main() -> None:
         help="worker processes for the second run of (b) (default: one per core)",
     )
     parser.add_argument(
-        "--steady-processes", type=int, default=1, help="worker processes for (c) (default 1)"
+        "--steady-processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes for (c) (default: one per core)",
     )
     parser.add_argument("--steady-gpus", type=int, default=15_000)
     parser.add_argument("--steady-seconds", type=int, default=60)
