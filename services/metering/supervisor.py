@@ -19,19 +19,18 @@ import ctypes
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from services.common.http import serve_health_and_metrics
+from services.common.http import free_port, serve_health_and_metrics
 from services.metering.settings import MeteringSettings
 
 log = logging.getLogger("gpumeter.metering.supervisor")
@@ -42,15 +41,14 @@ SCRAPE_TIMEOUT_S = 5.0
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _die_with(parent: int) -> Any:
+    def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the supervisor died before the signal was armed
+            os._exit(1)
 
-
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return die_with_parent
 
 
 @dataclass
@@ -60,7 +58,6 @@ class Worker:
     process: subprocess.Popen | None = None
     started_at: float = 0.0
     restarts: int = 0
-    exits: list[int] = field(default_factory=list)
 
     @property
     def running(self) -> bool:
@@ -140,7 +137,7 @@ class Supervisor:
         worker.process = subprocess.Popen(
             [sys.executable, "-m", "services.metering"],
             env=env,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=_die_with(os.getpid()) if sys.platform == "linux" else None,  # noqa: PLW1509
         )
         worker.started_at = time.monotonic()
         log.info(
@@ -216,7 +213,6 @@ class Supervisor:
                         continue
                     if worker.index not in due:
                         code = worker.process.returncode
-                        worker.exits.append(code)
                         # A worker that ran a while before exiting starts again at once; one
                         # that keeps failing at start-up waits longer each time.
                         quick = time.monotonic() - worker.started_at < 60
