@@ -1,13 +1,21 @@
 """`gpumeter up`: broker, database, services and a simulated fleet on this machine, in one command.
 
-Everything lives under one data directory (default ./var) that can simply be deleted. Ctrl-C stops
-every child process. KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL name existing servers instead.
+Everything lives under one data directory (default ./var) that can simply be deleted.
+KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL name existing servers instead.
+
+However the stack process ends (Ctrl-C, SIGTERM, SIGHUP from a closing terminal, a broken pipe on
+its stdout, an exception, SIGKILL), nothing it started stays behind: every child carries the
+marker GPUMETER_STACK=<data directory> in its environment, and a guardian process in a session of
+its own (gpumeter.guardian) stops every marked process when the stack's pipe to it closes. A lock
+on the data directory keeps a second stack off it; a stack that finds processes an earlier one
+left (its guardian killed too) stops them before it starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -29,6 +37,7 @@ import asyncpg
 import httpx
 
 from gpumeter.localstack import EmbeddedPostgres, TansuBroker, free_port
+from gpumeter.processes import STACK_ENV, stop_marked
 from schemas.topics import Topics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,13 +63,28 @@ class StackOptions:
     agent_bootstrap: Callable[[str], str] | None = None
     agent_env: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Resolved once, where the options are read: children run in other working directories
+        # (PostgreSQL's is its data directory, the services' the repository root).
+        self.data_dir = Path(self.data_dir).resolve()
+        self.catalog = Path(self.catalog).resolve()
+        self.rules = Path(self.rules).resolve()
+
+
+class StackBusy(SystemExit):
+    """Another stack holds the data directory."""
+
 
 class WebhookInbox:
-    """A local receiver for the generic webhook, so the demo can show alerts arriving."""
+    """A local receiver for the generic webhook, so the demo can show alerts arriving. With a
+    `record` file, every notification is also appended to it as one JSON line (what on-call would
+    have received, kept across runs on the same data directory)."""
 
-    def __init__(self) -> None:
+    def __init__(self, record: Path | None = None) -> None:
         self.received: list[dict[str, Any]] = []
         self.idempotency_keys: list[str | None] = []  # per request, beside `received`
+        self.record = record
+        self._lock = threading.Lock()
         inbox = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -68,9 +92,13 @@ class WebhookInbox:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 inbox.idempotency_keys.append(self.headers.get("Idempotency-Key"))
                 try:
-                    inbox.received.append(json.loads(body))
+                    payload = json.loads(body)
                 except json.JSONDecodeError:
-                    inbox.received.append({"raw": body.decode(errors="replace")})
+                    payload = {"raw": body.decode(errors="replace")}
+                inbox.received.append(payload)
+                if inbox.record is not None:
+                    with inbox._lock, open(inbox.record, "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps(payload, separators=(",", ":")) + "\n")
                 self.send_response(200)
                 self.end_headers()
 
@@ -99,6 +127,8 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     admin_token: str = ""
     billing_token: str = ""
+    guardian: subprocess.Popen | None = None
+    lock: Any = None
 
     @property
     def logs(self) -> Path:
@@ -108,26 +138,38 @@ class Stack:
         opts = self.options
         opts.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
-        say(f"data directory: {opts.data_dir.resolve()} (delete it to start afresh)")
+        set_transcript(self.logs / "stack.log")
+        self.take_data_dir()
+        say(f"data directory: {opts.data_dir} (delete it to start afresh)")
+        self.start_guardian()
 
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         if not bootstrap:
+            began = say_waiting("broker: starting Tansu")
             self.broker = TansuBroker(self.logs / "tansu.log").start()
+            assert self.broker.process is not None
+            self.guard(self.broker.process, signal.SIGTERM, tier=1)
             bootstrap = self.broker.bootstrap_servers
-            say(f"broker: Tansu (in memory) on {bootstrap}")
+            say(f"broker: Tansu (in memory) on {bootstrap} ({time.monotonic() - began:.1f} s)")
         else:
             say(f"broker: {bootstrap} (from KAFKA_BOOTSTRAP_SERVERS)")
         database_url = os.environ.get("DATABASE_URL")
         if not database_url:
-            self.postgres = EmbeddedPostgres(opts.data_dir / "pgdata").start()
+            began = say_waiting(f"database: starting PostgreSQL in {opts.data_dir / 'pgdata'}")
+            self.postgres = EmbeddedPostgres(opts.data_dir / "pgdata")
+            self.postgres.on_spawn = lambda process: self.guard(process, signal.SIGINT, tier=1)
+            self.postgres.start()
             asyncio.run(create_database(self.postgres.dsn(), "gpumeter"))
             database_url = self.postgres.dsn("gpumeter")
-            say(f"database: embedded PostgreSQL on {database_url}")
+            say(
+                f"database: embedded PostgreSQL on {database_url} "
+                f"({time.monotonic() - began:.1f} s)"
+            )
         else:
             say(f"database: {database_url} (from DATABASE_URL)")
 
         self.admin_token, self.billing_token = load_tokens(opts.data_dir / "api-tokens.json")
-        self.inbox = WebhookInbox()
+        self.inbox = WebhookInbox(self.logs / "notifications.jsonl")
         self.ports = {
             "billing": free_port(),
             "metering": free_port(),
@@ -197,8 +239,57 @@ class Stack:
             )
         self.print_directions()
 
+    def take_data_dir(self) -> None:
+        """Lock the data directory for this stack, and stop what an earlier one left running."""
+        path = self.options.data_dir / "stack.lock"
+        lock = open(path, "a+")  # noqa: SIM115 - held for the stack's lifetime
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise StackBusy(
+                f"another gpumeter up (pid {holder}) is running on {self.options.data_dir}; "
+                "stop it first, or give this one another --data-dir"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self.lock = lock
+        marker = str(self.options.data_dir)
+        left = stop_marked(marker, grace_s=10.0)
+        if left:
+            say(
+                f"stopped {len(left)} processes an earlier run on this data directory left "
+                f"behind ({', '.join(sorted({p.name for p in left}))})"
+            )
+        # Inherited by every process started from here on, grandchildren included.
+        os.environ[STACK_ENV] = marker
+
+    def start_guardian(self) -> None:
+        log = open(self.logs / "guardian.log", "ab")  # noqa: SIM115 - owned by the child
+        self.guardian = subprocess.Popen(
+            [sys.executable, "-m", "gpumeter.guardian", str(self.options.data_dir)],
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
+
+    def guard(self, process: subprocess.Popen, sig: int, tier: int) -> None:
+        """Tell the guardian how to stop this process group: tier 0 (services) before tier 1."""
+        if self.guardian is None or self.guardian.stdin is None:
+            return
+        with contextlib.suppress(OSError):
+            self.guardian.stdin.write(f"group {process.pid} {int(sig)} {tier}\n".encode())
+            self.guardian.stdin.flush()
+
     def run_once(self, name: str, command: list[str]) -> None:
         env = {**os.environ, **self.env}
+        say_waiting(f"{name}: running {' '.join(command[1:])}")
         result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
         (self.logs / f"{name}.log").write_text(result.stdout + result.stderr)
         if result.returncode != 0:
@@ -227,6 +318,7 @@ class Stack:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        self.guard(self.children[name], signal.SIGTERM, tier=0)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal a child's whole process group (SIGKILL: a crash, no cleanup) and reap it."""
@@ -247,9 +339,18 @@ class Stack:
             self.wait_healthy(name)
 
     def wait_healthy(self, name: str, timeout_s: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout_s
+        began = time.monotonic()
+        deadline = began + timeout_s
         url = f"http://127.0.0.1:{self.ports[name]}/healthz"
+        said = began
+        say(f"{name}: waiting for {url} to answer 200")
         while time.monotonic() < deadline:
+            if time.monotonic() - said >= 10:
+                said = time.monotonic()
+                say(
+                    f"{name}: still waiting for /healthz ({said - began:.0f} s of {timeout_s:g}; "
+                    f"log {self.logs / (name + '.log')})"
+                )
             if self.children[name].poll() is not None:
                 raise SystemExit(f"{name} exited; see {self.logs / (name + '.log')}")
             try:
@@ -290,6 +391,8 @@ class Stack:
                 self.options.duration_s is None
                 or time.monotonic() - started < self.options.duration_s
             ):
+                if output_lost():
+                    raise OutputClosed("standard output closed (broken pipe); stopping")
                 self.check_children()
                 snapshot = self.snapshot()
                 if view is not None:
@@ -303,7 +406,8 @@ class Stack:
                         line = (
                             f"    ALERT {alert.get('status', '?').upper()}: "
                             f"{alert.get('labels', {}).get('alertname')} "
-                            f"{alert.get('annotations', {}).get('summary', '')}"
+                            f"{alert.get('annotations', {}).get('summary', '')} "
+                            f"[since {alert.get('startsAt', '?')}]"
                         )
                         if view is not None:
                             view.events.append(line.strip())
@@ -416,24 +520,36 @@ class Stack:
         return allocation, cap
 
     def stop(self) -> None:
-        for name in ("agent", "alerts", "billing", "metering"):
-            child = self.children.get(name)
-            if child is not None:
-                try:
-                    os.killpg(child.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
-        for child in self.children.values():
-            try:
-                child.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait(5)
-        if self.postgres:
-            self.postgres.stop()
-        if self.broker:
-            self.broker.stop()
-        say("stopped: no process left behind")
+        """Stop everything: the guardian does it (services first, then database and broker), the
+        same way it would if this process had died; then check nothing marked is left."""
+        if self.guardian is None:
+            return
+        say("stopping: services first, then the database and the broker")
+        began = time.monotonic()
+        with contextlib.suppress(OSError):
+            assert self.guardian.stdin is not None
+            self.guardian.stdin.close()
+        try:
+            self.guardian.wait(60)
+        except subprocess.TimeoutExpired:
+            say("the guardian did not finish in 60 s; stopping what is left myself")
+        # Our own children: reap them (the guardian stopped them, it is not their parent).
+        for child in [*self.children.values(), self.broker and self.broker.process]:
+            if child:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(5)
+        if self.postgres and self.postgres.process:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.postgres.process.wait(5)
+        left = stop_marked(str(self.options.data_dir), grace_s=5.0)
+        self.guardian = None
+        if left:
+            say(f"stopped: {len(left)} processes needed a second try ({left})")
+        else:
+            say(f"stopped: no process left behind ({time.monotonic() - began:.1f} s)")
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -491,8 +607,28 @@ def cap_used(snapshot: dict[str, Any], project_id: str) -> str:
     return f"{used / cap:.1%}"
 
 
+def waiting_for(snapshot: dict[str, Any]) -> str | None:
+    """What the centre's figures still wait for, in words; None once invoices show."""
+    if snapshot.get("billing_error"):
+        return f"waiting for the billing API ({snapshot['billing_error']})"
+    if not snapshot.get("samples_counted"):
+        return "waiting for metering to count the first samples from the agents"
+    if not snapshot["invoices"]:
+        return (
+            f"waiting for billing's first draft invoices (metering counted "
+            f"{snapshot['samples_counted']:,.0f} samples; hourly totals follow)"
+        )
+    return None
+
+
 def plain_line(snapshot: dict[str, Any]) -> str:
     gross, subsidy = totals(snapshot)
+    waiting = waiting_for(snapshot)
+    if waiting:
+        return (
+            f"[{snapshot['at']}] {waiting}; {snapshot['samples_per_s']:,.0f} samples/s, "
+            f"lag {snapshot['lag']:,.0f}, {len(snapshot['active_alerts'])} alerts firing"
+        )
     return (
         f"[{snapshot['at']}] {allocation_line(snapshot, 12)}; "
         f"{len(snapshot['invoices'])} draft invoices for {snapshot['period']}: "
@@ -527,6 +663,9 @@ class LiveView:
             f"{allocation_line(snapshot)}\n"
             f"gross HK${gross:,.2f}  subsidy HK${subsidy:,.2f}  net HK${gross - subsidy:,.2f}"
         )
+        waiting = waiting_for(snapshot)
+        if waiting:
+            header += f"\n[yellow]{waiting}[/yellow]"
         table = Table(title="draft invoices", expand=True)
         columns = (
             "project",
@@ -570,8 +709,48 @@ class LiveView:
         self.live.stop()
 
 
+class OutputClosed(Exception):
+    """Nobody reads the stack's output any more (the pipe to `tee` or the terminal is gone)."""
+
+
+_transcript: Any = None
+_output_lost = False
+
+
+def set_transcript(path: Path) -> None:
+    """Everything the stack says also goes to this file (it outlives a closed terminal)."""
+    global _transcript
+    if _transcript is not None:
+        _transcript.close()
+    _transcript = open(path, "a", encoding="utf-8")  # noqa: SIM115 - module lifetime
+
+
+def output_lost() -> bool:
+    return _output_lost
+
+
 def say(text: str) -> None:
-    print(text, flush=True)
+    """Print a line; never raises. A broken pipe or a closed terminal makes stdout /dev/null
+    (and `output_lost()` true, which ends the watch loop); the transcript still gets the line."""
+    global _output_lost
+    if _transcript is not None:
+        with contextlib.suppress(OSError, ValueError):
+            _transcript.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+            _transcript.flush()
+    if _output_lost:
+        return
+    try:
+        print(text, flush=True)
+    except (OSError, ValueError):
+        _output_lost = True
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - also for the interpreter's exit
+
+
+def say_waiting(text: str) -> float:
+    """Say what is being waited for now; returns the time it began."""
+    say(f"{text} ...")
+    return time.monotonic()
 
 
 def load_tokens(path: Path) -> tuple[str, str]:
@@ -594,22 +773,43 @@ async def create_database(admin_dsn: str, name: str) -> None:
 
 
 def run(options: StackOptions) -> int:
+    """The first command: start, watch until told to stop, stop. Exit status 0 when stopped by a
+    signal or the duration, 1 when something failed (said above, and in logs/stack.log)."""
     stack = Stack(options)
-    interrupted = False
+    stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        if stopping:
+            say(f"{signal.Signals(signum).name}: already stopping, please wait")
+            return
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    status = 0
     try:
         stack.start()
         stack.watch()
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:
+        say(f"{exc.args[0] if exc.args else 'SIGINT'}: stopping")
+    except OutputClosed as exc:
+        say(str(exc))
+    except StackBusy as exc:
+        say(str(exc))
+        return 1
+    except SystemExit as exc:
+        say(f"error: {exc.code}")
+        status = 1
+    except Exception as exc:
+        say(f"error: {type(exc).__name__}: {exc}")
+        import traceback
+
+        say(traceback.format_exc().rstrip())
+        status = 1
     finally:
+        stopping = True
         stack.stop()
-    del interrupted
-    return 0
+    return status
 
 
 def now_utc() -> datetime:

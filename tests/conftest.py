@@ -38,8 +38,8 @@ def postgres_server(workdir: Path) -> Iterator[EmbeddedPostgres | None]:
     if os.environ.get("DATABASE_URL"):
         yield None
         return
-    # Not under pytest's temp root: a later pytest run resets that to mode 0700, and PostgreSQL runs
-    # as its own user (it refuses root), so it would lose its data directory mid-session.
+    # Not under pytest's temp root: a concurrent pytest run prunes old temp folders there. (As root,
+    # PostgreSQL runs in a user namespace, so a mode-0700 folder like mkdtemp's is fine.)
     data_root = Path(tempfile.mkdtemp(prefix="gpumeter-pg-"))
     server = EmbeddedPostgres(data_root / "pgdata").start()
     yield server
