@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,6 +223,7 @@ class Stack:
                     "AGENT_SIM_SPEED": str(opts.speed),
                     "AGENT_SIM_START": opts.start,
                     "AGENT_INTERVAL_S": str(opts.interval_s),
+                    "AGENT_SPOOL_DIR": str(self.fresh_fleet_spool()),
                     **(
                         {"KAFKA_BOOTSTRAP_SERVERS": opts.agent_bootstrap(bootstrap)}
                         if opts.agent_bootstrap
@@ -286,6 +288,21 @@ class Stack:
         with contextlib.suppress(OSError):
             self.guardian.stdin.write(f"group {process.pid} {int(sig)} {tier}\n".encode())
             self.guardian.stdin.flush()
+
+    def fresh_fleet_spool(self) -> Path:
+        """The simulated fleet's spool, emptied: the broker is memory-only and the fleet replays
+        its history from this run's start, so what an earlier run had not delivered is generated
+        again (same seeded samples, same ids) and would only arrive out of order before it."""
+        spool = self.options.data_dir / "agent-spool"
+        if spool.exists():
+            left = sum(1 for _ in spool.iterdir())
+            shutil.rmtree(spool)
+            if left:
+                say(
+                    f"simulated fleet: an earlier run left {left} undelivered rounds in {spool}; "
+                    "this run generates them again"
+                )
+        return spool
 
     def run_once(self, name: str, command: list[str]) -> None:
         env = {**os.environ, **self.env}
