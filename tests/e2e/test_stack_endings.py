@@ -187,6 +187,10 @@ ENDINGS = {
 }
 
 
+# The endings that leave the most behind for the next run (no orderly stop, a closed terminal).
+RERUN_AFTER = ("SIGKILL of the stack", "terminal closed (SIGHUP to make run | tee)")
+
+
 @pytest.mark.parametrize("ending", list(ENDINGS))
 def test_no_process_stays_behind_however_the_stack_ends(ending: str, tmp_path: Path) -> None:
     # given a running stack with its simulated fleet
@@ -210,6 +214,8 @@ def test_no_process_stays_behind_however_the_stack_ends(ending: str, tmp_path: P
         assert "error: RuntimeError: the live view broke" in text
     if ending != "SIGKILL of the stack":
         assert "stopped: no process left behind" in text, text[-3000:]
+    if ending not in RERUN_AFTER:
+        return
     # and a later run on the same data directory starts and stops cleanly
     again = subprocess.run(
         [*up_command(data_dir), "--duration", "5"],
