@@ -1,11 +1,13 @@
 """Delivery to Kafka with kafka-python, through the on-disk spool.
 
 The sampling loop only ever writes to the spool (`Delivery.submit`), so a slow or absent broker never
-delays a sample. One sender thread sends the spool's oldest records in order, one CloudEvents batch
-per node per round keyed by the node id, with acks=all and an idempotent producer, and removes a
-record only once the broker acknowledged it. After a failure it discards the producer and starts
-over from the oldest unacknowledged record: a sample may go out twice (same CloudEvents id, dropped
-by metering) but never out of order and never not at all.
+delays a sample. One sender thread takes the spool's oldest records (up to `BATCH_ROUNDS` rounds),
+joins each node's events of those rounds into one CloudEvents batch per node (split where it would
+pass `MAX_MESSAGE_BYTES`), keyed by the node id, and sends them with acks=all, an idempotent,
+gzip-compressing producer. A record is removed only once every message holding its events was
+acknowledged. After a failure it discards the producer and starts over from the oldest
+unacknowledged record: a sample may go out twice (same CloudEvents id, dropped by metering) but
+never out of order and never not at all.
 """
 
 from __future__ import annotations
@@ -14,15 +16,28 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from schemas.usage import MAX_MESSAGE_BYTES as USAGE_MAX_MESSAGE_BYTES
 from services.agent.spool import Spool, SpoolCorrupt, SpoolRecord
 
 log = logging.getLogger(__name__)
+
+# Rounds per send. A failure re-sends at most this many rounds of a GPU that may have arrived
+# already; metering recognises a re-delivery among each GPU's newest 32 ids
+# (RECENT_IDS_PER_GPU in services/metering/domain.py), so one batch never repeats more.
+BATCH_ROUNDS = 32
+# Half of what metering accepts as one message (1 MiB, CONTRACTS §1) and of the broker's default
+# message.max.bytes, measured before compression.
+MAX_MESSAGE_BYTES = USAGE_MAX_MESSAGE_BYTES // 2
+# Spool bytes read per send: bounds the agent's memory; under kafka-python 2.x's default 32 MiB
+# buffer_memory, so send() never waits for space there (3.x has no such bound).
+BATCH_BYTES = 16 * 1024 * 1024
 
 
 class AgentMetrics:
@@ -81,14 +96,22 @@ class Producer(Protocol):
     def close(self, timeout: float | None = None) -> None: ...
 
 
-def kafka_producer_factory(bootstrap_servers: str, timeout_ms: int) -> Callable[[], Producer]:
-    """An idempotent, acks=all producer whose every wait is bounded by `timeout_ms`."""
+def kafka_producer_factory(
+    bootstrap_servers: str, timeout_ms: int, compression: str | None = "gzip"
+) -> Callable[[], Producer]:
+    """An idempotent, acks=all producer whose every wait is bounded by `timeout_ms`.
+
+    gzip (zlib, in C) shrinks the JSON about 20x before kafka-python computes each batch's
+    CRC-32C, which it does in pure Python unless the optional crc32c package is installed: on
+    uncompressed batches that checksum was most of the agent's CPU per sample."""
 
     def create() -> Producer:
         producer: Producer = KafkaProducer(
             bootstrap_servers=bootstrap_servers.split(","),
             acks="all",
             enable_idempotence=True,
+            compression_type=compression,
+            batch_size=MAX_MESSAGE_BYTES,  # a partition's joined messages of one send travel together
             linger_ms=5,
             max_in_flight_requests_per_connection=5,
             request_timeout_ms=timeout_ms,
@@ -102,6 +125,58 @@ def kafka_producer_factory(bootstrap_servers: str, timeout_ms: int) -> Callable[
     return create
 
 
+@dataclass(frozen=True)
+class Message:
+    """One Kafka message: a node's events of the records `first`..`last` (indexes in the send)."""
+
+    key: str
+    value: bytes
+    first: int
+    last: int
+
+
+class _Joining:
+    def __init__(self, key: str, first: int) -> None:
+        self.key = key
+        self.first = self.last = first
+        self.parts: list[bytes] = []
+        self.size = 2  # the brackets
+
+    def joined_size(self, value: bytes) -> int:
+        return self.size + len(value) - 2 + (1 if self.parts else 0)
+
+    def add(self, value: bytes, index: int) -> None:
+        self.size = self.joined_size(value)
+        self.parts.append(value[1:-1])
+        self.last = index
+
+    def message(self) -> Message:
+        return Message(self.key, b"[" + b",".join(self.parts) + b"]", self.first, self.last)
+
+
+def coalesce(records: list[SpoolRecord], max_message_bytes: int) -> list[Message]:
+    """Each node's events of consecutive records joined into one CloudEvents batch, in spool
+    order, a new message wherever the next round would pass `max_message_bytes` (a round larger
+    than that goes alone). Values are spliced as bytes, never parsed: each is a JSON array.
+    Sorted by first record, so waiting in send order finds the acknowledged prefix."""
+    joining: dict[str, _Joining] = {}
+    messages: list[Message] = []
+    for index, record in enumerate(records):
+        for key, value in record.messages:
+            if len(value) <= 2:  # "[]": no events
+                continue
+            current = joining.get(key)
+            if current is not None and current.joined_size(value) > max_message_bytes:
+                messages.append(current.message())
+                current = None
+            if current is None:
+                current = joining[key] = _Joining(key, index)
+            current.add(value, index)
+    messages.extend(current.message() for current in joining.values())
+    messages.sort(key=lambda message: message.first)
+    return messages
+
+
 class Delivery:
     def __init__(
         self,
@@ -111,7 +186,9 @@ class Delivery:
         producer_factory: Callable[[], Producer],
         *,
         ack_timeout_s: float = 15.0,
-        batch_records: int = 64,
+        batch_rounds: int = BATCH_ROUNDS,
+        batch_bytes: int = BATCH_BYTES,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
         backoff_s: tuple[float, float] = (0.5, 10.0),
     ) -> None:
         self.spool = spool
@@ -119,7 +196,9 @@ class Delivery:
         self.metrics = metrics
         self.producer_factory = producer_factory
         self.ack_timeout_s = ack_timeout_s
-        self.batch_records = batch_records
+        self.batch_rounds = batch_rounds
+        self.batch_bytes = batch_bytes
+        self.max_message_bytes = max_message_bytes
         self.backoff_s = backoff_s
         self._producer: Producer | None = None
         self._wake = threading.Event()
@@ -128,6 +207,7 @@ class Delivery:
         self._thread = threading.Thread(target=self._run, name="agent-sender", daemon=True)
         self._broker_up: bool | None = None
         self._full_since: float | None = None
+        self._replay: tuple[float, int] | None = None  # since the broker came back: (when, samples)
         metrics.spool_max_bytes.set(spool.max_bytes)
         self._update_gauges()
 
@@ -185,7 +265,7 @@ class Delivery:
         while not self._stop.is_set():
             self._wake.clear()
             try:
-                records = self.spool.peek(self.batch_records)
+                records = self.spool.peek(self.batch_rounds, self.batch_bytes)
             except SpoolCorrupt as exc:
                 log.error("dropping an unreadable spool record: %s", exc)
                 self.spool.remove_through(exc.entry.seq)
@@ -195,7 +275,13 @@ class Delivery:
                 self._update_gauges()
                 self._wake.wait(1.0)
                 continue
-            if self._send(records):
+            try:
+                sent = self._send(records)
+            except Exception as exc:  # noqa: BLE001 - the sender must outlive the unforeseen
+                log.exception("sending failed unexpectedly; retrying from the spool")
+                self._failed(exc)
+                sent = False
+            if sent:
                 backoff = self.backoff_s[0]
             elif self._flushing.is_set():
                 self._stop.wait(self.backoff_s[0])
@@ -204,44 +290,43 @@ class Delivery:
                 backoff = min(backoff * 2, self.backoff_s[1])
 
     def _send(self, records: list[SpoolRecord]) -> bool:
-        """Send records in order; remove the acknowledged prefix. False after any failure."""
+        """Send the records' events, a node's consecutive rounds joined; remove the records whose
+        every message was acknowledged (a prefix). False after a failure of the broker."""
+        messages = coalesce(records, self.max_message_bytes)
+        if not messages:  # rounds without events: nothing to send
+            self.spool.remove_through(records[-1].seq)
+            return True
+        futures: list[Any] = []
+        failure: Exception | None = None
         try:
             if self._producer is None:
                 self._producer = self.producer_factory()
             producer = self._producer
-            futures = [
-                [
-                    producer.send(self.topic, key=key.encode(), value=value)
-                    for key, value in record.messages
-                ]
-                for record in records
-            ]
-        except (KafkaError, OSError) as exc:
-            self._failed(exc)
-            return False
+            for message in messages:
+                futures.append(
+                    producer.send(self.topic, key=message.key.encode(), value=message.value)
+                )
+        except (KafkaError, OSError) as exc:  # the messages from here on were not sent
+            failure = exc
         deadline = time.monotonic() + self.ack_timeout_s
-        acknowledged: SpoolRecord | None = None
-        sent = 0
-        failure: Exception | None = None
-        for record, record_futures in zip(records, futures, strict=True):
+        unacknowledged: Message | None = messages[len(futures)] if failure is not None else None
+        for message, future in zip(messages, futures, strict=False):
             try:
-                for future in record_futures:
-                    future.get(timeout=max(0.1, deadline - time.monotonic()))
-            except MessageSizeTooLargeError as exc:
-                if acknowledged is None:  # it can never go; do not let it block the rest
-                    log.error("broker refused record %d as too large: %s", record.seq, exc)
-                    self.spool.remove_through(record.seq)
-                    self.metrics.samples_dropped.labels("too_large").inc(record.samples)
-                failure = exc
-                break
+                future.get(timeout=max(0.1, deadline - time.monotonic()))
             except (KafkaError, OSError) as exc:
-                failure = exc
+                failure, unacknowledged = exc, message
                 break
-            acknowledged = record
-            sent += record.samples
-        if acknowledged is not None:
-            self.spool.remove_through(acknowledged.seq)
-            self.metrics.samples_sent.inc(sent)
+        # Every message before the first unacknowledged one was acknowledged, and messages are
+        # ordered by their first record: the records before that one are wholly delivered.
+        delivered = len(records) if unacknowledged is None else unacknowledged.first
+        if delivered:
+            self.spool.remove_through(records[delivered - 1].seq)
+            self.metrics.samples_sent.inc(sum(r.samples for r in records[:delivered]))
+        if isinstance(failure, MessageSizeTooLargeError) and unacknowledged is not None:
+            self._too_large(unacknowledged, records, failure)
+            self._update_gauges()
+            self._discard_producer()
+            return True  # not the broker's absence: go again at once with what is left
         self._update_gauges()
         if failure is not None:
             self._failed(failure)
@@ -251,9 +336,41 @@ class Delivery:
                 "broker acknowledges again; %d samples still spooled go out in order",
                 self.spool.samples,
             )
+            self._replay = (time.monotonic(), 0)
+        if self._replay is not None:
+            began, replayed = self._replay
+            self._replay = (began, replayed + sum(r.samples for r in records))
+            if not len(self.spool):
+                took = max(time.monotonic() - began, 1e-3)
+                log.info(
+                    "spool drained: %d samples sent in %.1f s since the broker came back "
+                    "(%.0f samples/s)",
+                    self._replay[1],
+                    took,
+                    self._replay[1] / took,
+                )
+                self._replay = None
         self._broker_up = True
         self.metrics.broker_up.set(1)
         return True
+
+    def _too_large(self, message: Message, records: list[SpoolRecord], exc: Exception) -> None:
+        """A refused message of several rounds: join fewer from now on. One round of a node that
+        can never go: drop its record (the other nodes' events of that round with it), counted."""
+        if message.last > message.first:
+            self.max_message_bytes = max(1, min(self.max_message_bytes, len(message.value)) // 2)
+            log.warning(
+                "broker refused a message of %d bytes as too large (%s); joining rounds into "
+                "messages of at most %d bytes from now on",
+                len(message.value),
+                exc,
+                self.max_message_bytes,
+            )
+        else:  # the records before it were delivered and removed: it is the oldest now
+            record = records[message.first]
+            log.error("broker refused record %d as too large: %s", record.seq, exc)
+            self.spool.remove_through(record.seq)
+            self.metrics.samples_dropped.labels("too_large").inc(record.samples)
 
     def _failed(self, exc: BaseException) -> None:
         self.metrics.send_failures.labels(type(exc).__name__).inc()

@@ -29,8 +29,9 @@ class AgentSettings(CommonSettings):
     # Delivery
     agent_spool_dir: str = Field(
         "",
-        description="write-ahead spool; empty = /var/spool/gpumeter-agent, or a temporary "
-        "directory removed at exit with --simulate",
+        description="write-ahead spool; empty = /var/spool/gpumeter-agent, or with --simulate "
+        "a directory under the system temp dir named after the fleet, replayed when the same "
+        "fleet starts again and removed once it exits drained",
     )
     agent_spool_max_bytes: int = Field(256 * 1024 * 1024, gt=0)
     agent_spool_fsync: bool = Field(True)

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from services.agent.spool import Spool, SpoolCorrupt
+from services.agent.spool import (
+    Spool,
+    SpoolCorrupt,
+    SpoolLocked,
+    encode_record,
+    spooled_events,
+    spooled_files,
+)
 
 
 def events(node: str, at: int, gpus: int = 2) -> list[dict]:
@@ -41,20 +48,20 @@ def test_a_record_leaves_only_when_acknowledged_and_a_restart_replays_the_rest_i
     for at in range(10, 60, 10):
         spool.append([("node-a", events("node-a", at))])
     assert spool.remove_through(spool.peek(2)[-1].seq) == 4
+    spool.close()
 
     reopened = Spool(tmp_path, max_bytes=1 << 20)
     reopened.append([("node-a", events("node-a", 60))])
 
     assert times(reopened.peek(10)) == [30, 40, 50, 60]
     assert reopened.samples == 8
-    assert reopened.bytes == sum(p.stat().st_size for p in tmp_path.glob("*.json"))
+    assert reopened.bytes == sum(path.stat().st_size for path, _ in spooled_files(tmp_path))
 
 
 def test_when_full_the_oldest_samples_are_kept_and_the_newest_refused(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    record = [{"key": "node-a", "events": events("node-a", 100)}]
-    one_record = len(json.dumps(record, separators=(",", ":")))
+    one_record = len(encode_record([("node-a", events("node-a", 100))]))
     spool = Spool(tmp_path, max_bytes=one_record * 10, fsync=False)
 
     with caplog.at_level(logging.WARNING):
@@ -72,7 +79,8 @@ def test_when_full_the_oldest_samples_are_kept_and_the_newest_refused(
 def test_a_write_interrupted_by_a_crash_is_discarded_at_start(tmp_path: Path) -> None:
     spool = Spool(tmp_path, max_bytes=1 << 20)
     spool.append([("node-a", events("node-a", 10))])
-    (tmp_path / ".tmp-0000000000000002-2.json").write_text('[{"key": "node-a", "ev')
+    (tmp_path / ".tmp-0000000000000002-2.rec").write_text('{"crc32": "0000", "mess')
+    spool.close()
 
     reopened = Spool(tmp_path, max_bytes=1 << 20)
 
@@ -88,7 +96,9 @@ def test_an_unreadable_record_is_reported_once_the_good_ones_before_it_are_hande
     spool = Spool(tmp_path, max_bytes=1 << 20)
     for at in (10, 20, 30):
         spool.append([("node-a", events("node-a", at))])
-    (tmp_path / "0000000000000002-2.json").write_text("garbage")
+    (tmp_path / "0000000000000002-2.rec").write_bytes(
+        encode_record([("node-a", events("node-a", 20))]).replace(b"/gpu-1/", b"/gpu-7/")
+    )
 
     assert times(spool.peek(10)) == [10]
     spool.remove_through(1)
@@ -97,3 +107,53 @@ def test_an_unreadable_record_is_reported_once_the_good_ones_before_it_are_hande
     assert raised.value.entry.seq == 2 and raised.value.entry.samples == 2
     spool.remove_through(raised.value.entry.seq)
     assert times(spool.peek(10)) == [30]
+
+
+def test_a_record_is_each_node_s_batch_as_the_bytes_that_go_to_kafka(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20, fsync=False)
+    batch = events("node-a", 10)
+    spool.append([("node-a", batch), ("node-b", events("node-b", 10))])
+
+    (record,) = spool.peek(10)
+
+    assert record.messages[0] == ("node-a", json.dumps(batch, separators=(",", ":")).encode())
+    assert [e["id"] for e in spooled_events(tmp_path)] == [
+        "node-a/gpu-0/10",
+        "node-a/gpu-1/10",
+        "node-b/gpu-0/10",
+        "node-b/gpu-1/10",
+    ]
+    assert [samples for _, samples in spooled_files(tmp_path)] == [4]
+
+
+def test_records_an_earlier_version_left_in_the_spool_are_replayed_first(tmp_path: Path) -> None:
+    earlier = [{"key": "node-a", "events": events("node-a", 10)}]
+    (tmp_path / "0000000000000001-2.json").write_text(json.dumps(earlier))
+
+    spool = Spool(tmp_path, max_bytes=1 << 20, fsync=False)
+    spool.append([("node-a", events("node-a", 20))])
+
+    assert times(spool.peek(10)) == [10, 20]
+    assert [r.seq for r in spool.peek(10)] == [1, 2]
+    assert spool.samples == 4
+
+
+def test_a_second_agent_cannot_open_a_spool_in_use(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20, fsync=False)
+
+    with pytest.raises(SpoolLocked):
+        Spool(tmp_path, max_bytes=1 << 20, fsync=False)
+
+    spool.close()
+    with Spool(tmp_path, max_bytes=1 << 20, fsync=False) as reopened:
+        assert len(reopened) == 0
+
+
+def test_a_peek_is_bounded_by_bytes_but_always_hands_out_the_oldest_record(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20, fsync=False)
+    for at in (10, 20, 30):
+        spool.append([("node-a", events("node-a", at))])
+    one_record = spool.bytes // 3
+
+    assert len(spool.peek(10, max_bytes=2 * one_record)) == 2
+    assert len(spool.peek(10, max_bytes=1)) == 1
