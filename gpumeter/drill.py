@@ -56,6 +56,7 @@ from gpumeter.stack import REPO_ROOT, Stack, StackOptions, create_database, scra
 from schemas.codec import InvalidUsage, decode_usage_message
 from schemas.topics import Topics
 from services.agent.simulator import FleetConfig, FleetSimulator, aligned
+from services.agent.spool import spooled_events, spooled_files
 from services.billing import domain
 from services.billing.store import load_pricing
 
@@ -139,6 +140,7 @@ class Drill:
         self.sim_start: datetime | None = None
         self.agent_metrics: dict[str, float] = {}
         self.spool_left = 0
+        self.spool_ids: set[tuple[str, str]] = set()  # (source, id) of what the agents left spooled
         self.findings = Findings()
         self.topics = Topics()
         self.data_dir: Path
@@ -439,11 +441,8 @@ class Drill:
         began = time.monotonic()
         self.stack.kill("agent", signal.SIGTERM)
         spool = self.data_dir / "agent-spool"
-        self.spool_left = sum(
-            int(path.name.rsplit("-", 1)[1].split(".")[0])
-            for path in spool.glob("*.json")
-            if not path.name.startswith(".")
-        )
+        self.spool_left = sum(samples for _, samples in spooled_files(spool))
+        self.spool_ids = {(e["source"], e["id"]) for e in spooled_events(spool)}
         step.took_s = time.monotonic() - began
         self.step(
             f"fleet stopped after {step.took_s:.1f} s (exit {self.stack.children['agent'].returncode}); "
@@ -563,24 +562,31 @@ class Drill:
         at = self.sim_start + step
         expected = 0
         missing: list[str] = []
+        spooled = 0  # missing on the broker, but in the spool: counted in spool_left already
         while at <= facts.last_time:
             for events in fleet.round(at).values():
                 for event in events:
                     expected += 1
-                    if (event["source"], event["id"]) not in facts.ids:
+                    identity = (event["source"], event["id"])
+                    if identity in facts.ids:
+                        continue
+                    if identity in self.spool_ids:
+                        spooled += 1
+                    else:
                         missing.append(event["id"])
             at += step
-        extra = facts.distinct - (expected - len(missing))
+        extra = facts.distinct - (expected - len(missing) - spooled)
         self.findings.note(
             f"simulated fleet: {expected:,} samples generated from {self.sim_start:%Y-%m-%d %H:%M} "
-            f"to {facts.last_time:%Y-%m-%d %H:%M} UTC; missing on the broker {len(missing)}, "
+            f"to {facts.last_time:%Y-%m-%d %H:%M} UTC; missing on the broker {len(missing) + spooled}"
+            f" ({spooled} of them still in the agents' spool, {len(missing)} nowhere), "
             f"unexpected {extra}; {self.spool_left} left in the agents' spool"
         )
         if missing:
             self.findings.lost += len(missing)
             self.findings.fail(
-                f"{len(missing)} samples the fleet produced never reached the broker, e.g. "
-                + ", ".join(missing[:5])
+                f"{len(missing)} samples the fleet produced are neither on the broker nor in the "
+                "agents' spool, e.g. " + ", ".join(missing[:5])
             )
         if extra:
             self.findings.fail(f"{extra} samples on the broker that the fleet never produced")

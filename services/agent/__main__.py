@@ -8,6 +8,7 @@ fleet instead.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import re
@@ -36,7 +37,7 @@ from services.agent.readers import DcgmReader, GpuReader, NvmlReader, ReaderErro
 from services.agent.sampler import NodeSampler
 from services.agent.settings import AgentSettings
 from services.agent.simulator import FleetConfig, FleetSimulator, aligned
-from services.agent.spool import Spool
+from services.agent.spool import Spool, SpoolLocked
 from services.common.http import serve_health_and_metrics
 
 log = logging.getLogger("gpumeter.agent")
@@ -168,6 +169,37 @@ def build_sampler(settings: AgentSettings) -> NodeSampler:
     return NodeSampler(node, reader, allocation, settings.agent_interval_s, hostname)
 
 
+def simulation_spool_dir(settings: AgentSettings) -> Path:
+    """The spool of a simulated fleet without AGENT_SPOOL_DIR: named after the fleet and topic, so
+    that a simulation killed with samples spooled replays them when it starts again (a fresh
+    temporary directory each start would leave them behind for good)."""
+    identity = "|".join(
+        str(part)
+        for part in (
+            settings.topics.usage,
+            settings.agent_sim_nodes,
+            settings.agent_sim_gpus_per_node,
+            settings.agent_sim_seed,
+            settings.agent_interval_s,
+        )
+    )
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"gpumeter-agent-sim-{digest}"
+
+
+def open_spool(settings: AgentSettings, simulation: bool) -> Spool:
+    """AGENT_SPOOL_DIR, or the simulation's own directory, or the system default; locked."""
+    bound, fsync = settings.agent_spool_max_bytes, settings.agent_spool_fsync
+    if not simulation:
+        return Spool(Path(settings.agent_spool_dir or DEFAULT_SPOOL_DIR), bound, fsync)
+    try:
+        return Spool(simulation_spool_dir(settings), bound, fsync)
+    except SpoolLocked as exc:  # the same simulated fleet runs twice: this one spools apart
+        directory = Path(tempfile.mkdtemp(prefix="gpumeter-agent-spool-"))
+        log.warning("%s; spooling to %s instead", exc, directory)
+        return Spool(directory, bound, fsync)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.agent", description=__doc__)
     parser.add_argument(
@@ -202,13 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.once and sampler is not None:
             sampler.close()
 
-    temporary_spool = args.simulate and not settings.agent_spool_dir
-    spool_dir = Path(
-        settings.agent_spool_dir
-        or (tempfile.mkdtemp(prefix="gpumeter-agent-spool-") if args.simulate else "")
-        or DEFAULT_SPOOL_DIR
-    )
-    spool = Spool(spool_dir, settings.agent_spool_max_bytes, settings.agent_spool_fsync)
+    simulation_spool = args.simulate and not settings.agent_spool_dir
+    try:
+        spool = open_spool(settings, simulation_spool)
+    except SpoolLocked as exc:
+        log.error("%s", exc)
+        return 2
+    spool_dir = spool.directory
     timeout_ms = settings.agent_kafka_timeout_ms
     delivery = Delivery(
         spool,
@@ -265,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     drained = delivery.close(settings.agent_shutdown_flush_s)
     if sampler is not None:
         sampler.close()
-    if temporary_spool and drained:
+    spool.close()
+    if simulation_spool and drained:
         shutil.rmtree(spool_dir, ignore_errors=True)
     log.info("stopped; %s", json.dumps(rounds.describe()))
     return 0

@@ -1,6 +1,7 @@
 """The agent against a real broker behind a proxy that the tests cut: every sample sampled while the
 broker is away arrives afterwards in per-GPU order, and a SIGKILLed agent loses nothing it spooled
-while metering counts each sample once."""
+while metering counts each sample once. A SIGKILL in the middle of a replay leaves every sample the
+fleet produced on the broker or in the spool, and the next start delivers the rest."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from typing import Any
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from gpumeter.localstack import free_port
-from services.agent.simulator import aligned
+from services.agent.simulator import FleetConfig, FleetSimulator, aligned
+from services.agent.spool import spooled_events, spooled_files
 from services.common.kafka_admin import ensure_topics
 from tests.fixtures.kafka import latest_json_by_key, read_topic
 from tests.fixtures.kafka_proxy import KafkaProxy
@@ -162,7 +165,7 @@ def test_every_sample_taken_while_the_broker_is_unreachable_arrives_later_in_per
     for gpu, gpu_times in times.items():
         assert gpu_times == expected, f"{gpu} is missing samples"
     assert all(m.key.decode() == json.loads(m.value)[0]["data"]["node"] for m in messages)
-    assert not list((tmp_path / "spool").glob("*.json")), "spool not emptied"
+    assert not list(spooled_files(tmp_path / "spool")), "spool not emptied"
 
 
 @pytest.fixture
@@ -182,14 +185,6 @@ def metering(bootstrap_servers: str, topic_prefix: str, tmp_path: Path) -> Itera
     ).start()
     yield service
     service.stop()
-
-
-def spooled_events(spool: Path) -> list[dict]:
-    events: list[dict] = []
-    for path in sorted(spool.glob("*.json")):
-        for message in json.loads(path.read_bytes()):
-            events.extend(message["events"])
-    return events
 
 
 def test_a_killed_agent_sends_what_it_spooled_after_restart_and_metering_counts_it_once(
@@ -308,7 +303,7 @@ def test_sigterm_flushes_the_spool_before_the_agent_exits(
     stopped_at = re.findall(r'"simulated_time": "([^"]+)"', (tmp_path / "agent.log").read_text())
     last = datetime.fromisoformat(stopped_at[-1])
     rounds = int((last - start).total_seconds()) // INTERVAL_S
-    assert not list((tmp_path / "spool").glob("*.json"))
+    assert not list(spooled_files(tmp_path / "spool"))
     messages = read_topic(
         bootstrap_servers,
         f"{topic_prefix}gpu.usage.v1",
@@ -317,3 +312,170 @@ def test_sigterm_flushes_the_spool_before_the_agent_exits(
     )
     times = assert_each_gpu_in_time_order(events_of(messages))
     assert {len(gpu_times) for gpu_times in times.values()} == {rounds}
+
+
+def topic_events(bootstrap: str, topic: str) -> list[dict]:
+    """Everything on `topic` now, in partition order (for a topic nobody writes to any more)."""
+
+    async def run() -> list[Any]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            ends = await consumer.end_offsets(partitions)
+            messages: list[Any] = []
+            while [p for p in partitions if await consumer.position(p) < ends[p]]:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    messages.extend(records)
+            return messages
+        finally:
+            await consumer.stop()
+
+    return events_of(asyncio.run(run()))
+
+
+def fleet_ids(nodes: int, start: datetime, through: datetime) -> list[str]:
+    """The ids of every sample the seeded fleet (the agent's defaults) makes after `start`."""
+    fleet = FleetSimulator(FleetConfig(nodes=nodes, interval_s=60.0))
+    ids, at = [], start + timedelta(seconds=60)
+    while at <= through:
+        ids.extend(e["id"] for events in fleet.round(at).values() for e in events)
+        at += timedelta(seconds=60)
+    return ids
+
+
+def newest(events: list[dict]) -> datetime:
+    return max(datetime.fromisoformat(e["time"]) for e in events)
+
+
+def test_an_agent_sigkilled_while_it_replays_a_backlog_leaves_no_sample_of_its_fleet_missing(
+    agents: list[ServiceProcess],
+    proxy: KafkaProxy,
+    bootstrap_servers: str,
+    topic_prefix: str,
+    tmp_path: Path,
+) -> None:
+    # Given an agent simulating 4 nodes x 8 GPUs far in the past at 1800x (30 rounds a second)
+    create_topics(bootstrap_servers, topic_prefix)
+    topic = f"{topic_prefix}gpu.usage.v1"
+    spool = tmp_path / "spool"
+    start = aligned(datetime.now(UTC) - timedelta(days=10), 60)
+    fleet = {
+        "AGENT_SIM_NODES": "4",
+        "AGENT_INTERVAL_S": "60",
+        "AGENT_SIM_SPEED": "1800",
+    }
+    first = agent(
+        agents,
+        proxy,
+        topic_prefix,
+        spool,
+        tmp_path / "agent-1.log",
+        AGENT_SIM_START=start.isoformat(),
+        **fleet,
+    ).start()
+    wait_until(lambda: metric(first, "gpumeter_agent_samples_sent_total") >= 500, 30)
+
+    # And a backlog in its spool from a cut link, which it is sending when the link is back
+    proxy.cut()
+    wait_until(lambda: metric(first, "gpumeter_agent_spool_samples") >= 32 * 300, 60)
+    sent_before = metric(first, "gpumeter_agent_samples_sent_total")
+    proxy.restore()
+    wait_until(
+        lambda: metric(first, "gpumeter_agent_samples_sent_total") > sent_before,
+        30,
+        interval_s=0.02,
+    )
+
+    # When it is SIGKILLed in the middle of that
+    first.kill()
+
+    # Then every sample its fleet produced is on the broker or still in its spool
+    on_broker = topic_events(bootstrap_servers, topic)
+    left_behind = spooled_events(spool)
+    produced_through = newest(on_broker + left_behind)
+    produced = fleet_ids(4, start, produced_through)
+    somewhere = {e["id"] for e in on_broker} | {e["id"] for e in left_behind}
+    missing = [i for i in produced if i not in somewhere]
+    assert not missing, f"{len(missing)} samples neither acknowledged nor spooled: {missing[:3]}"
+
+    # And when it starts again on its spool, the fleet going on where it stopped
+    second = agent(
+        agents,
+        proxy,
+        topic_prefix,
+        spool,
+        tmp_path / "agent-2.log",
+        AGENT_SIM_START=produced_through.isoformat(),
+        AGENT_SIM_UNTIL=(produced_through + timedelta(minutes=20)).isoformat(),
+        **fleet,
+    ).start()
+    assert second.process is not None
+    assert second.process.wait(60) == 0
+
+    # Then the broker has every sample of both runs, each GPU in time order, and the spool is empty
+    events = topic_events(bootstrap_servers, topic)
+    delivered = {e["id"] for e in events}
+    missing = [i for i in produced if i not in delivered]
+    assert not missing, f"{len(missing)} samples of the killed run never arrived: {missing[:3]}"
+    assert len(delivered) == len(produced) + 4 * 8 * 20
+    assert_each_gpu_in_time_order(events)
+    assert not list(spooled_files(spool))
+
+
+def test_a_simulated_fleet_without_a_spool_dir_replays_what_a_sigkilled_run_left_behind(
+    agents: list[ServiceProcess],
+    proxy: KafkaProxy,
+    bootstrap_servers: str,
+    topic_prefix: str,
+    tmp_path: Path,
+) -> None:
+    # Given a simulated fleet with no AGENT_SPOOL_DIR whose broker is away
+    create_topics(bootstrap_servers, topic_prefix)
+    start = aligned(datetime.now(UTC) - timedelta(hours=1), INTERVAL_S)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    fleet = {
+        "AGENT_SPOOL_DIR": "",
+        "TMPDIR": str(temp),
+        "AGENT_SIM_NODES": "1",
+        "AGENT_SIM_SPEED": "50",
+    }
+    proxy.cut()
+    first = agent(
+        agents,
+        proxy,
+        topic_prefix,
+        tmp_path / "unused",
+        tmp_path / "agent-1.log",
+        AGENT_SIM_START=start.isoformat(),
+        **fleet,
+    ).start()
+    wait_until(lambda: metric(first, "gpumeter_agent_spool_samples") >= 80, 30)
+
+    # When it is SIGKILLed, and the same fleet starts again once the broker is back
+    first.kill()
+    (spool,) = temp.glob("gpumeter-agent-sim-*")
+    left_behind = spooled_events(spool)
+    assert len(left_behind) >= 80
+    proxy.restore()
+    last = newest(left_behind)
+    second = agent(
+        agents,
+        proxy,
+        topic_prefix,
+        tmp_path / "unused",
+        tmp_path / "agent-2.log",
+        AGENT_SIM_START=last.isoformat(),
+        AGENT_SIM_UNTIL=(last + timedelta(seconds=INTERVAL_S * 5)).isoformat(),
+        **fleet,
+    ).start()
+    assert second.process is not None
+    assert second.process.wait(60) == 0
+
+    # Then what the killed run spooled reached the broker, and the drained spool is gone
+    delivered = {e["id"] for e in topic_events(bootstrap_servers, f"{topic_prefix}gpu.usage.v1")}
+    assert {e["id"] for e in left_behind} <= delivered
+    assert not spool.exists()
