@@ -130,6 +130,7 @@ class Stack:
     billing_token: str = ""
     guardian: subprocess.Popen | None = None
     lock: Any = None
+    env_fleet_start: str = ""
 
     @property
     def logs(self) -> Path:
@@ -221,7 +222,7 @@ class Stack:
                     "AGENT_HTTP_PORT": str(self.ports["agent"]),
                     "AGENT_SIM_NODES": str(opts.nodes),
                     "AGENT_SIM_SPEED": str(opts.speed),
-                    "AGENT_SIM_START": opts.start,
+                    "AGENT_SIM_START": self.fleet_start(),
                     "AGENT_INTERVAL_S": str(opts.interval_s),
                     "AGENT_SPOOL_DIR": str(self.fresh_fleet_spool()),
                     **(
@@ -233,7 +234,8 @@ class Stack:
                 },
             )
             say(
-                f"simulated fleet: {opts.nodes} nodes x 8 H800 from {opts.start} at {opts.speed:g}x"
+                f"simulated fleet: {opts.nodes} nodes x 8 H800 from {self.env_fleet_start} "
+                f"({opts.start}) at {opts.speed:g}x"
             )
         else:
             say(
@@ -288,6 +290,29 @@ class Stack:
         with contextlib.suppress(OSError):
             self.guardian.stdin.write(f"group {process.pid} {int(sig)} {tier}\n".encode())
             self.guardian.stdin.flush()
+
+    def fleet_start(self) -> str:
+        """The simulated fleet's start as a time, kept in the data directory: a later run with the
+        same --start, --nodes and --interval continues the same fleet from the same start, so the
+        seeded simulator makes the very same samples again (the broker is memory-only) and the
+        invoices it rebuilds are the ones the ledger already holds, to the cent."""
+        opts = self.options
+        record = opts.data_dir / "fleet.json"
+        wanted = {"start": opts.start, "nodes": opts.nodes, "interval_s": opts.interval_s}
+        kept: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            kept = json.loads(record.read_text())
+        if {k: kept.get(k) for k in wanted} == wanted and kept.get("start_time"):
+            start_time = str(kept["start_time"])
+            say(
+                f"simulated fleet: continuing the fleet of an earlier run from {start_time} "
+                f"(the same samples again, then new ones; delete {record} for a new start)"
+            )
+        else:
+            start_time = resolve_start(opts.start)
+            record.write_text(json.dumps({**wanted, "start_time": start_time}))
+        self.env_fleet_start = start_time
+        return start_time
 
     def fresh_fleet_spool(self) -> Path:
         """The simulated fleet's spool, emptied: the broker is memory-only and the fleet replays
@@ -827,6 +852,13 @@ def run(options: StackOptions) -> int:
         stopping = True
         stack.stop()
     return status
+
+
+def resolve_start(text: str) -> str:
+    """--start (ISO time, or an offset from now such as -1d) as an ISO time in UTC."""
+    from services.agent.__main__ import parse_when
+
+    return parse_when(text, datetime.now(UTC)).isoformat()
 
 
 def now_utc() -> datetime:
