@@ -666,18 +666,29 @@ def waiting_for(snapshot: dict[str, Any]) -> str | None:
 def plain_line(snapshot: dict[str, Any]) -> str:
     gross, subsidy = totals(snapshot)
     waiting = waiting_for(snapshot)
+    pipeline = (
+        f"{snapshot['samples_per_s']:,.0f} samples/s, lag {snapshot['lag']:,.0f}, "
+        f"{len(snapshot['active_alerts'])} alerts firing{fleet_clock(snapshot)}"
+    )
     if waiting:
-        return (
-            f"[{snapshot['at']}] {waiting}; {snapshot['samples_per_s']:,.0f} samples/s, "
-            f"lag {snapshot['lag']:,.0f}, {len(snapshot['active_alerts'])} alerts firing"
-        )
+        return f"[{snapshot['at']}] {waiting}; {pipeline}"
     return (
         f"[{snapshot['at']}] {allocation_line(snapshot, 12)}; "
         f"{len(snapshot['invoices'])} draft invoices for {snapshot['period']}: "
         f"gross HK${gross:,.2f}, subsidy HK${subsidy:,.2f}, net HK${gross - subsidy:,.2f}; "
-        f"{snapshot['samples_per_s']:,.0f} samples/s, lag {snapshot['lag']:,.0f}, "
-        f"{len(snapshot['active_alerts'])} alerts firing"
+        f"{pipeline}"
     )
+
+
+def fleet_clock(snapshot: dict[str, Any]) -> str:
+    """Where the simulated fleet's clock is, when it runs: a replay or catch-up shows as such."""
+    found = snapshot.get("simulated_time")
+    if not found:
+        return ""
+    try:
+        return f"; fleet at {datetime.fromisoformat(str(found)).astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+    except ValueError:
+        return f"; fleet at {found}"
 
 
 class LiveView:
