@@ -76,6 +76,17 @@ def up_command(data_dir: Path) -> list[str]:
     return [sys.executable, "-m", "gpumeter", "up", "--data-dir", str(data_dir), *SMALL]
 
 
+def up(data_dir: Path, stdout: int = subprocess.DEVNULL) -> subprocess.Popen:
+    """`gpumeter up` on `data_dir` with the small fleet, its output to `stdout`."""
+    return subprocess.Popen(
+        up_command(data_dir),
+        cwd=REPO_ROOT,
+        env=clean_env(),
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+    )
+
+
 def shell_pipeline(data_dir: Path, tmp_path: Path) -> subprocess.Popen:
     """`make run ... 2>&1 | tee run.log` in a process group of its own, as a terminal runs it:
     the terminal's Ctrl-C and hang-up reach make, the stack and tee at once."""
@@ -106,13 +117,7 @@ def end_with_group_signal(sig: int) -> Callable[[Path, Path], tuple[subprocess.P
 
 def end_with_signal_to_stack(sig: int) -> Callable[[Path, Path], tuple[subprocess.Popen, int]]:
     def end(data_dir: Path, tmp_path: Path) -> tuple[subprocess.Popen, int]:
-        process = subprocess.Popen(
-            up_command(data_dir),
-            cwd=REPO_ROOT,
-            env=clean_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
+        process = up(data_dir)
         wait_started(data_dir, process)
         process.send_signal(sig)
         return process, 0 if sig != signal.SIGKILL else -signal.SIGKILL
@@ -121,13 +126,7 @@ def end_with_signal_to_stack(sig: int) -> Callable[[Path, Path], tuple[subproces
 
 
 def end_with_broken_pipe(data_dir: Path, tmp_path: Path) -> tuple[subprocess.Popen, int]:
-    process = subprocess.Popen(
-        up_command(data_dir),
-        cwd=REPO_ROOT,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    process = up(data_dir, stdout=subprocess.PIPE)
     # (nobody reads it until then: the start-up lines fit in the pipe's buffer)
     wait_started(data_dir, process)
     # the reader goes away (tee killed, a pager quit): the stack's next line meets a broken pipe
@@ -234,9 +233,7 @@ def test_a_run_after_everything_was_killed_stops_the_leftovers_and_starts(tmp_pa
     # given a stack killed together with its guardian (kill -9 of every process of the user's),
     # leaving the broker, PostgreSQL (and its postmaster.pid) and the services orphaned
     data_dir = tmp_path / "var"
-    process = subprocess.Popen(
-        up_command(data_dir), cwd=REPO_ROOT, env=clean_env(), stdout=subprocess.DEVNULL
-    )
+    process = up(data_dir)
     wait_started(data_dir, process)
     [guardian] = [p for p in marked(str(data_dir)) if "gpumeter.guardian" in cmdline(p.pid)]
     os.kill(guardian.pid, signal.SIGKILL)
@@ -266,9 +263,7 @@ def test_a_run_after_everything_was_killed_stops_the_leftovers_and_starts(tmp_pa
 
 def test_a_second_stack_on_the_same_data_directory_is_refused(tmp_path: Path) -> None:
     data_dir = tmp_path / "var"
-    first = subprocess.Popen(
-        up_command(data_dir), cwd=REPO_ROOT, env=clean_env(), stdout=subprocess.DEVNULL
-    )
+    first = up(data_dir)
     try:
         wait_started(data_dir, first)
         second = subprocess.run(
