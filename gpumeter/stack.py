@@ -40,6 +40,7 @@ import httpx
 from gpumeter.localstack import EmbeddedPostgres, TansuBroker, free_port
 from gpumeter.processes import STACK_ENV, stop_marked
 from schemas.topics import Topics
+from services.agent.spool import spooled_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HKT = ZoneInfo("Asia/Hong_Kong")
@@ -172,12 +173,6 @@ class Stack:
 
         self.admin_token, self.billing_token = load_tokens(opts.data_dir / "api-tokens.json")
         self.inbox = WebhookInbox(self.logs / "notifications.jsonl")
-        self.ports = {
-            "billing": free_port(),
-            "metering": free_port(),
-            "alerts": free_port(),
-            "agent": free_port(),
-        }
         self.env = {
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "DATABASE_URL": database_url,
@@ -198,6 +193,10 @@ class Stack:
             "catalog",
             [sys.executable, "-m", "services.billing", "catalog", "apply", str(opts.catalog)],
         )
+        # Ports are picked just before their services bind them: a free port handed out earlier
+        # can be taken meanwhile as the local port of an outgoing connection (the broker's, the
+        # database's), and the service then fails to bind.
+        self.ports.update(billing=free_port(), metering=free_port(), alerts=free_port())
         self.spawn(
             "metering",
             [sys.executable, "-m", "services.metering"],
@@ -215,6 +214,7 @@ class Stack:
         for name in ("metering", "billing", "alerts"):
             self.wait_healthy(name)
         if opts.fleet:
+            self.ports["agent"] = free_port()
             self.spawn(
                 "agent",
                 [sys.executable, "-m", "services.agent", "--simulate"],
@@ -320,7 +320,7 @@ class Stack:
         again (same seeded samples, same ids) and would only arrive out of order before it."""
         spool = self.options.data_dir / "agent-spool"
         if spool.exists():
-            left = sum(1 for _ in spool.iterdir())
+            left = sum(1 for _ in spooled_files(spool))
             shutil.rmtree(spool)
             if left:
                 say(
@@ -467,8 +467,10 @@ class Stack:
     def check_children(self) -> None:
         for name, child in self.children.items():
             if child.poll() is not None and (name != "agent" or child.returncode != 0):
+                log = self.logs / (name + ".log")
                 raise SystemExit(
-                    f"{name} exited with {child.returncode}; see {self.logs / (name + '.log')}"
+                    f"{name} exited with {child.returncode}; see {log}; its last lines:\n"
+                    + log_tail(log)
                 )
 
     def snapshot(self) -> dict[str, Any]:
@@ -804,6 +806,15 @@ def say_waiting(text: str) -> float:
     """Say what is being waited for now; returns the time it began."""
     say(f"{text} ...")
     return time.monotonic()
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a service's log, indented, for an error that names the log."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as error:
+        return f"  ({error.strerror})"
+    return "\n".join("  " + line for line in text.splitlines()[-lines:]) or "  (empty)"
 
 
 def load_tokens(path: Path) -> tuple[str, str]:
