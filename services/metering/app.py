@@ -46,6 +46,18 @@ STREAM_TOPICS: set[str] = set()
 # How long a held partition waits for the skipped message before it is reported lost (a message
 # deleted by retention never comes back) and commits go on.
 RESEEK_GIVE_UP_S = 30.0
+# Where each never-committed stream partition was started (its earliest offset), for the check
+# below: what the stream should deliver first when the group has no committed offset.
+EARLIEST_STARTS: dict[Any, int] = {}
+# A usage partition whose consumer has fetched past the next offset metering is due to process,
+# with no progress for this long while no rebalance is under way, is read again from that offset.
+# Faust's getmany drops records it has already taken from the consumer when the flow stops, the
+# generation changes or the partition is not active at that instant (all three happen around an
+# assignment); the consumer's position is then past them and nothing reads them again until a
+# later message reveals the gap, which in a quiet partition never comes. Seen as a worker that
+# took over two partitions and left 130 of their messages uncounted for good (position 240,
+# processed to 104).
+STALL_S = 5.0
 
 
 class MeteringMetrics:
@@ -75,6 +87,12 @@ class MeteringMetrics:
             "gpumeter_metering_usage_reseeks_total",
             "Times a usage partition was read again because the stream skipped offsets (past "
             "the committed one after an assignment, or within a run)",
+            registry=self.registry,
+        )
+        self.stalls = Counter(
+            "gpumeter_metering_usage_stalls_total",
+            "Times a usage partition's stream stopped short of messages its consumer had already "
+            "fetched, and the partition was read again from the first one not processed",
             registry=self.registry,
         )
         self.batch_seconds = Histogram(
@@ -274,6 +292,7 @@ def _make_uncommitted_partitions_start_at_earliest() -> None:
                 if offset is not None:
                     log.debug("%s[%d]: nothing committed; reading from %d", *tp, offset)
                     await self._seek(tp, offset)
+                    EARLIEST_STARTS[tp] = offset
         return committed
 
     ThreadDelegateConsumer.seek_to_committed = seek_to_committed_or_earliest  # type: ignore[method-assign]
@@ -383,6 +402,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
     AFTER_FLUSH.clear()
     HELD_PARTITIONS.clear()
     STREAM_TOPICS.clear()
+    EARLIEST_STARTS.clear()
     _make_producer_flush_complete()
     _make_uncommitted_partitions_start_at_earliest()
     _make_commits_wait_for_held()
@@ -526,12 +546,30 @@ def create_app(settings: MeteringSettings) -> faust.App:
     # Partitions read again from their committed offset: (that offset, when to give up).
     reseeking: dict[int, tuple[int, float]] = {}
     seeks_due: list[tuple[Any, int]] = []
+    # Per usage partition: (the offset due next, since when) while the consumer is past it.
+    stalls: dict[int, tuple[int, float]] = {}
+
+    def read_again(tp: Any, offset: int) -> None:
+        """Hold the partition at `offset` and have it read again from there: messages past it
+        that arrive before the seek takes effect are skipped (they come again after it)."""
+        metrics.reseeks.inc()
+        HELD_PARTITIONS.add(tp)
+        previous = reseeking.get(tp.partition)
+        give_up_at = (
+            previous[1]  # read again for the same offset: the first deadline holds
+            if previous is not None and previous[0] == offset
+            else time.monotonic() + RESEEK_GIVE_UP_S
+        )
+        reseeking[tp.partition] = (offset, give_up_at)
+        seeks_due.append((tp, offset))
 
     async def on_assigned(app_: Any, assigned: Any, **kwargs: Any) -> None:
         next_offset.clear()  # the stream restarts from the committed offsets
         reseeking.clear()
         seeks_due.clear()
         HELD_PARTITIONS.clear()
+        EARLIEST_STARTS.clear()
+        stalls.clear()
         # Queue the dirty states and drop the live ones in one step, then send: a batch applied
         # while the states were being sent would otherwise be dropped with live_states unwritten.
         queue_dirty_states()
@@ -642,10 +680,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
                     restart_at,
                     restart_at,
                 )
-                metrics.reseeks.inc()
-                HELD_PARTITIONS.add(message.tp)
-                reseeking[partition] = (restart_at, time.monotonic() + RESEEK_GIVE_UP_S)
-                seeks_due.append((message.tp, restart_at))
+                read_again(message.tp, restart_at)
                 continue
             if expected is not None and message.offset > expected:
                 # Read again and still not there after RESEEK_GIVE_UP_S (deleted by retention):
@@ -742,9 +777,64 @@ def create_app(settings: MeteringSettings) -> faust.App:
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
             process_usage(events)  # synchronous: no commit can interleave with a half-applied batch
             await sender.send()  # this batch's partials and signals, before its offsets are acked
-            while seeks_due:
-                tp, offset = seeks_due.pop(0)
-                await app.consumer.seek(tp, offset)
+            await perform_seeks()
+
+    async def perform_seeks() -> None:
+        while seeks_due:
+            tp, offset = seeks_due.pop(0)
+            await app.consumer.seek(tp, offset)
+
+    def offset_due(tp: Any) -> int | None:
+        """The next offset of a usage partition metering has to process, if it can tell."""
+        if tp.partition in reseeking:
+            return reseeking[tp.partition][0]
+        due = next_offset.get(tp.partition)
+        if due is None:
+            committed = getattr(app.consumer, "_committed_offset", {}).get(tp)
+            due = committed if isinstance(committed, int) else EARLIEST_STARTS.get(tp)
+        return due
+
+    @app.timer(1.0)
+    async def notice_stalled_partitions() -> None:
+        """Read a usage partition again when its consumer has fetched past what metering is due
+        to process next and nothing has reached the stream for STALL_S (see STALL_S)."""
+        consumer = app.consumer
+        flowing = getattr(consumer, "flow_active", True)
+        if app.rebalancing or getattr(app, "in_recovery", False) or not flowing:
+            stalls.clear()
+            return
+        now = time.monotonic()
+        for tp in consumer.assignment():
+            if tp.topic != topics.usage:
+                continue
+            if tp.partition in reseeking and now >= reseeking[tp.partition][1]:
+                continue  # given up on: the next message reports the gap (process_usage)
+            due = offset_due(tp)
+            try:
+                position = await asyncio.wait_for(consumer.position(tp), 2.0)
+            except Exception as error:  # noqa: BLE001 - checked again in a second
+                log.debug("usage partition %d: no position (%r)", tp.partition, error)
+                continue
+            if due is None or position is None or position <= due:
+                stalls.pop(tp.partition, None)
+                continue
+            seen = stalls.get(tp.partition)
+            if seen is None or seen[0] != due:
+                stalls[tp.partition] = (due, now)
+            elif now - seen[1] >= STALL_S:
+                log.warning(
+                    "usage partition %d: offsets %d..%d were fetched but have not reached the "
+                    "stream for %.0f s; reading them again from %d",
+                    tp.partition,
+                    due,
+                    position - 1,
+                    now - seen[1],
+                    due,
+                )
+                metrics.stalls.inc()
+                stalls[tp.partition] = (due, now)
+                read_again(tp, due)
+        await perform_seeks()
 
     @app.agent(node_hourly_topic)
     async def sum_hours(stream: Any) -> None:

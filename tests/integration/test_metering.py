@@ -45,11 +45,18 @@ def sample(
     )
 
 
-def metering_process(bootstrap: str, topic_prefix: str, log_path: Path) -> ServiceProcess:
+def metering_process(
+    bootstrap: str,
+    topic_prefix: str,
+    log_path: Path,
+    module: str = "services.metering",
+    env: dict[str, str] | None = None,
+) -> ServiceProcess:
     port = free_port()
     return ServiceProcess(
-        "services.metering",
+        module,
         {
+            **(env or {}),
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "TOPIC_PREFIX": topic_prefix,
             "HTTP_PORT": str(port),
@@ -422,3 +429,42 @@ def test_two_workers_share_the_partitions_and_one_leaving_mid_run_loses_nothing(
         )
         raise AssertionError(f"{error}\n{why}") from None
     assert Decimal(latest[key]["gpu_seconds"]) == Decimal(240 * 64 * 10)
+
+
+def test_records_dropped_after_the_consumer_fetched_them_are_read_again_and_counted_once(
+    bootstrap_servers: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    # Given a worker whose Faust layer drops fetched usage records once each, from offset 10 of
+    # every partition on (as Faust's getmany does around an assignment), so that the consumer's
+    # position is past them and no later message reveals the gap
+    worker = metering_process(
+        bootstrap_servers,
+        topic_prefix,
+        tmp_path / "metering.log",
+        module="tests.fixtures.dropping_metering",
+        env={"GPUMETER_TEST_DROP_FROM": "10"},
+    ).start()
+    try:
+        # When 8 nodes send 60 rounds, and then nothing more
+        nodes = [f"node-{n}" for n in range(8)]
+        produce(bootstrap_servers, f"{topic_prefix}gpu.usage.v1", fleet_rounds(nodes, 1, 61))
+        # Then every sample is counted exactly once, and the stall was noticed and reported
+        key = "hkgai-llm|H800|2026-11-28T01:00:00+00:00"
+        try:
+            latest = hourly_when(bootstrap_servers, topic_prefix, {key: 60 * 64})
+        except AssertionError as error:
+            raise AssertionError(
+                f"{error}\n{diagnosis(bootstrap_servers, topic_prefix, worker)}"
+            ) from None
+        assert Decimal(latest[key]["gpu_seconds"]) == Decimal(60 * 64 * 10)
+        text = httpx.get(f"http://127.0.0.1:{worker.http_port}/metrics", timeout=2).text
+        stalls = [
+            line
+            for line in text.splitlines()
+            if line.startswith("gpumeter_metering_usage_stalls_total")
+        ]
+        assert stalls and float(stalls[0].split()[-1]) >= 1, stalls
+        log = worker.log_path.read_text(errors="replace")
+        assert "were fetched but have not reached the stream" in log
+    finally:
+        worker.stop()
