@@ -621,7 +621,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
 
     def send_dead_letter(error: InvalidUsage | str, detail: str, event: Any) -> None:
         message = event.message
-        raw = message.value
+        raw = message.value or b""  # a tombstone's value is None
         if len(raw) > MAX_DEAD_LETTER_RAW:
             # Keep the dead letter producible: beyond this the broker would refuse it and stop us.
             detail = (
@@ -639,12 +639,31 @@ def create_app(settings: MeteringSettings) -> faust.App:
         metrics.dead_letters.labels(letter.reason).inc()
         dlq_topic.send_soon(key=message.key, value=letter.model_dump_json().encode())
 
+    def internal_error(error: Exception, event: Any, failed: set[int]) -> None:
+        """A message whose handling raised what no check foresaw: a dead letter with reason
+        `internal_error` (once per message), never a crashed agent and a lost batch."""
+        message = event.message
+        if id(event) in failed:
+            return
+        failed.add(id(event))
+        detail = f"{type(error).__name__}: {error}"
+        detail = detail if len(detail) <= 1000 else detail[:997] + "..."
+        log.error(
+            "usage partition %d offset %d: unexpected %s; dead-lettered as internal_error",
+            message.partition,
+            message.offset,
+            type(error).__name__,
+            exc_info=error,
+        )
+        send_dead_letter("internal_error", detail, event)
+
     def process_usage(events: list[Any]) -> None:
         started = time.perf_counter()
         if resend["pending"] and resend["recovered"]:
             resend_all()
         now = datetime.now(UTC)
         by_node: dict[str, list[tuple[domain.SampleView, Any]]] = defaultdict(list)
+        failed: set[int] = set()  # events already dead-lettered as internal_error
         metrics.messages.inc(len(events))
         for event in events:
             message = event.message
@@ -698,6 +717,9 @@ def create_app(settings: MeteringSettings) -> faust.App:
             except InvalidUsage as error:
                 send_dead_letter(error, error.detail, event)
                 continue
+            except Exception as error:  # noqa: BLE001 - see internal_error
+                internal_error(error, event, failed)
+                continue
             for bad in decoded.errors:
                 send_dead_letter(bad, bad.detail, event)
             for sample in decoded.samples:
@@ -714,9 +736,13 @@ def create_app(settings: MeteringSettings) -> faust.App:
             touched_hours: set[str] = set()
             touched_minutes: set[str] = set()
             for sample, event in samples:
-                outcome = state.apply(
-                    sample, settings.hour_retention_s, touched_hours, touched_minutes
-                )
+                try:
+                    outcome = state.apply(
+                        sample, settings.hour_retention_s, touched_hours, touched_minutes
+                    )
+                except Exception as error:  # noqa: BLE001 - see internal_error
+                    internal_error(error, event, failed)
+                    continue
                 if outcome is counted_outcome:
                     counted += 1
                     continue

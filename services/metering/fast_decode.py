@@ -21,34 +21,56 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from schemas.codec import InvalidUsage, decode_usage_event, decode_usage_message
-from schemas.usage import MAX_FUTURE_SKEW_S, MAX_INTERVAL_S, MAX_MESSAGE_BYTES, USAGE_EVENT_TYPE
+from schemas.usage import (
+    MAX_FUTURE_SKEW_S,
+    MAX_GPU_INDEX,
+    MAX_INTERVAL_S,
+    MAX_MEM_MIB,
+    MAX_MESSAGE_BYTES,
+    MAX_POWER_W,
+    MAX_TEMP_C,
+    MAX_XID_ERRORS,
+    MIN_EVENT_TIME,
+    MIN_TEMP_C,
+    TEXT_RULE,
+    USAGE_EVENT_TYPE,
+)
 from services.metering.domain import SampleView, epoch_ns, scaled
+
+_MIN_END_N = epoch_ns(MIN_EVENT_TIME)
+_text_ok = TEXT_RULE.fullmatch
 
 # RFC 3339 with an explicit offset and at most microseconds: the form both parsers agree on.
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)", re.ASCII)
 _TEXT_FIELDS = ("node", "gpu_uuid", "gpu_model")
-_COUNT_FIELDS = ("gpu_index", "mem_used_mib", "mem_total_mib", "xid_errors")
+_COUNT_FIELDS = (
+    ("gpu_index", MAX_GPU_INDEX),
+    ("mem_used_mib", MAX_MEM_MIB),
+    ("mem_total_mib", MAX_MEM_MIB),
+    ("xid_errors", MAX_XID_ERRORS),
+)
 
 
 _Text = Annotated[str, msgspec.Meta(min_length=1)]
-_Count = Annotated[int, msgspec.Meta(ge=0)]
+_Mem = Annotated[int, msgspec.Meta(ge=0, le=MAX_MEM_MIB)]
 
 
 class _Data(msgspec.Struct):
-    # Presence, types, non-empty texts and non-negative counts are checked by msgspec, in C.
+    # Presence, types, non-empty texts and bounded counts are checked by msgspec, in C; texts'
+    # characters and the float bounds below, in Python.
     node: _Text
     gpu_uuid: _Text
-    gpu_index: _Count
+    gpu_index: Annotated[int, msgspec.Meta(ge=0, le=MAX_GPU_INDEX)]
     gpu_model: _Text
     interval_s: int | float  # an int is decided by the codec: kept apart to send it there
     project_id: str | None
     job_id: str | None
     util_pct: int | float
-    mem_used_mib: _Count
-    mem_total_mib: _Count
+    mem_used_mib: _Mem
+    mem_total_mib: _Mem
     power_w: int | float
-    temp_c: int
-    xid_errors: _Count
+    temp_c: Annotated[int, msgspec.Meta(ge=MIN_TEMP_C, le=MAX_TEMP_C)]
+    xid_errors: Annotated[int, msgspec.Meta(ge=0, le=MAX_XID_ERRORS)]
 
 
 class _Event(msgspec.Struct):
@@ -72,20 +94,19 @@ class DecodedSamples:
     errors: list[InvalidUsage]
 
 
-def decode_samples(raw: bytes, *, now: datetime, key: bytes | None) -> DecodedSamples:
+def decode_samples(raw: bytes | None, *, now: datetime, key: bytes | None) -> DecodedSamples:
     """Like `decode_usage_message`, but returns the samples' aggregation views directly.
 
     Whole-message problems raise the codec's errors; per-event problems are returned.
     """
-    if len(raw) <= MAX_MESSAGE_BYTES:
+    document: Any = None
+    if raw is not None and 0 < len(raw) <= MAX_MESSAGE_BYTES:
         samples = _all_well_formed(raw, key, now.timestamp())
         if samples is not None:
             return DecodedSamples(samples, [])
-    document: Any = None
-    if len(raw) <= MAX_MESSAGE_BYTES:
         try:
-            document = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            document = json.loads(raw, parse_constant=_not_finite)
+        except (ValueError, RecursionError):  # the codec says which, below
             document = None
     if not isinstance(document, dict | list) or document == []:
         decoded = decode_usage_message(raw, now=now, key=key)  # raises the message's error
@@ -109,6 +130,26 @@ def decode_samples(raw: bytes, *, now: datetime, key: bytes | None) -> DecodedSa
     return result
 
 
+def _not_finite(name: str) -> Any:
+    raise ValueError(name)
+
+
+def _texts_ok(event_id: str, source: str, subject: str | None, data: Any, seen: set[str]) -> bool:
+    """Every text of an event by TEXT_RULE; `seen` holds texts of the message already checked
+    (a node's batch shares its node, source and GPU model)."""
+    for text in (event_id, source, subject, data.node, data.gpu_uuid, data.gpu_model):
+        if text is not None and text not in seen:
+            if _text_ok(text) is None:
+                return False
+            seen.add(text)
+    for text in (data.project_id, data.job_id):
+        if text is not None and text not in seen:
+            if _text_ok(text) is None:
+                return False
+            seen.add(text)
+    return True
+
+
 def _all_well_formed(raw: bytes, key: bytes | None, now_s: float) -> list[SampleView] | None:
     """Every event's view when msgspec takes the whole message and each event passes; else None."""
     try:
@@ -119,6 +160,7 @@ def _all_well_formed(raw: bytes, key: bytes | None, now_s: float) -> list[Sample
         return None
     node = key.decode("utf-8", "replace") if key else None
     times: dict[str, int] = {}
+    seen: set[str] = set()
     samples = []
     last_interval, interval_n = None, None
     for event in events:
@@ -128,12 +170,15 @@ def _all_well_formed(raw: bytes, key: bytes | None, now_s: float) -> list[Sample
             type(interval) is not float
             or type(util) is not float
             or type(power) is not float
-            or not (0 < interval <= MAX_INTERVAL_S and 0 <= util <= 100 and power >= 0)
+            or not (
+                0 < interval <= MAX_INTERVAL_S and 0 <= util <= 100 and 0 <= power <= MAX_POWER_W
+            )
             or (node is not None and data.node != node)
+            or not _texts_ok(event.id, event.source, event.subject, data, seen)
         ):
             return None
         end_n = _time_ns(event.time, times)
-        if end_n is None or end_n / 1e9 - now_s > MAX_FUTURE_SKEW_S:
+        if end_n is None or end_n < _MIN_END_N or end_n / 1e9 - now_s > MAX_FUTURE_SKEW_S:
             return None
         if interval != last_interval:  # a node's samples share their interval: scaled once
             last_interval, interval_n = interval, scaled(interval)
@@ -182,7 +227,7 @@ def _time_ns(time_text: str, times: dict[str, int]) -> int | None:
             return None
         try:
             end_n = epoch_ns(datetime.fromisoformat(time_text))
-        except ValueError:
+        except (ValueError, OverflowError):
             return None
         times[time_text] = end_n
     return end_n
@@ -213,29 +258,32 @@ def _well_formed(
         return None
     for name in _TEXT_FIELDS:
         value = data.get(name)
-        if type(value) is not str or not value:
+        if type(value) is not str or _text_ok(value) is None:
             return None
-    for name in _COUNT_FIELDS:
+    for name, high in _COUNT_FIELDS:
         value = data.get(name)
-        if type(value) is not int or value < 0:
+        if type(value) is not int or not 0 <= value <= high:
             return None
-    if type(data.get("temp_c")) is not int:
+    temp = data.get("temp_c")
+    if type(temp) is not int or not MIN_TEMP_C <= temp <= MAX_TEMP_C:
         return None
+    for text in (event_id, source, item.get("subject")):
+        if text is not None and _text_ok(text) is None:
+            return None
     if "project_id" not in data or "job_id" not in data:
         return None
     project_id, job_id = data["project_id"], data["job_id"]
-    if (project_id is not None and type(project_id) is not str) or (
-        job_id is not None and type(job_id) is not str
-    ):
-        return None
+    for text in (project_id, job_id):
+        if text is not None and (type(text) is not str or _text_ok(text) is None):
+            return None
     interval, util, power = data.get("interval_s"), data.get("util_pct"), data.get("power_w")
     if type(interval) is not float or type(util) is not float or type(power) is not float:
         return None
-    if not (0 < interval <= MAX_INTERVAL_S and 0 <= util <= 100 and power >= 0):
+    if not (0 < interval <= MAX_INTERVAL_S and 0 <= util <= 100 and 0 <= power <= MAX_POWER_W):
         return None
     if node is not None and data["node"] != node:
         return None
-    if end_n / 1e9 - now_s > MAX_FUTURE_SKEW_S:
+    if end_n < _MIN_END_N or end_n / 1e9 - now_s > MAX_FUTURE_SKEW_S:
         return None
     return SampleView.make(
         node=data["node"],

@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaProducer
 
 from gpumeter.localstack import free_port
 from services.agent.simulator import usage_event
+from tests.fixtures.hostile import hostile_messages
 from tests.fixtures.kafka import latest_json_by_key, produce, read_topic
 from tests.fixtures.processes import ServiceProcess, wait_until
 
@@ -468,3 +469,45 @@ def test_records_dropped_after_the_consumer_fetched_them_are_read_again_and_coun
         assert "were fetched but have not reached the stream" in log
     finally:
         worker.stop()
+
+
+def test_hostile_messages_each_get_their_own_dead_letter_and_counting_goes_on_on_every_key(
+    metering: ServiceProcess, bootstrap_servers: str, topic_prefix: str
+) -> None:
+    # Given every kind of message a careless or hostile writer produces, on one node's key
+    at = HOUR + timedelta(seconds=10)
+    hostile = hostile_messages("node-h", at)
+    topic = f"{topic_prefix}gpu.usage.v1"
+    # When they are sent first, and good samples after them on the same key and on another
+    produce(bootstrap_servers, topic, [(b"node-h", raw) for _, raw, _ in hostile])
+    produce(
+        bootstrap_servers,
+        topic,
+        [
+            (b"node-h", json.dumps([sample("node-h", g, at) for g in range(4)]).encode()),
+            (b"node-g", json.dumps([sample("node-g", g, at) for g in range(4)]).encode()),
+        ],
+    )
+    # Then each hostile message is one dead letter with its own reason, its bytes kept
+    dlq = read_topic(
+        bootstrap_servers, f"{topic_prefix}gpu.usage.dlq.v1", lambda m: len(m) >= len(hostile)
+    )
+    letters = [json.loads(m.value) for m in dlq]
+    assert sorted(letter["reason"] for letter in letters) == sorted(r for _, _, r in hostile)
+    by_offset = {letter["offset"]: letter for letter in letters}
+    assert len(by_offset) == len(hostile)
+    first = min(by_offset)
+    for i, (what, raw, reason) in enumerate(hostile):
+        letter = by_offset[first + i]
+        assert letter["reason"] == reason, what
+        assert (
+            base64.b64decode(letter["raw"]) == (raw or b"")[: len(base64.b64decode(letter["raw"]))]
+        )
+    # and the good samples behind them count, on both keys
+    latest = hourly_when(
+        bootstrap_servers, topic_prefix, {"hkgai-llm|H800|2026-11-28T01:00:00+00:00": 8}
+    )
+    assert Decimal(latest["hkgai-llm|H800|2026-11-28T01:00:00+00:00"]["gpu_seconds"]) == 80
+    assert metering.healthy()
+    text = httpx.get(f"http://127.0.0.1:{metering.http_port}/metrics", timeout=2).text
+    assert 'gpumeter_metering_dead_letters_total{reason="internal_error"}' not in text
