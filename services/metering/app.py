@@ -657,8 +657,12 @@ def create_app(settings: MeteringSettings) -> faust.App:
         )
         send_dead_letter("internal_error", detail, event)
 
+    # When a usage batch was last processed: /healthz reports a stream that stopped with lag.
+    progress = {"at": time.monotonic()}
+
     def process_usage(events: list[Any]) -> None:
         started = time.perf_counter()
+        progress["at"] = time.monotonic()
         if resend["pending"] and resend["recovered"]:
             resend_all()
         now = datetime.now(UTC)
@@ -928,12 +932,38 @@ def create_app(settings: MeteringSettings) -> faust.App:
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
-        return web.json({"status": "ok", "service": "metering", "app_id": settings.faust_id})
+        report: dict[str, Any] = {
+            "status": "ok",
+            "service": "metering",
+            "app_id": settings.faust_id,
+        }
+        idle_s = time.monotonic() - progress["at"]
+        recovering = app.rebalancing or getattr(app, "in_recovery", False)
+        if idle_s >= settings.stall_unhealthy_s and not recovering:
+            try:
+                lag = await measure_lag()
+            except Exception as error:  # noqa: BLE001 - no reading is no evidence of a stall
+                log.debug("consumer lag unavailable: %r", error)
+                lag = {}
+            behind = {p: n for p, n in lag.items() if n > 0}
+            if behind:
+                report.update(
+                    status="stalled",
+                    detail=(
+                        f"nothing processed for {idle_s:.0f} s while usage partitions have lag: "
+                        + ", ".join(f"{p}: {n}" for p, n in sorted(behind.items()))
+                    ),
+                    lag=behind,
+                )
+                return web.json(report, status=503)
+        return web.json(report)
 
-    async def measure_lag() -> None:
+    async def measure_lag() -> dict[int, int]:
+        """Uncommitted usage messages per assigned partition, also set on the lag gauge."""
         consumer = app.consumer
         partitions = [tp for tp in consumer.assignment() if tp.topic == topics.usage]
         metrics.consumer_lag.clear()
+        lag: dict[int, int] = {}
         for tp in partitions:
             # Faust keeps the offsets it committed, without a public getter.
             committed = getattr(consumer, "_committed_offset", {}).get(tp)
@@ -942,7 +972,9 @@ def create_app(settings: MeteringSettings) -> faust.App:
             # The highwater of the last fetch: free, and right on Tansu too (its ListOffsets is not).
             highwater = consumer.highwater(tp)
             if highwater is not None:
-                metrics.consumer_lag.labels(str(tp.partition)).set(max(highwater - committed, 0))
+                lag[tp.partition] = max(highwater - committed, 0)
+                metrics.consumer_lag.labels(str(tp.partition)).set(lag[tp.partition])
+        return lag
 
     @app.page("/metrics")
     async def prometheus(web: Any, request: Any) -> Any:

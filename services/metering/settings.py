@@ -32,6 +32,8 @@ class MeteringSettings(CommonSettings):
     # the pipeline (usage -> partials -> sums) waits for a fetch; Tansu answers a held fetch only
     # at its next poll (~115 ms median at 500 ms, ~5 ms at 50 ms), Kafka as soon as data arrives.
     fetch_max_wait_ms: int = 50
+    # /healthz answers 503 when usage partitions have had lag this long with nothing processed.
+    stall_unhealthy_s: float = Field(60.0, gt=0)
     hour_retention_s: int = 6 * 3600  # how late a node's sample may be, relative to its newest one
     minute_retention_s: int = 15 * 60
     table_retention_s: int = 35 * 24 * 3600  # cross-node sums kept for late updates

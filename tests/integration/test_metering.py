@@ -511,3 +511,36 @@ def test_hostile_messages_each_get_their_own_dead_letter_and_counting_goes_on_on
     assert metering.healthy()
     text = httpx.get(f"http://127.0.0.1:{metering.http_port}/metrics", timeout=2).text
     assert 'gpumeter_metering_dead_letters_total{reason="internal_error"}' not in text
+
+
+def test_health_turns_unhealthy_when_the_stream_stops_with_lag_and_names_the_partitions(
+    bootstrap_servers: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    # Given a worker whose stream never gets past offset 5 of any usage partition
+    worker = metering_process(
+        bootstrap_servers,
+        topic_prefix,
+        tmp_path / "metering.log",
+        module="tests.fixtures.dropping_metering",
+        env={
+            "GPUMETER_TEST_DROP_FROM": "5",
+            "GPUMETER_TEST_DROP_ALWAYS": "1",
+            "STALL_UNHEALTHY_S": "10",
+        },
+    ).start()
+    try:
+        assert worker.healthy()
+        # When samples arrive that it cannot get to
+        nodes = [f"node-{n}" for n in range(8)]
+        produce(bootstrap_servers, f"{topic_prefix}gpu.usage.v1", fleet_rounds(nodes, 1, 21))
+
+        # Then /healthz answers 503 within the stall time, saying which partitions are behind
+        def stalled() -> dict:
+            response = httpx.get(f"http://127.0.0.1:{worker.http_port}/healthz", timeout=2)
+            return response.json() if response.status_code == 503 else {}
+
+        report = wait_until(stalled, 60, what="metering /healthz to report the stall")
+        assert report["status"] == "stalled" and report["lag"], report
+        assert "nothing processed for" in report["detail"]
+    finally:
+        worker.stop()
