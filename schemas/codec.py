@@ -142,6 +142,48 @@ def load_json(raw: bytes | None) -> Any:
         raise NumberOutOfRange(f"a number out of range: {exc}") from None
 
 
+CE_HEADER_PREFIX = "ce_"
+
+
+def _header_items(headers: Any) -> list[tuple[str, bytes | None]]:
+    items = headers.items() if isinstance(headers, dict) else (headers or ())
+    out = []
+    for name, value in items:
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        out.append((str(name), value))
+    return out
+
+
+def from_binary_mode(headers: Any, raw: bytes | None) -> dict[str, Any] | None:
+    """The event of a message in the CloudEvents Kafka binding's binary content mode (attributes
+    in `ce_*` headers, `content-type` for datacontenttype, the data as the value), in the shape
+    of a structured-mode event; None when the message is not in binary mode (no
+    `ce_specversion` header). Its data must be JSON."""
+    attributes: dict[str, Any] = {}
+    content_type = None
+    for name, value in _header_items(headers):
+        lowered = name.lower()
+        if lowered.startswith(CE_HEADER_PREFIX) or lowered == "content-type":
+            try:
+                text = (value or b"").decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidText(f"header {name!r} is not UTF-8") from None
+            if lowered == "content-type":
+                content_type = text
+            else:
+                attributes[lowered[len(CE_HEADER_PREFIX) :]] = text
+    if "specversion" not in attributes:
+        return None
+    if content_type is not None:
+        media = content_type.split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise NotJson(f"binary-mode data of content type {content_type!r}: only JSON is taken")
+        attributes["datacontenttype"] = content_type
+    attributes["data"] = load_json(raw)
+    return attributes
+
+
 def describe_text(value: str) -> str:
     """Why a text breaks TEXT_RULE, without echoing a long or hostile value whole."""
     if not value:

@@ -16,7 +16,7 @@ from mode import Service
 from mode.services import WaitResults
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from schemas.codec import InvalidUsage, dead_letter
+from schemas.codec import InvalidUsage, dead_letter, from_binary_mode
 from services.common.kafka_admin import fetched_end_offsets
 from services.metering import domain
 from services.metering.fast_decode import decode_samples
@@ -717,7 +717,12 @@ def create_app(settings: MeteringSettings) -> faust.App:
                 )
             next_offset[partition] = message.offset + 1
             try:
-                decoded = decode_samples(message.value, now=now, key=message.key)
+                value = message.value
+                if message.headers:  # binary content mode: the event rebuilt from its headers
+                    binary = from_binary_mode(message.headers, value)
+                    if binary is not None:
+                        value = json.dumps(binary, separators=(",", ":")).encode()
+                decoded = decode_samples(value, now=now, key=message.key)
             except InvalidUsage as error:
                 send_dead_letter(error, error.detail, event)
                 continue

@@ -544,3 +544,56 @@ def test_health_turns_unhealthy_when_the_stream_stops_with_lag_and_names_the_par
         assert "nothing processed for" in report["detail"]
     finally:
         worker.stop()
+
+
+def test_binary_content_mode_events_from_the_cloudevents_sdk_are_counted(
+    metering: ServiceProcess, bootstrap_servers: str, topic_prefix: str
+) -> None:
+    from aiokafka import AIOKafkaProducer
+    from cloudevents.core.bindings.kafka import to_binary
+    from cloudevents.core.formats.json import JSONFormat
+    from cloudevents.core.v1.event import CloudEvent
+
+    # Given four GPUs' samples converted by the official SDK to Kafka binary content mode
+    at = HOUR + timedelta(seconds=10)
+    messages = []
+    for gpu in range(4):
+        structured = sample("node-b", gpu, at)
+        attributes = {k: v for k, v in structured.items() if k != "data"}
+        attributes["time"] = at
+        attributes["partitionkey"] = "node-b"
+        messages.append(
+            to_binary(CloudEvent(attributes=attributes, data=structured["data"]), JSONFormat())
+        )
+    bad = to_binary(
+        CloudEvent(
+            attributes={**attributes, "id": "x|y", "time": at}, data=sample("node-b", 9, at)["data"]
+        ),
+        JSONFormat(),
+    )
+
+    # When a plain Kafka client sends them, headers and all
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
+        await producer.start()
+        try:
+            for message in [*messages, bad]:
+                key = message.key.encode() if isinstance(message.key, str) else message.key
+                await producer.send(
+                    f"{topic_prefix}gpu.usage.v1",
+                    key=key or b"node-b",
+                    value=message.value,
+                    headers=list(message.headers.items()),
+                )
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+    # Then the four count, and the bad one is a dead letter with its reason
+    latest = hourly_when(
+        bootstrap_servers, topic_prefix, {"hkgai-llm|H800|2026-11-28T01:00:00+00:00": 4}
+    )
+    assert Decimal(latest["hkgai-llm|H800|2026-11-28T01:00:00+00:00"]["gpu_seconds"]) == 40
+    dlq = read_topic(bootstrap_servers, f"{topic_prefix}gpu.usage.dlq.v1", lambda m: len(m) >= 1)
+    assert [json.loads(m.value)["reason"] for m in dlq] == ["invalid_text"]
