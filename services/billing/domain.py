@@ -22,7 +22,20 @@ HONG_KONG = ZoneInfo("Asia/Hong_Kong")
 SECONDS_PER_HOUR = 3600
 CENT = Decimal("0.01")
 GPU_HOURS_SHOWN = Decimal("0.000001")
-PERIOD_PATTERN = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+# ASCII digits only (`\d` takes any Unicode digit) and with fullmatch (`$` takes a trailing newline).
+PERIOD_PATTERN = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
+# Years whose months, their bounds and the month after them, are plain instants in UTC and in
+# Asia/Hong_Kong (year 1 or 9999 overflow there); metering takes no usage before 2000 at all.
+MIN_PERIOD_YEAR, MAX_PERIOD_YEAR = 2000, 2999
+PERIOD_RULE = f"a month written YYYY-MM, year {MIN_PERIOD_YEAR} to {MAX_PERIOD_YEAR}"
+PERIOD_JSON_PATTERN = r"^2[0-9]{3}-(0[1-9]|1[0-2])$"  # the same rule, for the OpenAPI document
+# Times a query may name: far beyond any usage, and convertible to UTC and Asia/Hong_Kong.
+MIN_QUERY_TIME = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+MAX_QUERY_TIME = dt.datetime(3000, 1, 1, tzinfo=dt.UTC)
+QUERY_TIME_RULE = (
+    "an RFC 3339 time (UTC when it has no offset) from 1970-01-01T00:00:00Z"
+    " to 3000-01-01T00:00:00Z inclusive"
+)
 
 FLAG_UNKNOWN_PROJECT = "unknown_project"
 FLAG_UNPRICED_USAGE = "unpriced_usage"
@@ -30,18 +43,36 @@ FLAG_SUBSIDY_CAPPED = "subsidy_capped"
 
 
 class InvalidPeriod(ValueError):
-    """A period that is not a calendar month written YYYY-MM."""
+    """A period that is not a calendar month written YYYY-MM, of a year the billing takes."""
+
+
+class InvalidTime(ValueError):
+    """A query time outside the range billing can represent and compare."""
 
 
 # --- periods (calendar months in Asia/Hong_Kong) -------------------------------------------------
 
 
 def parse_period(text: str) -> str:
-    """Return `text` when it is a valid YYYY-MM period, else raise InvalidPeriod."""
-    match = PERIOD_PATTERN.match(text)
-    if not match or int(match.group(1)) < 1:
-        raise InvalidPeriod(f"period {text!r} is not a month written YYYY-MM")
+    """Return `text` when it is a valid YYYY-MM period (PERIOD_RULE), else raise InvalidPeriod."""
+    match = PERIOD_PATTERN.fullmatch(text)
+    if not match or not MIN_PERIOD_YEAR <= int(match.group(1)) <= MAX_PERIOD_YEAR:
+        raise InvalidPeriod(f"period {text[:40]!r} is not {PERIOD_RULE}")
     return text
+
+
+def query_time(moment: dt.datetime) -> dt.datetime:
+    """`moment` as an aware UTC instant (naive means UTC) when QUERY_TIME_RULE allows it, else
+    raise InvalidTime. Checked before any arithmetic: year 1 or 9999 overflow when converted."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    try:
+        utc = moment.astimezone(dt.UTC)
+    except (OverflowError, ValueError):
+        raise InvalidTime(f"time {moment.isoformat()} is not {QUERY_TIME_RULE}") from None
+    if not MIN_QUERY_TIME <= utc <= MAX_QUERY_TIME:
+        raise InvalidTime(f"time {moment.isoformat()} is not {QUERY_TIME_RULE}")
+    return utc
 
 
 # Drafts of many projects share the same hours and days: both conversions are memoized (bounded).
