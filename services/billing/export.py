@@ -6,12 +6,38 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import re
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
 
 from schemas.catalog import Project
 from schemas.invoice import Invoice
 from services.billing.domain import period_bounds
+
+# OWASP "CSV Injection": a cell a spreadsheet may read as a formula starts with one of these (the
+# full-width forms too, which some spreadsheets fold to ASCII). Such a cell gets a leading `'`.
+FORMULA_STARTS = frozenset("=+-@\t\r\uff1d\uff0b\uff0d\uff20")
+# A plain decimal number such as a credit `-12.50` is a value, not a formula: it stays as it is.
+PLAIN_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+# What of an invoice id or a period may reach a file name or a Content-Disposition header.
+UNSAFE_FILE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+MAX_FILE_NAME_CHARS = 200
+
+
+def csv_cell(text: str) -> str:
+    """`text` as a CSV cell that no spreadsheet evaluates: OWASP's leading `'` on a cell that could
+    start a formula, unless it is a plain number."""
+    if text and text[0] in FORMULA_STARTS and not PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
+def safe_file_name(stem: str) -> str:
+    """`stem` (an invoice id, `focus-<period>`) as a file name for a header or a file system: only
+    ASCII letters, digits, `.`, `_` and `-`, so no quote, CR/LF or path separator; never `.`-led."""
+    name = UNSAFE_FILE_NAME_CHARS.sub("_", stem)[:MAX_FILE_NAME_CHARS]
+    return "_" + name[1:] if name.startswith(".") or not name else name
+
 
 CSV_COLUMNS = [
     "invoice_id",
@@ -57,7 +83,7 @@ def invoices_csv(invoices: Iterable[Invoice]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for invoice in invoices:
-        writer.writerows(invoice_rows(invoice))
+        writer.writerows([csv_cell(cell) for cell in row] for row in invoice_rows(invoice))
     return buffer.getvalue()
 
 
@@ -219,5 +245,8 @@ def focus_csv(
     writer = csv.DictWriter(buffer, FOCUS_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for invoice in invoices:
-        writer.writerows(focus_rows(invoice, projects, provider_name))
+        writer.writerows(
+            {column: csv_cell(value) for column, value in row.items()}
+            for row in focus_rows(invoice, projects, provider_name)
+        )
     return buffer.getvalue()
