@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import secrets
 from collections.abc import Callable
 from decimal import Decimal
@@ -11,7 +12,7 @@ from fractions import Fraction
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -21,9 +22,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.catalog import Catalog
 from schemas.invoice import Invoice
+from schemas.usage import MAX_TEXT_CHARS, TEXT_CHARS, TEXT_RULE
 from services.billing import catalog as catalog_files
 from services.billing import domain, metrics, service, store
-from services.billing.export import focus_csv, invoices_csv
+from services.billing.export import focus_csv, invoices_csv, safe_file_name
 from services.billing.settings import (
     PROJECT_ROLE_PREFIX,
     ROLE_ADMIN,
@@ -172,11 +174,96 @@ def error_response(
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
+# The rules of each path and query parameter, in the OpenAPI document too (`pattern` there is
+# documentation: the handlers check, so that a refusal names its reason in the error body).
+PERIOD_DESCRIPTION = f"billing period: {domain.PERIOD_RULE} (a calendar month in Asia/Hong_Kong)"
+PROJECT_ID_RULE = (
+    f"1 to {MAX_TEXT_CHARS} printable ASCII characters (space to tilde) other than `|`,"
+    " as usage samples carry it (docs/contracts.md)"
+)
+PROJECT_ID_DESCRIPTION = f"project id: {PROJECT_ID_RULE}"
+PROJECT_ID_JSON_PATTERN = f"^{TEXT_CHARS}{{1,{MAX_TEXT_CHARS}}}$"
+INVOICE_ID_DESCRIPTION = (
+    "invoice id: INV-<period>-<project id>, the period and the project id as their parameters"
+    " take them; any other text names no invoice (404)"
+)
+INVOICE_ID_JSON_PATTERN = (
+    f"^INV-{domain.PERIOD_JSON_PATTERN[1:-1]}-{TEXT_CHARS}{{1,{MAX_TEXT_CHARS}}}$"
+)
+INVOICE_ID_PARTS = re.compile(r"INV-([0-9]{4}-[0-9]{2})-(.*)", re.DOTALL)
+QUOTED_CHARS = 80  # of a refused value echoed in an error's detail
+
+
 def period_param(period: str) -> str:
     try:
         return domain.parse_period(period)
     except domain.InvalidPeriod as exc:
         raise ApiError(400, "invalid_period", str(exc)) from None
+
+
+def project_id_param(project_id: str) -> str:
+    if not TEXT_RULE.fullmatch(project_id):
+        raise ApiError(
+            400,
+            "invalid_project_id",
+            f"project id {project_id[:QUOTED_CHARS]!r} is not {PROJECT_ID_RULE}",
+        )
+    return project_id
+
+
+def invoice_id_project(invoice_id: str) -> str:
+    """The project an invoice id names; 404 for a text that can name no invoice."""
+    parts = INVOICE_ID_PARTS.fullmatch(invoice_id)
+    try:
+        if parts is None:
+            raise ValueError
+        domain.parse_period(parts.group(1))
+        return project_id_param(parts.group(2))
+    except (ValueError, ApiError):
+        raise ApiError(
+            404,
+            "not_found",
+            f"no invoice {invoice_id[:QUOTED_CHARS]!r}: invoice ids are INV-YYYY-MM-<project id>",
+        ) from None
+
+
+def time_param(name: str, moment: dt.datetime | None) -> dt.datetime | None:
+    if moment is None:
+        return None
+    try:
+        return domain.query_time(moment)
+    except domain.InvalidTime as exc:
+        raise ApiError(400, "invalid_time", f"{name!r}: {exc}") from None
+
+
+PeriodQuery = Annotated[
+    str,
+    Query(
+        description=PERIOD_DESCRIPTION,
+        json_schema_extra={"pattern": domain.PERIOD_JSON_PATTERN},
+    ),
+]
+PeriodPath = Annotated[
+    str,
+    Path(
+        description=PERIOD_DESCRIPTION,
+        json_schema_extra={"pattern": domain.PERIOD_JSON_PATTERN},
+    ),
+]
+ProjectIdPath = Annotated[
+    str,
+    Path(
+        description=PROJECT_ID_DESCRIPTION,
+        json_schema_extra={"pattern": PROJECT_ID_JSON_PATTERN},
+    ),
+]
+InvoiceIdPath = Annotated[
+    str,
+    Path(
+        description=INVOICE_ID_DESCRIPTION,
+        json_schema_extra={"pattern": INVOICE_ID_JSON_PATTERN},
+    ),
+]
 
 
 class Principal:
@@ -329,11 +416,19 @@ def create_api(
 
     @app.get("/v1/invoices", response_model=InvoiceList, responses=ERRORS, tags=["invoices"])
     async def list_invoices(
-        caller: Caller, period: str, project_id: str | None = None
+        caller: Caller,
+        period: PeriodQuery,
+        project_id: Annotated[
+            str | None,
+            Query(
+                description=PROJECT_ID_DESCRIPTION,
+                json_schema_extra={"pattern": PROJECT_ID_JSON_PATTERN},
+            ),
+        ] = None,
     ) -> InvoiceList:
         period = period_param(period)
         if project_id is not None:
-            caller.require_project(project_id)
+            caller.require_project(project_id_param(project_id))
         elif not caller.reads_all:
             project_id = caller.project_id
         async with store_.acquire() as conn:
@@ -346,6 +441,9 @@ def create_api(
         )
 
     async def one_invoice(caller: Principal, invoice_id: str) -> Invoice:
+        # The id names its project: a project token is refused another's without a lookup, so
+        # the answer never tells whether that invoice exists.
+        caller.require_project(invoice_id_project(invoice_id))
         async with store_.acquire() as conn:
             found = await store.load_invoice(conn, invoice_id)
         if found is None:
@@ -359,18 +457,22 @@ def create_api(
         responses={**ERRORS, 200: {"content": {"text/csv": {}}}},
         tags=["invoices"],
     )
-    async def invoice_as_csv(caller: Caller, invoice_id: str) -> Response:
+    async def invoice_as_csv(caller: Caller, invoice_id: InvoiceIdPath) -> Response:
         invoice = await one_invoice(caller, invoice_id)
         return Response(
             invoices_csv([invoice]),
             media_type="text/csv; charset=utf-8",
-            headers={"Content-Disposition": f'attachment; filename="{invoice_id}.csv"'},
+            headers={
+                "Content-Disposition": (
+                    f'attachment; filename="{safe_file_name(invoice.invoice_id)}.csv"'
+                )
+            },
         )
 
     @app.get(
         "/v1/invoices/{invoice_id}", response_model=Invoice, responses=ERRORS, tags=["invoices"]
     )
-    async def get_invoice(caller: Caller, invoice_id: str) -> Invoice:
+    async def get_invoice(caller: Caller, invoice_id: InvoiceIdPath) -> Invoice:
         return await one_invoice(caller, invoice_id)
 
     @app.post(
@@ -379,7 +481,7 @@ def create_api(
         responses=ERRORS,
         tags=["periods"],
     )
-    async def finalize(caller: Caller, period: str, force: bool = False) -> FinalizeResponse:
+    async def finalize(caller: Caller, period: PeriodPath, force: bool = False) -> FinalizeResponse:
         caller.require_admin()
         period = period_param(period)
         async with store_.acquire() as conn:
@@ -397,7 +499,7 @@ def create_api(
         responses=ERRORS,
         tags=["periods"],
     )
-    async def get_completeness(caller: Caller, period: str) -> PeriodCompletenessResponse:
+    async def get_completeness(caller: Caller, period: PeriodPath) -> PeriodCompletenessResponse:
         """Metering's completeness of each hour of the period with usage. Hours without a record
         are unknown: reported, but they do not block finalization."""
         caller.require_read_all()
@@ -419,7 +521,7 @@ def create_api(
         responses={**ERRORS, 200: {"content": {"text/csv": {}}}},
         tags=["exports"],
     )
-    async def export_focus(caller: Caller, period: str) -> Response:
+    async def export_focus(caller: Caller, period: PeriodQuery) -> Response:
         """The period's invoices as FinOps FOCUS cost rows (CSV); BilledCost sums to the nets."""
         caller.require_read_all()
         period = period_param(period)
@@ -429,7 +531,9 @@ def create_api(
         return Response(
             focus_csv([i.document() for i in found], projects, settings.provider_name),
             media_type="text/csv; charset=utf-8",
-            headers={"Content-Disposition": f'attachment; filename="focus-{period}.csv"'},
+            headers={
+                "Content-Disposition": f'attachment; filename="{safe_file_name(f"focus-{period}")}.csv"'
+            },
         )
 
     @app.get(
@@ -440,17 +544,21 @@ def create_api(
     )
     async def project_usage(
         caller: Caller,
-        project_id: str,
+        project_id: ProjectIdPath,
         start: Annotated[
             dt.datetime | None,
-            Query(alias="from", description="RFC 3339; hours starting at or after it"),
+            Query(
+                alias="from",
+                description=f"hours starting at or after it: {domain.QUERY_TIME_RULE}",
+            ),
         ] = None,
         end: Annotated[
-            dt.datetime | None, Query(alias="to", description="RFC 3339; hours starting before it")
+            dt.datetime | None,
+            Query(alias="to", description=f"hours starting before it: {domain.QUERY_TIME_RULE}"),
         ] = None,
     ) -> UsageResponse:
-        caller.require_project(project_id)
-        start, end = as_utc(start), as_utc(end)
+        caller.require_project(project_id_param(project_id))
+        start, end = time_param("from", start), time_param("to", end)
         if start is not None and end is not None and end < start:
             raise ApiError(400, "invalid_range", "'to' is before 'from'")
         async with store_.acquire() as conn:
@@ -477,7 +585,7 @@ def create_api(
         )
 
     @app.get("/v1/subsidy/report", response_model=SubsidyReport, responses=ERRORS, tags=["subsidy"])
-    async def subsidy_report(caller: Caller, period: str) -> SubsidyReport:
+    async def subsidy_report(caller: Caller, period: PeriodQuery) -> SubsidyReport:
         caller.require_read_all()
         period = period_param(period)
         async with store_.acquire() as conn:
@@ -559,10 +667,3 @@ def create_api(
         )
 
     return app
-
-
-def as_utc(moment: dt.datetime | None) -> dt.datetime | None:
-    """Query times without an offset are read as UTC."""
-    if moment is None:
-        return None
-    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
