@@ -46,6 +46,15 @@ STREAM_TOPICS: set[str] = set()
 # How long a held partition waits for the skipped message before it is reported lost (a message
 # deleted by retention never comes back) and commits go on.
 RESEEK_GIVE_UP_S = 30.0
+# Outcomes of applying a sample that are dead-lettered (a duplicate is only counted in a metric).
+DEAD_LETTER_OUTCOMES = frozenset(
+    {
+        domain.Outcome.OUT_OF_ORDER,
+        domain.Outcome.BEYOND_RETENTION,
+        domain.Outcome.TOO_MANY_GPUS,
+        domain.Outcome.TOO_MANY_HOUR_KEYS,
+    }
+)
 # Where each never-committed stream partition was started (its earliest offset), for the check
 # below: what the stream should deliver first when the group has no committed offset.
 EARLIEST_STARTS: dict[Any, int] = {}
@@ -660,6 +669,17 @@ def create_app(settings: MeteringSettings) -> faust.App:
     # When a usage batch was last processed: /healthz reports a stream that stopped with lag.
     progress = {"at": time.monotonic()}
 
+    outcome_details = {
+        domain.Outcome.TOO_MANY_GPUS: (
+            f"the node already has {settings.max_gpus_per_node} GPUs in state "
+            "(MAX_GPUS_PER_NODE); a GPU silent past the retention makes room"
+        ),
+        domain.Outcome.TOO_MANY_HOUR_KEYS: (
+            f"the node already has {settings.max_hour_keys_per_node} project/model/hour totals "
+            "within the retention (MAX_HOUR_KEYS_PER_NODE)"
+        ),
+    }
+
     def process_usage(events: list[Any]) -> None:
         started = time.perf_counter()
         progress["at"] = time.monotonic()
@@ -747,7 +767,12 @@ def create_app(settings: MeteringSettings) -> faust.App:
             for sample, event in samples:
                 try:
                     outcome = state.apply(
-                        sample, settings.hour_retention_s, touched_hours, touched_minutes
+                        sample,
+                        settings.hour_retention_s,
+                        touched_hours,
+                        touched_minutes,
+                        settings.max_gpus_per_node,
+                        settings.max_hour_keys_per_node,
                     )
                 except Exception as error:  # noqa: BLE001 - see internal_error
                     internal_error(error, event, failed)
@@ -756,11 +781,11 @@ def create_app(settings: MeteringSettings) -> faust.App:
                     counted += 1
                     continue
                 outcomes[outcome] += 1
-                if outcome in (domain.Outcome.OUT_OF_ORDER, domain.Outcome.BEYOND_RETENTION):
+                if outcome in DEAD_LETTER_OUTCOMES:
                     send_dead_letter(
                         outcome.value,
                         f"sample {sample.event_id} of {sample.gpu_key}: "
-                        f"{outcome.value.replace('_', ' ')}",
+                        + outcome_details.get(outcome, outcome.value.replace("_", " ")),
                         event,
                     )
             queue_partials(node, state, touched_hours, touched_minutes, everything=False)

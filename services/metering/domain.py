@@ -37,6 +37,11 @@ RECENT_IDS_PER_GPU = 32
 # and a collision could only turn an out-of-order dead letter into a duplicate, never count twice.
 ID_DIGEST_BYTES = 8
 IDLE_UTIL_PCT = 5.0
+# Bounds on one node's state, so that no writer can grow it without limit or push its record past
+# the producer's request size (every commit would then fail): GPUs per node, and hour keys
+# (project x model x hour within the retention) per node. Beyond them samples are dead-lettered.
+MAX_GPUS_PER_NODE = 64
+MAX_HOUR_KEYS_PER_NODE = 1024
 ZERO = Decimal(0)
 HOUR = 3600
 MINUTE = 60
@@ -61,6 +66,8 @@ class Outcome(enum.Enum):
     DUPLICATE = "duplicate"
     OUT_OF_ORDER = "out_of_order"
     BEYOND_RETENTION = "beyond_retention"
+    TOO_MANY_GPUS = "too_many_gpus"
+    TOO_MANY_HOUR_KEYS = "too_many_hour_keys"
 
 
 def to_decimal(value: float) -> Decimal:
@@ -367,6 +374,8 @@ class NodeState:
         hour_retention_s: int,
         touched_hours: set[str],
         touched_minutes: set[str],
+        max_gpus: int = MAX_GPUS_PER_NODE,
+        max_hour_keys: int = MAX_HOUR_KEYS_PER_NODE,
     ) -> Outcome:
         end_n = sample.end_n
         cursor = self.gpus.get(sample.gpu_key)
@@ -385,7 +394,15 @@ class NodeState:
                 self._buckets = (start_n, hour, minute_key, hour_iso)
         if self.max_end_n - hour * _IN > hour_retention_s * _IN:
             return Outcome.BEYOND_RETENTION
+        project_id = sample.project_id
+        key = ""
+        if project_id is not None:
+            key = f"{project_id}|{sample.gpu_model}|{hour_iso}"
+            if key not in self.hours and len(self.hours) >= max_hour_keys:
+                return Outcome.TOO_MANY_HOUR_KEYS
         if cursor is None:
+            if len(self.gpus) >= max_gpus:
+                return Outcome.TOO_MANY_GPUS
             cursor = self.gpus[sample.gpu_key] = [0, bytearray()]
             self.gpu_bits[sample.gpu_key] = 1 << (len(self.gpus) - 1)
         cursor[0] = end_n
@@ -409,9 +426,7 @@ class NodeState:
         else:
             gpu_s = util_s = energy = 0
             exact = sample.contributions()
-        project_id = sample.project_id
         if project_id is not None:
-            key = f"{project_id}|{sample.gpu_model}|{hour_iso}"
             totals = self.hours.get(key)
             if totals is None:
                 totals = self.hours[key] = [0, 0, 0, 0, None]
@@ -463,6 +478,33 @@ class NodeState:
         for hour in [h for h in self.online_hours if latest - h > hour_retention_s + HOUR]:
             del self.online_hours[hour]
             self._changed_hours.discard(hour)
+        # GPUs silent longer than the retention: nothing of theirs can change any more. A sample
+        # of one arriving later is beyond the retention anyway.
+        oldest_n = self.max_end_n - (hour_retention_s + HOUR) * _IN
+        for gpu_uuid in [g for g, last in self.last_samples.items() if last[0] < oldest_n]:
+            del self.last_samples[gpu_uuid]
+        silent = [k for k, cursor in self.gpus.items() if cursor[0] < oldest_n]
+        if silent:
+            self._forget_gpus(silent)
+
+    def _forget_gpus(self, keys: list[str]) -> None:
+        """Drop GPUs' cursors; the minutes' GPU bitmasks (bit = position in `gpus`) are renumbered."""
+        old_positions = {key: position for position, key in enumerate(self.gpus)}
+        for key in keys:
+            del self.gpus[key]
+        moved = {old_positions[key]: new for new, key in enumerate(self.gpus)}
+        self.gpu_bits = {key: 1 << position for position, key in enumerate(self.gpus)}
+        for minute in self.minutes.values():
+            for field in (0, 1):
+                mask, renumbered = minute[field], 0
+                while mask:
+                    low = mask & -mask
+                    position = moved.get(low.bit_length() - 1)
+                    if position is not None:
+                        renumbered |= 1 << position
+                    mask ^= low
+                minute[field] = renumbered
+        self._minute_texts.clear()
 
     def completeness_facts(self, everything: bool = False) -> dict[str, dict[str, Any]]:
         """This node's facts for the hours whose completeness changed since the last call (or all):

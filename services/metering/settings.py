@@ -36,6 +36,9 @@ class MeteringSettings(CommonSettings):
     stall_unhealthy_s: float = Field(60.0, gt=0)
     hour_retention_s: int = 6 * 3600  # how late a node's sample may be, relative to its newest one
     minute_retention_s: int = 15 * 60
+    # Bounds on one node's state (see services/metering/domain.py): beyond them, dead letters.
+    max_gpus_per_node: int = Field(64, ge=1)
+    max_hour_keys_per_node: int = Field(1024, ge=1)
     table_retention_s: int = 35 * 24 * 3600  # cross-node sums kept for late updates
 
     @property
