@@ -22,6 +22,9 @@ PLAIN_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 # What of an invoice id or a period may reach a file name or a Content-Disposition header.
 UNSAFE_FILE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 MAX_FILE_NAME_CHARS = 200
+# RFC 4180's CRLF: the csv module quotes a cell holding any character of the line end, so with `\n`
+# alone a bare CR in a name went out unquoted and a reader split the row there.
+CSV_LINE_END = "\r\n"
 
 
 def csv_cell(text: str) -> str:
@@ -80,7 +83,7 @@ def invoice_rows(invoice: Invoice) -> list[list[str]]:
 
 def invoices_csv(invoices: Iterable[Invoice]) -> str:
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer, lineterminator=CSV_LINE_END)
     writer.writerow(CSV_COLUMNS)
     for invoice in invoices:
         writer.writerows([csv_cell(cell) for cell in row] for row in invoice_rows(invoice))
@@ -242,7 +245,7 @@ def focus_csv(
     invoices: Iterable[Invoice], projects: Mapping[str, Project], provider_name: str
 ) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, FOCUS_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, FOCUS_COLUMNS, lineterminator=CSV_LINE_END)
     writer.writeheader()
     for invoice in invoices:
         writer.writerows(
