@@ -37,6 +37,8 @@ class AlertView(BaseModel):
     ends_at: datetime | None
     last_value: Decimal | None
     last_notified_at: datetime | None
+    # Firing, but its condition has been false since then: resolves after keep_firing_for
+    keep_firing_since: datetime | None = None
     updated_at: datetime
 
 

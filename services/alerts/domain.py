@@ -31,7 +31,14 @@ Billing signals (subsidy used, unpriced usage) run on event time (their `as_of`)
 
 Per series (rule + labels) the state machine is Prometheus's: inactive -> pending -> firing after
 `for`; while firing, the series stays firing as long as the value stays on the firing side of the
-clear threshold (hysteresis), and resolves when it crosses it (after `keep_firing_for`, if set).
+clear threshold (hysteresis). `keep_firing_for` (Prometheus's): a firing series whose value crossed
+the clear threshold keeps firing until it has stayed across for that long, counted from the start
+of the first observation that crossed (`keep_firing_since`); back on the firing side within that
+time, it goes on firing with the same starts_at and sends nothing. It then resolves with ends_at =
+keep_firing_since + keep_firing_for, the moment the condition had been false that long (without
+keep_firing_for: the start of the observation that crossed, as before), so whole-minute and
+minute-so-far evaluation, and a replay, give the same ends_at. A resolved series starts again from
+inactive: it needs `for` again to fire.
 """
 
 from __future__ import annotations
@@ -159,6 +166,8 @@ class SeriesState:
     last_value: Decimal | None = None
     last_observed_at: datetime | None = None  # end of the latest observation: replays stop here
     last_active_at: datetime | None = None  # latest time the firing condition held
+    # While firing: start of the first observation since then on which it no longer held
+    keep_firing_since: datetime | None = None
     last_notified_at: datetime | None = None
     annotations: dict[str, str] = field(default_factory=dict)
 
@@ -241,6 +250,7 @@ def observe(rule: Rule, state: SeriesState, obs: Observation) -> StateChange | N
     if state.status == "firing":
         if rule.holds(obs.value):
             state.last_active_at = obs.end
+            state.keep_firing_since = None  # back on the firing side: the same alert goes on
             state.annotations = render_annotations(rule, state.labels, obs)
             due = state.last_notified_at is None or (
                 rule.repeat_interval is not None
@@ -249,19 +259,17 @@ def observe(rule: Rule, state: SeriesState, obs: Observation) -> StateChange | N
             if due:
                 state.last_notified_at = obs.end
                 change = _change(state, "firing", obs.value, repeat=True)
-        elif (
-            rule.keep_firing_for > timedelta(0)
-            and state.last_active_at is not None
-            and obs.end - state.last_active_at < rule.keep_firing_for
-        ):
-            pass
-        else:
-            state.status = "resolved"
-            state.ends_at = obs.start
-            state.pending_since = None
-            state.last_notified_at = obs.end
-            change = _change(state, "resolved", obs.value)
-        return change
+            return change
+        if state.keep_firing_since is None:
+            state.keep_firing_since = obs.start
+        if obs.end - state.keep_firing_since < rule.keep_firing_for:
+            return None  # kept firing: not false for keep_firing_for yet
+        state.status = "resolved"
+        state.ends_at = state.keep_firing_since + rule.keep_firing_for
+        state.keep_firing_since = None
+        state.pending_since = None
+        state.last_notified_at = obs.end
+        return _change(state, "resolved", obs.value)
 
     if not rule.breaches(obs.value):
         if state.status == "pending":
@@ -276,6 +284,7 @@ def observe(rule: Rule, state: SeriesState, obs: Observation) -> StateChange | N
         state.status = "firing"
         state.starts_at = max(obs.start, state.pending_since + rule.for_)
         state.ends_at = None
+        state.keep_firing_since = None
         state.last_active_at = obs.end
         state.last_notified_at = obs.end
         state.annotations = render_annotations(rule, state.labels, obs)
@@ -640,11 +649,12 @@ class Evaluator:
             state = SeriesState(fingerprint=fp, rule=rule.name, labels=labels)
             self.states[fp] = state
             self._index(state)
-        before = (state.status, state.pending_since, state.last_notified_at)
+        before = _progress(state)
         self.evaluations[rule.name] = self.evaluations.get(rule.name, 0) + 1
         change = observe(rule, state, obs)
-        # Processing-clock series are observed every tick: write them only when something moved.
-        if persist_quiet or before != (state.status, state.pending_since, state.last_notified_at):
+        # Processing-clock series are observed every tick: write them only when something moved
+        # (the keep_firing_for clock included, so a restart in the middle of it goes on from it).
+        if persist_quiet or before != _progress(state):
             self.dirty.states[fp] = state
         return [change] if change else []
 
@@ -652,6 +662,11 @@ class Evaluator:
         node = state.labels.get("node")
         if node is not None:
             self._series_by_node.setdefault((state.rule, node), set()).add(state.fingerprint)
+
+
+def _progress(state: SeriesState) -> tuple[Any, ...]:
+    """What must survive a restart of a series observed on the processing clock."""
+    return (state.status, state.pending_since, state.keep_firing_since, state.last_notified_at)
 
 
 def _utc(moment: datetime) -> datetime:

@@ -111,6 +111,7 @@ class Store:
                     last_value=r["last_value"],
                     last_observed_at=r["last_observed_at"],
                     last_active_at=r["last_active_at"],
+                    keep_firing_since=r["keep_firing_since"],
                     last_notified_at=r["last_notified_at"],
                     annotations=r["annotations"],
                 )
@@ -139,8 +140,8 @@ class Store:
                     """
                     INSERT INTO alert_states (fingerprint, rule, labels, annotations, status,
                         pending_since, starts_at, ends_at, last_value, last_observed_at,
-                        last_active_at, last_notified_at, updated_at)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, now())
+                        last_active_at, last_notified_at, keep_firing_since, updated_at)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, now())
                     ON CONFLICT (fingerprint) DO UPDATE SET
                         annotations = EXCLUDED.annotations, status = EXCLUDED.status,
                         pending_since = EXCLUDED.pending_since, starts_at = EXCLUDED.starts_at,
@@ -148,6 +149,7 @@ class Store:
                         last_observed_at = EXCLUDED.last_observed_at,
                         last_active_at = EXCLUDED.last_active_at,
                         last_notified_at = EXCLUDED.last_notified_at,
+                        keep_firing_since = EXCLUDED.keep_firing_since,
                         updated_at = CASE WHEN alert_states.status = EXCLUDED.status
                             THEN alert_states.updated_at ELSE now() END
                     """,
@@ -165,6 +167,7 @@ class Store:
                             s.last_observed_at,
                             s.last_active_at,
                             s.last_notified_at,
+                            s.keep_firing_since,
                         )
                         for s in dirty.states.values()
                     ],

@@ -260,9 +260,12 @@ def test_an_xid_error_fires_at_once_and_stays_firing_for_keep_firing_for():
     evaluator = Evaluator([XID], started_at=T0)
     fired = evaluator.on_node_signal(signal("n1", T0, xid=2), received_at=T0)
     assert [(c.status, c.annotations["summary"]) for c in fired] == [("firing", "xid on n1: GPU-1")]
+    # counted from the first sample without errors (+1 min), as Prometheus counts it
+    assert evaluator.on_node_signal(signal("n1", T0 + MINUTE), received_at=T0) == []
     assert evaluator.on_node_signal(signal("n1", T0 + 10 * MINUTE), received_at=T0) == []
+    assert evaluator.on_node_signal(signal("n1", T0 + 15 * MINUTE), received_at=T0) == []
     resolved = evaluator.on_node_signal(signal("n1", T0 + 16 * MINUTE), received_at=T0)
-    assert [c.status for c in resolved] == ["resolved"]
+    assert [(c.status, c.ends_at) for c in resolved] == [("resolved", T0 + 16 * MINUTE)]
 
 
 def test_a_replayed_node_signal_is_ignored():
