@@ -59,21 +59,37 @@ def alertmanager_alert(
     }
 
 
+def slack_escape(text: str) -> str:
+    """Slack's mrkdwn escaping, so that no value can mention (`<!channel>`) or link (`<url>`)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _slack_link(url: str, label: str) -> str:
+    # `|` would end the URL of a <url|label> link early.
+    return f"<{slack_escape(url).replace('|', '%7C')}|{label}>"
+
+
 def slack_body(event: AlertEvent, *, external_url: str) -> dict[str, Any]:
-    """Slack incoming webhook: a plain `text` fallback plus Block Kit blocks."""
+    """Slack incoming webhook: a plain `text` fallback plus Block Kit blocks.
+
+    Both are mrkdwn: every label and annotation value (and the rule name) is escaped.
+    """
     state = "FIRING" if event.status == "firing" else "RESOLVED"
-    severity = event.labels.get("severity", "none")
-    summary = event.annotations.get("summary", event.rule)
-    headline = f"[{state}] {event.rule}: {summary}"
-    labels = ", ".join(f"{k}={v}" for k, v in sorted(event.labels.items()))
-    lines = [f"*[{state}] {event.rule}* ({severity})", summary, f"*Labels:* {labels}"]
+    rule = slack_escape(event.rule)
+    severity = slack_escape(event.labels.get("severity", "none"))
+    summary = slack_escape(event.annotations.get("summary", event.rule))
+    headline = f"[{state}] {rule}: {summary}"
+    labels = ", ".join(
+        f"{slack_escape(k)}={slack_escape(v)}" for k, v in sorted(event.labels.items())
+    )
+    lines = [f"*[{state}] {rule}* ({severity})", summary, f"*Labels:* {labels}"]
     if event.status == "resolved" and event.ends_at:
         lines.append(f"*Resolved at:* {rfc3339(event.ends_at)}")
     else:
         lines.append(f"*Since:* {rfc3339(event.starts_at)}")
-    links = [f"<{generator_url(external_url, event)}|Alert>"]
+    links = [_slack_link(generator_url(external_url, event), "Alert")]
     if event.annotations.get("runbook"):
-        links.append(f"<{event.annotations['runbook']}|Runbook>")
+        links.append(_slack_link(event.annotations["runbook"], "Runbook"))
     return {
         "text": headline,
         "blocks": [

@@ -107,6 +107,39 @@ def test_slack_body_has_text_and_blocks():
     assert payloads.slack_body(RESOLVED, external_url=EXTERNAL)["text"].startswith("[RESOLVED]")
 
 
+def test_slack_escapes_every_label_and_annotation_value_so_none_can_mention_or_link():
+    # given an alert whose labels and annotations carry Slack control sequences
+    hostile = FIRING.model_copy(
+        update={
+            "labels": {
+                "alertname": "CentreAllocationHigh",
+                "severity": "<!here>",
+                "project": "<!channel> & <@U123|boss>",
+                "gpu": "<https://evil.example|click>",
+            },
+            "annotations": {
+                "summary": "AT&T <!everyone> > 5%",
+                "runbook": "https://rb/x?a=1&b=<2>|evil",
+            },
+        }
+    )
+    # when it is put into a Slack message
+    body = payloads.slack_body(hostile, external_url=EXTERNAL)
+    section = body["blocks"][0]["text"]["text"]
+    links = body["blocks"][1]["elements"][0]["text"]
+    # then &, < and > of every value are entities, in the fallback text and in the blocks
+    assert body["text"] == "[FIRING] CentreAllocationHigh: AT&amp;T &lt;!everyone&gt; &gt; 5%"
+    assert "(&lt;!here&gt;)" in section
+    assert "project=&lt;!channel&gt; &amp; &lt;@U123|boss&gt;" in section
+    assert "gpu=&lt;https://evil.example|click&gt;" in section
+    assert "severity=&lt;!here&gt;" in section
+    assert "<https://rb/x?a=1&amp;b=&lt;2&gt;%7Cevil|Runbook>" in links
+    # and no `<` is left but those of the two links this service makes
+    everything = body["text"] + section + links
+    assert everything.count("<") == 2 and everything.count(">") == 2
+    assert "<!" not in everything and "<@" not in everything
+
+
 def test_pagerduty_trigger_and_resolve_share_the_fingerprint_as_dedup_key():
     _, trigger = sender("pagerduty", routing_key="R0UT1NG").request(FIRING, STARTS)
     assert trigger["routing_key"] == "R0UT1NG"
