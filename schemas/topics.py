@@ -18,6 +18,10 @@ NODE_HOURLY = "metering.internal.node-hourly.v2"
 NODE_MINUTELY = "metering.internal.node-minutely.v2"
 # Internal to metering: per-node signals (last seen, idle GPUs, XID) the alerts service reads.
 NODE_SIGNALS = "metering.node.signals.v1"
+# Billing's dead letters: hourly or completeness records it cannot decode or store, with reason,
+# detail and the original bytes (the gpu.usage.dlq.v1 format), so no usage is out of every invoice
+# unseen.
+BILLING_DLQ = "billing.dlq.v1"
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,10 @@ class Topics:
         return self.name(BILLING_SIGNALS)
 
     @property
+    def billing_dlq(self) -> str:
+        return self.name(BILLING_DLQ)
+
+    @property
     def node_hourly(self) -> str:
         return self.name(NODE_HOURLY)
 
@@ -87,6 +95,7 @@ class Topics:
         return [
             *self.public(),
             self.billing_signals,
+            self.billing_dlq,
             self.node_hourly,
             self.node_minutely,
             self.node_signals,

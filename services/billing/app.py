@@ -40,6 +40,7 @@ async def run(settings: BillingSettings) -> None:
             settings.topics.invoices: settings.topic_partitions,
             settings.topics.billing_signals: settings.topic_partitions,
             settings.topics.completeness: settings.topic_partitions,
+            settings.topics.billing_dlq: settings.topic_partitions,
         },
         compacted={
             settings.topics.hourly,

@@ -14,11 +14,12 @@ import time
 from collections.abc import Callable
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
+from schemas.codec import dead_letter
 from schemas.metering import HourCompleteness, HourlyTotal
 from services.billing import metrics, service, store
 from services.billing.background import BackgroundLoop
@@ -98,7 +99,15 @@ class HourlyConsumer(BackgroundLoop):
             group_id=self.settings.consumer_group,
             **self.settings.consumer_kwargs(),
         )
-        await consumer.start()
+        self.dead_letters = AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers, acks="all"
+        )
+        await self.dead_letters.start()
+        try:
+            await consumer.start()
+        except BaseException:
+            await self.dead_letters.stop()
+            raise
         log.info(
             "consuming %s and %s as group %s",
             self.settings.topics.hourly,
@@ -118,30 +127,53 @@ class HourlyConsumer(BackgroundLoop):
                 await self.commit(consumer, batches)
         finally:
             await consumer.stop()
+            await self.dead_letters.stop()
+
+    async def dead_letter(self, record: ConsumerRecord, reason: str, detail: str) -> None:
+        """A record billing cannot apply, to billing.dlq.v1 before its offset is committed: its
+        usage is in no invoice, and on-call and the dashboard must see that."""
+        metrics.BAD_MESSAGES.labels(reason=reason).inc()
+        log.error(
+            "dead-lettered %s[%d]@%d: %s: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            reason,
+            detail,
+        )
+        letter = dead_letter(
+            reason,
+            detail=detail,
+            raw=record.value or b"",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+        )
+        await self.dead_letters.send_and_wait(
+            self.settings.topics.billing_dlq,
+            key=record.key,
+            value=letter.model_dump_json().encode(),
+        )
 
     async def apply(self, records: list[ConsumerRecord]) -> None:
-        totals = []
-        watermarks = []
+        totals: list[HourlyTotal] = []
+        total_records: list[ConsumerRecord] = []
+        watermarks: list[HourCompleteness] = []
+        watermark_records: list[ConsumerRecord] = []
         for record in records:
             if record.value is None:
                 continue  # tombstone on a compacted topic: nothing to bill
             try:
                 if record.topic == self.settings.topics.completeness:
                     watermarks.append(decode_completeness(record.value))
+                    watermark_records.append(record)
                 else:
                     totals.append(decode_hourly(record.value))
+                    total_records.append(record)
             except BadHourlyRecord as exc:
-                metrics.BAD_MESSAGES.labels(reason=exc.reason).inc()
-                log.warning(
-                    "skipping bad record %s[%d]@%d: %s: %s",
-                    record.topic,
-                    record.partition,
-                    record.offset,
-                    exc.reason,
-                    exc.detail,
-                )
+                await self.dead_letter(record, exc.reason, exc.detail)
         if totals:
-            await self.apply_totals(totals)
+            await self.apply_totals(totals, total_records)
         if watermarks:
             try:
                 await service.with_db_retry(
@@ -151,10 +183,12 @@ class HourlyConsumer(BackgroundLoop):
                     self.settings.db_retry_max_backoff_s,
                 )
             except asyncpg.PostgresError as exc:  # a value out of a column's range
-                metrics.BAD_MESSAGES.labels(reason="refused_by_database").inc(len(watermarks))
-                log.warning("completeness batch refused (%r); skipped", exc)
+                for record in watermark_records:
+                    await self.dead_letter(record, "refused_by_database", repr(exc))
 
-    async def apply_totals(self, totals: list[HourlyTotal]) -> None:
+    async def apply_totals(
+        self, totals: list[HourlyTotal], records: list[ConsumerRecord] | None = None
+    ) -> None:
         """Upsert the ledger and mark the touched projects dirty; the drainer rebuilds drafts."""
         started = time.perf_counter()
         try:
@@ -168,7 +202,7 @@ class HourlyConsumer(BackgroundLoop):
             # A value the database refuses (say, out of a column's range) must not block the rest.
             log.warning("batch refused (%r); applying its %d records one by one", exc, len(totals))
             hours_changed = 0
-            for total in totals:
+            for index, total in enumerate(totals):
                 try:
                     hours_changed += await service.with_db_retry(
                         self.store,
@@ -177,8 +211,12 @@ class HourlyConsumer(BackgroundLoop):
                         self.settings.db_retry_max_backoff_s,
                     )
                 except asyncpg.PostgresError as record_exc:
-                    metrics.BAD_MESSAGES.labels(reason="refused_by_database").inc()
-                    log.warning("skipping hourly record %s: %r", total.key, record_exc)
+                    detail = f"{total.key}: {record_exc!r}"
+                    if records is None:  # no Kafka record behind it (a direct call)
+                        metrics.BAD_MESSAGES.labels(reason="refused_by_database").inc()
+                        log.error("hourly record refused by the database: %s", detail)
+                    else:
+                        await self.dead_letter(records[index], "refused_by_database", detail)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         metrics.LAST_BATCH_TIMESTAMP.set(time.time())
         metrics.HOURLY_RECORDS.labels(outcome="applied").inc(hours_changed)

@@ -14,7 +14,7 @@ HOURLY_RECORDS = Counter(
 )
 BAD_MESSAGES = Counter(
     "billing_bad_messages_total",
-    "Hourly or completeness messages that could not be decoded, by reason (logged, skipped)",
+    "Hourly or completeness records billing could not decode or store, by reason (each one sent to billing.dlq.v1)",
     ["reason"],
     registry=REGISTRY,
 )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
@@ -11,7 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from gpumeter.localstack import EmbeddedPostgres
 from schemas.metering import HourlyTotal
@@ -80,7 +82,9 @@ async def billing(
     )
     await store.migrate(database_url)
     await catalog_files.apply_catalog(database_url, catalog_files.parse_catalog(CATALOG))
-    await ensure_topics(bootstrap_servers, {settings.topics.hourly: 4})
+    await ensure_topics(
+        bootstrap_servers, {settings.topics.hourly: 4, settings.topics.billing_dlq: 1}
+    )
     store_ = await store.Store(database_url).open()
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers)
     await producer.start()
@@ -236,3 +240,51 @@ async def test_no_update_is_lost_while_postgresql_restarts(
         assert consumer.alive
     finally:
         await consumer.stop()
+
+
+async def test_records_billing_cannot_decode_or_store_go_to_its_dead_letter_topic(
+    billing: tuple[BillingSettings, store.Store, AIOKafkaProducer],
+) -> None:
+    settings, store_, producer = billing
+    topic = settings.topics.hourly
+    hour = dt.datetime(2026, 11, 21, 3, tzinfo=UTC)
+    # given a broken message, a bad record, one the database refuses (samples past its integer
+    # column) and a good one
+    refused = hourly(hour, "1800", 1).model_copy(update={"samples": 3_000_000_000})
+    await producer.send_and_wait(topic, key=b"junk", value=b"{not json")
+    await producer.send_and_wait(topic, key=b"junk", value=b'{"project_id": "x"}')
+    await send(producer, topic, [refused, hourly(hour + dt.timedelta(hours=1), "3600", 1)])
+    consumer = ConsumerAndDrainer(settings, store_).start()
+    try:
+        # then each of the three is one dead letter on billing.dlq.v1, with its bytes
+        letters = await eventually(
+            lambda: _dead_letters(settings, 3), what="three billing dead letters"
+        )
+        assert sorted(letter["reason"] for letter in letters) == [
+            "invalid_record",
+            "not_json",
+            "refused_by_database",
+        ]
+        not_json = next(letter for letter in letters if letter["reason"] == "not_json")
+        assert base64.b64decode(not_json["raw"]) == b"{not json"
+        assert not_json["topic"] == topic
+        # and the good record is applied; the consumer goes on
+        assert consumer.alive
+    finally:
+        await consumer.stop()
+
+
+async def _dead_letters(settings: BillingSettings, at_least: int) -> list[dict] | None:
+    consumer = AIOKafkaConsumer(
+        settings.topics.billing_dlq,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        batches = await consumer.getmany(timeout_ms=2000)
+        letters = [json.loads(r.value) for records in batches.values() for r in records]
+    finally:
+        await consumer.stop()
+    return letters if len(letters) >= at_least else None
