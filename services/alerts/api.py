@@ -1,4 +1,7 @@
-"""Read side over HTTP: GET /v1/alerts, /healthz, /metrics. Errors are JSON."""
+"""Read side over HTTP: GET /v1/alerts, /v1/notifications/rejected, /healthz, /metrics.
+
+Errors are JSON.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +49,27 @@ class AlertList(BaseModel):
     alerts: list[AlertView]
 
 
+class RejectedNotificationView(BaseModel):
+    """A notification a receiver refused for good (a 4xx other than 408, 425, 429): not sent again."""
+
+    seq: int
+    receiver: str
+    fingerprint: str
+    rule: str
+    status: Literal["firing", "resolved"]
+    labels: dict[str, str]
+    starts_at: datetime
+    http_status: int | None
+    error: str | None
+    attempts: int
+    created_at: datetime
+    rejected_at: datetime
+
+
+class RejectedNotificationList(BaseModel):
+    notifications: list[RejectedNotificationView]
+
+
 def create_api(
     store: Store, metrics: AlertsMetrics, *, recent_s: float, health: Callable[[], dict[str, Any]]
 ) -> FastAPI:
@@ -74,6 +98,34 @@ def create_api(
             statuses=STATUS_FILTERS[status], recent_s=recent_s, fingerprint=fingerprint, limit=limit
         )
         return AlertList(alerts=[AlertView.model_validate(row) for row in rows])
+
+    @api.get("/v1/notifications/rejected", response_model=RejectedNotificationList)
+    async def list_rejected(
+        receiver: str | None = None,
+        within_s: float | None = Query(None, gt=0, description="default: ALERT_RECENT_S"),
+        limit: int = Query(500, ge=1, le=5000),
+    ) -> RejectedNotificationList:
+        """Notifications receivers refused for good within the window, newest first."""
+        rows = await store.rejected(within_s=within_s or recent_s, receiver=receiver, limit=limit)
+        return RejectedNotificationList(
+            notifications=[
+                RejectedNotificationView(
+                    seq=row.seq,
+                    receiver=row.receiver,
+                    fingerprint=row.fingerprint,
+                    rule=row.event.rule,
+                    status=row.event.status,
+                    labels=row.event.labels,
+                    starts_at=row.event.starts_at,
+                    http_status=row.http_status,
+                    error=row.error,
+                    attempts=row.attempts,
+                    created_at=row.created_at,
+                    rejected_at=row.rejected_at,
+                )
+                for row in rows
+            ]
+        )
 
     @api.get("/healthz")
     async def healthz() -> JSONResponse:

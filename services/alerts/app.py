@@ -36,7 +36,7 @@ from services.alerts.notifier import (
     resend_to_alertmanagers,
 )
 from services.alerts.settings import AlertsSettings
-from services.alerts.store import Store
+from services.alerts.store import DB_ERRORS, Store
 from services.common.db import retry_db
 from services.common.kafka_admin import ensure_topics
 
@@ -291,6 +291,7 @@ class AlertsService:
                             datetime.now(UTC), ends[topics.usage], ends[topics.usage_dlq]
                         )
                     )
+                changes.extend(await self._check_rejections(evaluator, store, notifier))
             dirty = evaluator.drain()
             notifications = [(name, c) for c in changes for name in self.receivers_for(c)]
             if dirty or notifications:
@@ -316,6 +317,25 @@ class AlertsService:
                 partial_seen = evaluator.partial_evaluations
             if notifications:
                 notifier.wake()
+
+    async def _check_rejections(
+        self, evaluator: Evaluator, store: Store, notifier: Notifier
+    ) -> list[StateChange]:
+        """Notifications refused for good in the window, per receiver: the gauge and the rule."""
+        try:
+            counts = await store.rejected_counts(
+                within_s=self.settings.alert_rejected_window_s,
+                excluding_rules=evaluator.rejection_rules,
+            )
+        except DB_ERRORS as exc:
+            log.warning("could not read rejected notifications: %s", exc)
+            return []
+        for name in notifier.senders:
+            count = counts.get(name)
+            self.metrics.notifications_rejected_recent.labels(name).set(
+                count.rejected if count else 0
+            )
+        return evaluator.on_rejections(datetime.now(UTC), counts)
 
     async def _apply(
         self,

@@ -27,7 +27,8 @@ evaluated on the minute so far, as an observation over [minute start, minute sta
 
 The absence rule (a silent node) runs on the processing clock, from when each node was last heard.
 Billing signals (subsidy used, unpriced usage) run on event time (their `as_of`). Pipeline health
-(dead-letter rate, metering lag) runs on the processing clock, from readings of topic end offsets.
+(dead-letter rate, metering lag) runs on the processing clock, from readings of topic end offsets;
+so do rejected notifications, from the outbox (a receiver that refused some for good, with a 4xx).
 
 Per series (rule + labels) the state machine is Prometheus's: inactive -> pending -> firing after
 `for`; while firing, the series stays firing as long as the value stays on the firing side of the
@@ -77,6 +78,8 @@ SUBSIDY_USED = "billing.subsidy_used_ratio"  # event time (as_of), per project
 UNPRICED_HOURS = "billing.unpriced_gpu_hours"  # event time (as_of), per gpu_model and period
 DEAD_LETTER_RATE = "pipeline.dead_letters_per_minute"  # processing clock, whole centre
 METERING_LAG = "pipeline.metering_lag_seconds"  # processing clock, whole centre
+# processing clock, per receiver: notifications it refused for good (4xx) in a recent window
+NOTIFICATIONS_REJECTED = "pipeline.notifications_rejected"
 SIGNALS = (
     *(f"cluster.{name}" for name in CLUSTER_FIELDS),
     NODE_SILENCE,
@@ -86,6 +89,7 @@ SIGNALS = (
     UNPRICED_HOURS,
     DEAD_LETTER_RATE,
     METERING_LAG,
+    NOTIFICATIONS_REJECTED,
 )
 
 Op = Literal[">=", "<=", ">", "<"]
@@ -347,6 +351,14 @@ class Watermark:
     last_evaluated_minute: datetime | None = None
     # GPUs online in the last complete minute: how much a minute so far must cover
     last_evaluated_gpus_online: int | None = None
+
+
+@dataclass(frozen=True)
+class RejectedCount:
+    """A receiver's notifications refused for good within the window, and the latest status."""
+
+    rejected: int
+    last_status: int | None = None
 
 
 @dataclass
@@ -622,6 +634,37 @@ class Evaluator:
             if rule.signal == METERING_LAG:
                 obs = Observation(lag, now, now)
                 changes.extend(self._observe(rule, {}, obs, persist_quiet=False))
+        return changes
+
+    # rejected notifications: processing clock, from the outbox --------------------------------
+    @property
+    def rejection_rules(self) -> list[str]:
+        """Rules that report rejections: their own rejected notifications are not counted."""
+        return [rule.name for rule in self.rules if rule.signal == NOTIFICATIONS_REJECTED]
+
+    def on_rejections(
+        self, now: datetime, counts: Mapping[str, RejectedCount]
+    ) -> list[StateChange]:
+        """One reading of the notifications each receiver refused within the window.
+
+        One series per receiver; a receiver missing from `counts` has none left in the window.
+        """
+        changes: list[StateChange] = []
+        for rule in self.rules:
+            if rule.signal != NOTIFICATIONS_REJECTED:
+                continue
+            known = {
+                s.labels.get("receiver", "") for s in self.states.values() if s.rule == rule.name
+            }
+            for receiver in sorted(known | set(counts)):
+                count = counts.get(receiver, RejectedCount(0))
+                context = {
+                    "http_status": "" if count.last_status is None else str(count.last_status)
+                }
+                obs = Observation(Decimal(count.rejected), now, now, context)
+                changes.extend(
+                    self._observe(rule, {"receiver": receiver}, obs, persist_quiet=False)
+                )
         return changes
 
     # one series ------------------------------------------------------------------------------

@@ -21,6 +21,20 @@ class AlertsMetrics:
             ["receiver", "reason"],
             registry=r,
         )
+        self.notifications_rejected = Counter(
+            "alerts_notifications_rejected",
+            "Notifications a receiver refused for good (HTTP 4xx other than 408, 425, 429): not"
+            " retried, listed at GET /v1/notifications/rejected",
+            ["receiver", "status"],
+            registry=r,
+        )
+        self.notifications_rejected_recent = Gauge(
+            "alerts_notifications_rejected_recent",
+            "Notifications refused for good within ALERT_REJECTED_WINDOW_S, read from the database"
+            " (so kept across restarts); those of the rules that report rejections left out",
+            ["receiver"],
+            registry=r,
+        )
         self.outbox_depth = Gauge(
             "alerts_outbox_depth", "Notifications waiting for delivery", ["receiver"], registry=r
         )

@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 
 
 class DeliveryError(Exception):
-    def __init__(self, detail: str, *, retriable: bool) -> None:
+    def __init__(self, detail: str, *, retriable: bool, http_status: int | None = None) -> None:
         super().__init__(detail)
         self.retriable = retriable
+        self.http_status = http_status
 
 
 class Sender(Protocol):
@@ -81,9 +82,13 @@ class HttpSender:
             raise DeliveryError(f"{type(exc).__name__}: {exc}", retriable=True) from None
         if response.is_success:
             return
+        # Other 4xx: the receiver refuses this request and would refuse it again (bad payload,
+        # unknown hook, revoked key), so it is not retried, but recorded as rejected.
         retriable = response.status_code in (408, 425, 429) or response.status_code >= 500
         raise DeliveryError(
-            f"HTTP {response.status_code}: {response.text[:500]}", retriable=retriable
+            f"HTTP {response.status_code}: {response.text[:500]}",
+            retriable=retriable,
+            http_status=response.status_code,
         )
 
     async def send(self, row: OutboxRow) -> None:
@@ -172,10 +177,14 @@ class Notifier:
                     await sender.send(row)
                 except DeliveryError as exc:
                     with contextlib.suppress(*DB_ERRORS):
-                        await self.store.mark_failed(row.seq, str(exc), rejected=not exc.retriable)
+                        await self.store.mark_failed(
+                            row.seq,
+                            str(exc),
+                            rejected=not exc.retriable,
+                            http_status=exc.http_status,
+                        )
                     if not exc.retriable:
-                        self.metrics.notifications_failed.labels(name, "rejected").inc()
-                        log.error("receiver %s rejected notification %s: %s", name, row.seq, exc)
+                        self.rejected(name, row, exc)
                         continue
                     failures += 1
                     delay = self.backoff(failures)
@@ -192,6 +201,22 @@ class Notifier:
                     break
                 failures = 0
                 self.metrics.notifications_sent.labels(name).inc()
+
+    def rejected(self, name: str, row: OutboxRow, exc: DeliveryError) -> None:
+        """A notification refused for good: counted, logged, and kept listed in the outbox."""
+        status = str(exc.http_status) if exc.http_status is not None else "none"
+        self.metrics.notifications_failed.labels(name, "rejected").inc()
+        self.metrics.notifications_rejected.labels(name, status).inc()
+        log.error(
+            "receiver %s rejected notification %s (%s %s, fingerprint %s) for good, not retried;"
+            " listed at GET /v1/notifications/rejected: %s",
+            name,
+            row.seq,
+            row.event.rule,
+            row.status,
+            row.fingerprint,
+            exc,
+        )
 
     async def _gauge(self) -> None:
         while not self._stop.is_set():

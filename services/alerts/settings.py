@@ -42,6 +42,8 @@ class AlertsSettings(CommonSettings):
     alertmanager_resend_interval_s: float = Field(60.0, gt=0)
     # Resolved alerts are re-sent to Alertmanager for this long after they resolve.
     alertmanager_resolved_resend_s: float = Field(300.0, ge=0)
+    # pipeline.notifications_rejected counts notifications refused for good within this window.
+    alert_rejected_window_s: float = Field(3600.0, gt=0)
     alert_external_url: str | None = None
     # GET /v1/alerts lists resolved alerts that changed within this window.
     alert_recent_s: float = Field(86400.0, gt=0)

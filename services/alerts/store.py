@@ -16,7 +16,14 @@ import asyncpg
 
 from schemas.alert import AlertEvent
 from schemas.metering import ClusterMinute
-from services.alerts.domain import Dirty, NodeSeen, SeriesState, StateChange, Watermark
+from services.alerts.domain import (
+    Dirty,
+    NodeSeen,
+    RejectedCount,
+    SeriesState,
+    StateChange,
+    Watermark,
+)
 from services.common.db import RETRYABLE_DB_ERRORS
 
 # What the outbox loops wait out: the above, and any error PostgreSQL itself reports.
@@ -34,6 +41,22 @@ class OutboxRow:
     status: str
     event: AlertEvent
     attempts: int
+
+
+@dataclass(frozen=True)
+class RejectedRow:
+    """A notification a receiver refused for good; it is not sent again."""
+
+    seq: int
+    receiver: str
+    fingerprint: str
+    status: str  # of the alert: firing or resolved
+    event: AlertEvent
+    http_status: int | None
+    error: str | None
+    attempts: int
+    created_at: datetime
+    rejected_at: datetime
 
 
 @dataclass(frozen=True)
@@ -265,17 +288,77 @@ class Store:
             seq,
         )
 
-    async def mark_failed(self, seq: int, error: str, *, rejected: bool) -> None:
+    async def mark_failed(
+        self, seq: int, error: str, *, rejected: bool, http_status: int | None = None
+    ) -> None:
         await self.pool.execute(
             """
             UPDATE alert_outbox SET attempts = attempts + 1, last_error = $2,
-                rejected_at = CASE WHEN $3 THEN now() ELSE rejected_at END
+                rejected_at = CASE WHEN $3 THEN now() ELSE rejected_at END,
+                rejected_status = CASE WHEN $3 THEN $4::integer ELSE rejected_status END
             WHERE seq = $1
             """,
             seq,
             error[:2000],
             rejected,
+            http_status,
         )
+
+    async def rejected(
+        self, *, within_s: float, receiver: str | None = None, limit: int = 500
+    ) -> list[RejectedRow]:
+        """Notifications refused for good within the last `within_s` seconds, newest first."""
+        rows = await self.pool.fetch(
+            """
+            SELECT seq, receiver, fingerprint, status, event, rejected_status, last_error,
+                attempts, created_at, rejected_at
+            FROM alert_outbox
+            WHERE rejected_at IS NOT NULL
+              AND rejected_at > now() - make_interval(secs => $1)
+              AND ($2::text IS NULL OR receiver = $2)
+            ORDER BY rejected_at DESC, seq DESC
+            LIMIT $3
+            """,
+            within_s,
+            receiver,
+            limit,
+        )
+        return [
+            RejectedRow(
+                seq=r["seq"],
+                receiver=r["receiver"],
+                fingerprint=r["fingerprint"],
+                status=r["status"],
+                event=AlertEvent.model_validate(r["event"]),
+                http_status=r["rejected_status"],
+                error=r["last_error"],
+                attempts=r["attempts"],
+                created_at=r["created_at"],
+                rejected_at=r["rejected_at"],
+            )
+            for r in rows
+        ]
+
+    async def rejected_counts(
+        self, *, within_s: float, excluding_rules: list[str]
+    ) -> dict[str, RejectedCount]:
+        """Per receiver: notifications refused for good within `within_s` seconds, leaving out
+        those of `excluding_rules` (the rules that report rejections: a receiver refusing those
+        must not keep them firing)."""
+        rows = await self.pool.fetch(
+            """
+            SELECT receiver, count(*) AS rejected,
+                (array_agg(rejected_status ORDER BY rejected_at DESC, seq DESC))[1] AS last_status
+            FROM alert_outbox
+            WHERE rejected_at IS NOT NULL
+              AND rejected_at > now() - make_interval(secs => $1)
+              AND NOT (event->>'rule' = ANY($2::text[]))
+            GROUP BY receiver
+            """,
+            within_s,
+            excluding_rules,
+        )
+        return {r["receiver"]: RejectedCount(r["rejected"], r["last_status"]) for r in rows}
 
     async def outbox_depths(self) -> dict[str, int]:
         rows = await self.pool.fetch(
