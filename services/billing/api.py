@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.catalog import Catalog
@@ -234,6 +234,13 @@ def time_param(name: str, moment: dt.datetime | None) -> dt.datetime | None:
         return domain.query_time(moment)
     except domain.InvalidTime as exc:
         raise ApiError(400, "invalid_time", f"{name!r}: {exc}") from None
+
+
+def rfc3339_text(value: Any) -> Any:
+    """Only RFC 3339 text reaches pydantic's datetime parsing, which also takes Unix seconds."""
+    if isinstance(value, str) and not domain.RFC3339_PATTERN.fullmatch(value):
+        raise ValueError("not an RFC 3339 time such as 2026-11-01T00:00:00+08:00")
+    return value
 
 
 PeriodQuery = Annotated[
@@ -547,6 +554,7 @@ def create_api(
         project_id: ProjectIdPath,
         start: Annotated[
             dt.datetime | None,
+            BeforeValidator(rfc3339_text),
             Query(
                 alias="from",
                 description=f"hours starting at or after it: {domain.QUERY_TIME_RULE}",
@@ -554,6 +562,7 @@ def create_api(
         ] = None,
         end: Annotated[
             dt.datetime | None,
+            BeforeValidator(rfc3339_text),
             Query(alias="to", description=f"hours starting before it: {domain.QUERY_TIME_RULE}"),
         ] = None,
     ) -> UsageResponse:

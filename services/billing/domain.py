@@ -36,6 +36,12 @@ QUERY_TIME_RULE = (
     "an RFC 3339 time (UTC when it has no offset) from 1970-01-01T00:00:00Z"
     " to 3000-01-01T00:00:00Z inclusive"
 )
+# RFC 3339 date-time as written, the offset optional: no bare numbers (read as Unix seconds by
+# pydantic), dates or ISO 8601 week forms.
+RFC3339_PATTERN = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})?"
+)
 
 FLAG_UNKNOWN_PROJECT = "unknown_project"
 FLAG_UNPRICED_USAGE = "unpriced_usage"
