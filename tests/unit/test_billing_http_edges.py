@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from schemas.catalog import Project, Subsidy
 from schemas.invoice import Invoice, InvoiceLine
 from services.billing import domain
-from services.billing.api import ApiError, invoice_id_project, project_id_param
+from services.billing.api import ApiError, invoice_id_project, project_id_param, rfc3339_text
 from services.billing.export import (
     CSV_LINE_END,
     FORMULA_STARTS,
@@ -294,3 +294,24 @@ def test_a_name_with_line_breaks_stays_inside_its_cell() -> None:
     assert [row["SubAccountName"] for row in rows] == [
         "a\rb\nc\r\nd"
     ] * 3  # two lines and the credit
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-01T00:00:00Z",
+        "2026-11-01t00:00:00.123456+08:00",
+        "2026-11-01 00:00:00",
+        "2026-11-01T00:00:00-01:00",
+    ],
+)
+def test_query_times_are_rfc_3339_text(text: str) -> None:
+    assert rfc3339_text(text) == text
+
+
+@pytest.mark.parametrize(
+    "text", ["0.5", "1700000000", "2026-11-01", "2026-W44", "yesterday", "2026-11-01T00:00:00Z\n"]
+)
+def test_numbers_dates_and_other_iso_forms_are_not_query_times(text: str) -> None:
+    with pytest.raises(ValueError, match="not an RFC 3339 time"):
+        rfc3339_text(text)
