@@ -31,8 +31,15 @@ from schemas.metering import ClusterMinute, HourCompleteness, HourlyTotal, NodeS
 from schemas.usage import UsageEvent
 
 # Bounded dedup memory, O(GPUs): a re-delivery (agent spool replay, worker restart) repeats the
-# newest few samples; one older than this many is dead-lettered as out of order, never counted.
+# newest few samples, recognised by id among the last RECENT_IDS_PER_GPU; an older one is
+# recognised by the time it covers: each GPU keeps the stretches of time its counted samples
+# covered over the retention (one stretch while its agent reports without a gap, a new one after
+# a gap, at most COVERED_RUNS_PER_GPU). A sample older than the GPU's newest whose interval lies
+# in a counted stretch is a duplicate (that time is counted); one outside every stretch is out of
+# order (dead-lettered). Samples of one stretch meet within RUN_JOIN_S (agents' clocks jitter).
 RECENT_IDS_PER_GPU = 32
+COVERED_RUNS_PER_GPU = 64
+RUN_JOIN_S = 1
 # Recent ids are kept as 64-bit digests: the state record stays small (it is written every batch),
 # and a collision could only turn an out-of-order dead letter into a duplicate, never count twice.
 ID_DIGEST_BYTES = 8
@@ -218,6 +225,13 @@ class SampleView:
             gpu_uuid,
         )
 
+    def start_or_about(self) -> int:
+        """The interval's start in 1e-9 s: exact on the fast path, else to within 1e-9 s."""
+        if self.start_n is not None:
+            return self.start_n
+        assert self.decimals is not None
+        return self.end_n - int(EXACT.scaleb(self.decimals[0], S_IN))
+
     def bucket(self, width_s: int) -> int:
         """Start (epoch s) of the half-open bucket [b, b + width) in which the interval starts."""
         if self.start_n is not None:
@@ -278,7 +292,8 @@ class NodeState:
     """Everything metering knows about one node: JSON-able, stored as one changelog record.
 
     Record (all decimals as strings, so old and new records read the same):
-    gpus:    gpu_key -> {"t": last counted end (s), "ids": recent id digests, base64}
+    gpus:    gpu_key -> {"t": last counted end (s), "ids": recent id digests, base64,
+             "runs": [[start (s), end (s)], ...] stretches of time counted, oldest first}
     hours:   "project|model|hour_iso" -> [gpu_s, util_gpu_s, energy_J, samples]
     minutes: minute_epoch(str) -> {"gpus": bitmask of GPUs online (bit = position in gpus),
              "alloc": bitmask of GPUs allocated, "online_s", "alloc_s", "util_s", "energy_J",
@@ -294,6 +309,10 @@ class NodeState:
             key: [
                 split_decimal(cursor["t"], S_IN)[0],
                 bytearray(base64.b64decode(cursor["ids"])),
+                [
+                    [split_decimal(start, S_IN)[0], split_decimal(end, S_IN)[0]]
+                    for start, end in cursor.get("runs", ())
+                ],
             ]
             for key, cursor in record.get("gpus", {}).items()
         }
@@ -329,7 +348,11 @@ class NodeState:
     def to_record(self) -> dict[str, Any]:
         return {
             "gpus": {
-                key: {"t": plain(c[0], S_IN), "ids": base64.b64encode(c[1]).decode()}
+                key: {
+                    "t": plain(c[0], S_IN),
+                    "ids": base64.b64encode(c[1]).decode(),
+                    "runs": [[plain(start, S_IN), plain(end, S_IN)] for start, end in c[2]],
+                }
                 for key, c in self.gpus.items()
             },
             "hours": {key: self._hour_record(key) for key in self.hours},
@@ -382,6 +405,10 @@ class NodeState:
         if cursor is not None and end_n <= cursor[0]:
             if _holds_digest(cursor[1], id_digest(sample.event_id)):
                 return Outcome.DUPLICATE
+            start = sample.start_or_about()
+            for run_start, run_end in reversed(cursor[2]):
+                if run_start <= start and end_n <= run_end:
+                    return Outcome.DUPLICATE  # that time is counted: a redelivery
             return Outcome.OUT_OF_ORDER
         start_n = sample.start_n
         buckets = self._buckets
@@ -403,8 +430,16 @@ class NodeState:
         if cursor is None:
             if len(self.gpus) >= max_gpus:
                 return Outcome.TOO_MANY_GPUS
-            cursor = self.gpus[sample.gpu_key] = [0, bytearray()]
+            cursor = self.gpus[sample.gpu_key] = [0, bytearray(), []]
             self.gpu_bits[sample.gpu_key] = 1 << (len(self.gpus) - 1)
+        runs = cursor[2]
+        start = start_n if start_n is not None else sample.start_or_about()
+        if runs and runs[-1][0] <= start <= runs[-1][1] + RUN_JOIN_S * _IN:
+            runs[-1][1] = end_n
+        else:
+            runs.append([start, end_n])
+            if len(runs) > COVERED_RUNS_PER_GPU:
+                del runs[0]
         cursor[0] = end_n
         ids = cursor[1]
         ids += id_digest(sample.event_id)
@@ -486,6 +521,10 @@ class NodeState:
         silent = [k for k, cursor in self.gpus.items() if cursor[0] < oldest_n]
         if silent:
             self._forget_gpus(silent)
+        for cursor in self.gpus.values():
+            runs = cursor[2]
+            while runs and runs[0][1] < oldest_n:
+                del runs[0]
 
     def _forget_gpus(self, keys: list[str]) -> None:
         """Drop GPUs' cursors; the minutes' GPU bitmasks (bit = position in `gpus`) are renumbered."""

@@ -597,3 +597,38 @@ def test_binary_content_mode_events_from_the_cloudevents_sdk_are_counted(
     assert Decimal(latest["hkgai-llm|H800|2026-11-28T01:00:00+00:00"]["gpu_seconds"]) == 40
     dlq = read_topic(bootstrap_servers, f"{topic_prefix}gpu.usage.dlq.v1", lambda m: len(m) >= 1)
     assert [json.loads(m.value)["reason"] for m in dlq] == ["invalid_text"]
+
+
+def test_samples_redelivered_hours_later_are_counted_as_duplicates_not_dead_lettered(
+    metering: ServiceProcess, bootstrap_servers: str, topic_prefix: str
+) -> None:
+    # Given a node that has sent three hours of samples, all counted
+    topic = f"{topic_prefix}gpu.usage.v1"
+    rounds = [
+        (b"node-r", json.dumps(sample("node-r", 0, HOUR + timedelta(seconds=10 * i))).encode())
+        for i in range(1, 3 * 360 + 1)
+    ]
+    produce(bootstrap_servers, topic, rounds)
+    hourly_when(bootstrap_servers, topic_prefix, {"hkgai-llm|H800|2026-11-28T03:00:00+00:00": 360})
+    # When an outside client delivers 200 of the oldest again
+    produce(bootstrap_servers, topic, rounds[:200])
+
+    # Then all 200 are duplicates in the metric, none a dead letter, and the totals do not move
+    def duplicates() -> float:
+        text = httpx.get(f"http://127.0.0.1:{metering.http_port}/metrics", timeout=2).text
+        for line in text.splitlines():
+            if line.startswith('gpumeter_metering_samples_total{outcome="duplicate"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    wait_until(lambda: duplicates() >= 200, 60, what="200 duplicates")
+    assert duplicates() == 200
+    with contextlib.suppress(AssertionError):
+        read_topic(
+            bootstrap_servers, f"{topic_prefix}gpu.usage.dlq.v1", lambda m: len(m) > 0, timeout_s=3
+        )
+        raise AssertionError("a redelivered sample was dead-lettered")
+    latest = hourly_when(
+        bootstrap_servers, topic_prefix, {"hkgai-llm|H800|2026-11-28T01:00:00+00:00": 360}
+    )
+    assert Decimal(latest["hkgai-llm|H800|2026-11-28T01:00:00+00:00"]["gpu_seconds"]) == 3600
