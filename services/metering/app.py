@@ -104,6 +104,13 @@ class MeteringMetrics:
             "fetched, and the partition was read again from the first one not processed",
             registry=self.registry,
         )
+        self.nodes_forgotten = Counter(
+            "gpumeter_metering_nodes_forgotten_total",
+            "Nodes silent past the retention whose state was reduced to its newest end "
+            "(forgotten), or deleted after the sums' retention (deleted)",
+            ["stage"],
+            registry=self.registry,
+        )
         self.batch_seconds = Histogram(
             "gpumeter_metering_batch_seconds",
             "Time to process one batch",
@@ -509,6 +516,9 @@ def create_app(settings: MeteringSettings) -> faust.App:
 
     # Parsed node states, so a batch does not re-parse its record; the table stays the truth.
     live_states: dict[str, domain.NodeState] = {}
+    # Per node in the table: (newest end in 1e-9 s, changelog partition or None, forgotten?), for
+    # forgetting nodes silent past the retention (see forget_silent_nodes).
+    newest: dict[str, tuple[int, int | None, bool]] = {}
 
     # Nodes whose state changed since it was last written, with their partition. States are written
     # when the producer is flushed, which Faust does before every offset commit (and on rebalance
@@ -522,7 +532,12 @@ def create_app(settings: MeteringSettings) -> faust.App:
         # Synchronous: no batch can be applied between reading the live states and clearing the
         # dirty set (a batch applied in between would be marked clean without being written).
         for node, partition in dirty_states.items():
-            record = json.dumps(live_states[node].to_record(), separators=(",", ":")).encode()
+            state = live_states[node]
+            # The record names its changelog partition: a node forgotten after a restart is
+            # written to the partition it was restored from.
+            record_dict = {**state.to_record(), "partition": partition}
+            newest[node] = (max(state.max_end_n, state.floor_n), partition, False)
+            record = json.dumps(record_dict, separators=(",", ":")).encode()
             node_state.data[node] = record
             # The table's key serializer is JSON: keys are written as Faust would write them.
             sender.add(node_state_changelog, json.dumps(node).encode(), record, partition)
@@ -584,6 +599,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
         queue_dirty_states()
         signal_sent.clear()
         live_states.clear()
+        newest.clear()
         resend["pending"] = True
         resend["recovered"] = False
         await sender.send()
@@ -958,6 +974,56 @@ def create_app(settings: MeteringSettings) -> faust.App:
         in_recovery = getattr(app, "in_recovery", False)
         if resend["pending"] and resend["recovered"] and not app.rebalancing and not in_recovery:
             resend_all()
+            await sender.send()
+
+    @app.timer(settings.node_expiry_check_s)
+    async def forget_silent_nodes() -> None:
+        """Nodes silent for longer than the retention (behind the newest node of this worker's
+        partitions) are forgotten: their state record is replaced by a few dozen bytes (their
+        newest end, so no hour of theirs counts twice), and that is deleted outright after the
+        cross-node sums' retention. A flood of fake node ids costs bounded state."""
+        if app.rebalancing or getattr(app, "in_recovery", False) or not resend["recovered"]:
+            return
+        for node, raw in list(node_state.data.items()):
+            if node not in newest:
+                try:
+                    record = json.loads(raw)
+                    state = domain.NodeState(record)
+                except Exception:  # noqa: BLE001 - an unreadable record is left alone
+                    continue
+                forgotten = "floor_s" in record and "gpus" not in record
+                end = max(state.max_end_n, state.floor_n)
+                newest[node] = (end, record.get("partition"), forgotten)
+        if not newest:
+            return
+        latest = max(end for end, _, _ in newest.values())
+        silent_n = latest - (settings.hour_retention_s + 3600) * 10**9
+        gone_n = latest - settings.table_retention_s * 10**9
+        changed = 0
+        for node, (end, partition, forgotten) in list(newest.items()):
+            if partition is None or node in dirty_states or end >= silent_n:
+                continue
+            key = json.dumps(node).encode()
+            if end < gone_n:
+                del node_state.data[node]
+                sender.add(node_state_changelog, key, None, partition)
+                del newest[node]
+                metrics.nodes_forgotten.labels("deleted").inc()
+            elif not forgotten:
+                live = live_states.pop(node, None)
+                state = live or domain.NodeState(json.loads(node_state.data[node]))
+                record = {**state.forgotten(), "partition": partition}
+                value = json.dumps(record, separators=(",", ":")).encode()
+                node_state.data[node] = value
+                sender.add(node_state_changelog, key, value, partition)
+                signal_sent.pop(node, None)
+                newest[node] = (end, partition, True)
+                metrics.nodes_forgotten.labels("forgotten").inc()
+            else:
+                continue
+            changed += 1
+        if changed:
+            log.info("forgot %d nodes silent for longer than the retention", changed)
             await sender.send()
 
     @app.page("/healthz")

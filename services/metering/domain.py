@@ -337,6 +337,11 @@ class NodeState:
         }
         # Counted samples ever: the node's revision for its completeness facts (only grows).
         self.counted: int = record.get("counted", 0)
+        # A node whose state was forgotten (silent past the retention, see `forgotten`) keeps only
+        # its newest end: no sample of an hour up to that one counts again, since the cross-node
+        # sums still hold the old state's partials for those hours, of higher revisions.
+        self.floor_n = split_decimal(record.get("floor_s", "0"), S_IN)[0]
+        self._floor_hour = (self.floor_n // _HOUR_N) * HOUR if self.floor_n else None
         self._changed_hours: set[int] = set()
         # Written forms of hours and minutes no sample touched since the last record: a state is
         # written at every commit, and most of its 15 minutes and hours have not changed.
@@ -364,7 +369,13 @@ class NodeState:
             },
             "online_hours": {str(hour): through for hour, through in self.online_hours.items()},
             "counted": self.counted,
+            **({"floor_s": plain(self.floor_n, S_IN)} if self.floor_n else {}),
         }
+
+    def forgotten(self) -> dict[str, Any]:
+        """The record that replaces this state once the node is silent past the retention: its
+        newest end only (as `floor_s`), a few dozen bytes instead of the whole state."""
+        return {"floor_s": plain(max(self.max_end_n, self.floor_n), S_IN)}
 
     def _hour_record(self, key: str) -> list[Any]:
         record = self._hour_texts.get(key)
@@ -421,6 +432,8 @@ class NodeState:
                 self._buckets = (start_n, hour, minute_key, hour_iso)
         if self.max_end_n - hour * _IN > hour_retention_s * _IN:
             return Outcome.BEYOND_RETENTION
+        if self._floor_hour is not None and hour <= self._floor_hour:
+            return Outcome.BEYOND_RETENTION  # an hour of the forgotten state
         project_id = sample.project_id
         key = ""
         if project_id is not None:

@@ -38,6 +38,8 @@ class MeteringSettings(CommonSettings):
     minute_retention_s: int = 15 * 60
     # Bounds on one node's state (see services/metering/domain.py): beyond them, dead letters.
     max_gpus_per_node: int = Field(64, ge=1)
+    # How often nodes silent past the retention are looked for and forgotten.
+    node_expiry_check_s: float = Field(60.0, gt=0)
     max_hour_keys_per_node: int = Field(1024, ge=1)
     table_retention_s: int = 35 * 24 * 3600  # cross-node sums kept for late updates
 

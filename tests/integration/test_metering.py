@@ -632,3 +632,76 @@ def test_samples_redelivered_hours_later_are_counted_as_duplicates_not_dead_lett
         bootstrap_servers, topic_prefix, {"hkgai-llm|H800|2026-11-28T01:00:00+00:00": 360}
     )
     assert Decimal(latest["hkgai-llm|H800|2026-11-28T01:00:00+00:00"]["gpu_seconds"]) == 3600
+
+
+def test_a_node_silent_past_the_retention_is_forgotten_then_deleted_and_counts_nothing_twice(
+    bootstrap_servers: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    # Given a worker with a short retention, and a node that reported an hour and fell silent
+    worker = metering_process(
+        bootstrap_servers,
+        topic_prefix,
+        tmp_path / "metering.log",
+        env={
+            "HOUR_RETENTION_S": "3600",
+            "TABLE_RETENTION_S": "14400",
+            "NODE_EXPIRY_CHECK_S": "1",
+        },
+    ).start()
+    topic = f"{topic_prefix}gpu.usage.v1"
+    changelog = f"{topic_prefix}gpumeter-metering-node-state-changelog"
+    try:
+        old = [
+            (
+                b"node-old",
+                json.dumps(sample("node-old", 0, HOUR + timedelta(seconds=10 * i))).encode(),
+            )
+            for i in range(1, 361)
+        ]
+        produce(bootstrap_servers, topic, old)
+        hourly_when(
+            bootstrap_servers, topic_prefix, {"hkgai-llm|H800|2026-11-28T01:00:00+00:00": 360}
+        )
+
+        def node_old_records(messages: list) -> list:
+            return [m for m in messages if m.key == b'"node-old"']
+
+        # When another node reports four hours later, node-old is forgotten: a small record
+        produce(
+            bootstrap_servers,
+            topic,
+            [(b"node-new", json.dumps(sample("node-new", 0, HOUR + timedelta(hours=4))).encode())],
+        )
+        records = read_topic(
+            bootstrap_servers,
+            changelog,
+            lambda m: any(r.value and b"floor_s" in r.value for r in node_old_records(m)),
+        )
+        forgotten = node_old_records(records)[-1].value
+        assert len(forgotten) < 100 and b'"gpus"' not in forgotten, forgotten
+        # and its redelivered samples count nothing: beyond the retention, not a second time
+        produce(bootstrap_servers, topic, old[:10])
+        dlq = read_topic(
+            bootstrap_servers, f"{topic_prefix}gpu.usage.dlq.v1", lambda m: len(m) >= 10
+        )
+        assert {json.loads(m.value)["reason"] for m in dlq} == {"beyond_retention"}
+        # When the centre is past the sums' retention too, its record is deleted (a tombstone)
+        produce(
+            bootstrap_servers,
+            topic,
+            [(b"node-new", json.dumps(sample("node-new", 0, HOUR + timedelta(hours=7))).encode())],
+        )
+        read_topic(
+            bootstrap_servers,
+            changelog,
+            lambda m: bool(node_old_records(m)) and node_old_records(m)[-1].value is None,
+        )
+        latest = hourly_when(
+            bootstrap_servers, topic_prefix, {"hkgai-llm|H800|2026-11-28T01:00:00+00:00": 360}
+        )
+        assert Decimal(latest["hkgai-llm|H800|2026-11-28T01:00:00+00:00"]["gpu_seconds"]) == 3600
+        text = httpx.get(f"http://127.0.0.1:{worker.http_port}/metrics", timeout=2).text
+        assert 'gpumeter_metering_nodes_forgotten_total{stage="forgotten"} 1.0' in text
+        assert 'gpumeter_metering_nodes_forgotten_total{stage="deleted"} 1.0' in text
+    finally:
+        worker.stop()

@@ -89,3 +89,21 @@ def test_forgetting_gpus_keeps_every_minutes_online_gpus(gpus: list[int], silent
     # the record reads back to the same state
     again = domain.NodeState(json.loads(json.dumps(state.to_record())))
     assert again.to_record() == state.to_record()
+
+
+def test_a_forgotten_node_keeps_only_its_newest_end_and_never_counts_those_hours_again() -> None:
+    state = domain.NodeState()
+    first = [view(T0 + timedelta(seconds=10 * i), node="n1") for i in range(1, 100)]
+    for sample in first:
+        state.apply(sample, RETENTION, set(), set())
+    record = state.forgotten()
+    assert len(json.dumps(record)) < 60, record
+    again = domain.NodeState(json.loads(json.dumps(record)))
+    # a redelivered sample of the forgotten hours is refused, as the sums hold those hours
+    assert again.apply(first[5], RETENTION, set(), set()) is domain.Outcome.BEYOND_RETENTION
+    # a sample of a later hour counts, and the floor survives the next record
+    later = view(T0 + timedelta(hours=9), node="n1")
+    assert again.apply(later, RETENTION, set(), set()) is domain.Outcome.COUNTED
+    kept = domain.NodeState(json.loads(json.dumps(again.to_record())))
+    other_gpu = view(T0 + timedelta(seconds=60), node="n1", gpu="GPU-9")
+    assert kept.apply(other_gpu, RETENTION, set(), set()) is domain.Outcome.BEYOND_RETENTION
