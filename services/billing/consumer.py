@@ -28,6 +28,13 @@ from services.billing.settings import BillingSettings
 log = logging.getLogger(__name__)
 
 
+# The hours billing takes, as UTC instants: those of the periods 2000-01 to 2999-12 in Hong Kong.
+HOURS_BILLED = (
+    dt.datetime(1999, 12, 31, 16, tzinfo=dt.UTC),
+    dt.datetime(2999, 12, 31, 16, tzinfo=dt.UTC),
+)
+
+
 class BadHourlyRecord(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -52,6 +59,13 @@ def decode_hourly(value: bytes) -> HourlyTotal:
         total = total.model_copy(update={"hour_start": hour})
     if hour.minute or hour.second or hour.microsecond:
         raise BadHourlyRecord("invalid_record", f"hour_start {hour.isoformat()} is not on an hour")
+    if not HOURS_BILLED[0] <= hour < HOURS_BILLED[1]:
+        # Outside the periods the API can name (2000-01..2999-12), and near the ends of time a
+        # conversion to Asia/Hong_Kong overflows: such usage could be in no invoice.
+        raise BadHourlyRecord(
+            "invalid_record",
+            f"hour_start {hour.isoformat()} is outside the periods 2000-01..2999-12 (Hong Kong)",
+        )
     if total.gpu_seconds < 0 or total.util_gpu_seconds < 0 or total.energy_wh < 0:
         raise BadHourlyRecord("invalid_record", "negative total")
     return total

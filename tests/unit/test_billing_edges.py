@@ -49,6 +49,8 @@ def test_hourly_records_are_decoded_to_utc_hours() -> None:
         (GOOD.replace(b"23:00:00", b"23:30:00"), "invalid_record", "not on an hour"),
         (GOOD.replace(b'"10.5"', b'"-1"'), "invalid_record", "negative"),
         (GOOD.replace(b'"10.5"', b'"NaN"'), "invalid_record", "gpu_seconds"),
+        (GOOD.replace(b"2026-11-30T23", b"9999-12-31T23"), "invalid_record", "outside"),
+        (GOOD.replace(b"2026-11-30T23", b"1999-12-31T23"), "invalid_record", "outside"),
     ],
 )
 def test_bad_hourly_records_are_named(raw: bytes, reason: str, detail: str) -> None:
