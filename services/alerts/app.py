@@ -26,7 +26,8 @@ from schemas.billing import SubsidyUsage, UnpricedUsage
 from schemas.metering import ClusterMinute, NodeSignal
 from services.alerts.api import create_api
 from services.alerts.config import KAFKA_RECEIVER, AlertConfig
-from services.alerts.domain import Evaluator, StateChange, route
+from services.alerts.dead_letters import DeadLetterReader
+from services.alerts.domain import DEAD_LETTER_SOURCES, Evaluator, StateChange, route
 from services.alerts.metrics import AlertsMetrics
 from services.alerts.notifier import (
     HttpSender,
@@ -103,6 +104,8 @@ class AlertsService:
         self.ready = False
         self.database_ok = True
         self.consumer: AIOKafkaConsumer | None = None
+        self.dead_letters: DeadLetterReader | None = None
+        self._dead_letter_gauges: set[tuple[str, str]] = set()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -115,6 +118,9 @@ class AlertsService:
             "receivers": sorted(self.config.receivers),
             "disabled_receivers": self.config.disabled,
             "database": "ok" if self.database_ok else "unavailable, retrying",
+            "dead_letters": "reading"
+            if self.dead_letters is None or not self.dead_letters.caught_up
+            else "caught up",
         }
 
     def receivers_for(self, change: StateChange) -> list[str]:
@@ -150,6 +156,7 @@ class AlertsService:
             minute_lateness=timedelta(seconds=settings.alert_minute_lateness_s),
             dead_letter_window=timedelta(seconds=settings.alert_dead_letter_window_s),
             input_active_for=timedelta(seconds=settings.alert_input_active_s),
+            dead_letter_count_window=timedelta(seconds=settings.alert_dead_letter_count_window_s),
             partial_min_gpus_ratio=Decimal(str(settings.alert_sub_minute_min_gpus_ratio))
             if settings.alert_sub_minute
             else None,
@@ -191,6 +198,18 @@ class AlertsService:
             metadata_max_age_ms=int(max(1.0, 4 * settings.alert_pipeline_check_interval_s) * 1000),
         )
         await offsets.start()
+        dead_letters = DeadLetterReader(
+            settings.kafka_bootstrap_servers,
+            {topics.usage_dlq: "metering", topics.billing_dlq: "billing"},
+            timedelta(seconds=settings.alert_dead_letter_count_window_s),
+            offsets.consumer.partitions_for_topic,
+            lambda source, reason, at, now, detail: evaluator.record_dead_letter(
+                source, reason, at, now, detail
+            ),
+            self.metrics,
+        )
+        await dead_letters.start()
+        self.dead_letters = dead_letters
         api = create_api(store, self.metrics, recent_s=settings.alert_recent_s, health=self.health)
         server = _Server(
             uvicorn.Config(
@@ -204,6 +223,7 @@ class AlertsService:
         alertmanagers = [s for s in http_senders.values() if s.config.type == "alertmanager"]
         tasks = [
             asyncio.create_task(self._consume(evaluator, store, notifier, offsets), name="consume"),
+            asyncio.create_task(self._read_dead_letters(dead_letters), name="dead-letters"),
             asyncio.create_task(notifier.run(), name="notifier"),
             asyncio.create_task(server.serve(), name="http"),
             asyncio.create_task(self.stopping.wait(), name="stop"),
@@ -246,6 +266,8 @@ class AlertsService:
             with contextlib.suppress(KafkaError):
                 await self.consumer.stop()
             with contextlib.suppress(KafkaError):
+                await dead_letters.stop()
+            with contextlib.suppress(KafkaError):
                 await offsets.stop()
             with contextlib.suppress(KafkaError):
                 await producer.stop()
@@ -263,6 +285,8 @@ class AlertsService:
         )
         next_absence_check = time.monotonic() + settings.alert_absence_check_interval_s
         next_pipeline_check = time.monotonic()
+        next_cleanup = time.monotonic() + settings.alert_cleanup_interval_s
+        retention = timedelta(seconds=settings.alert_node_retention_s)
         late_seen = evaluator.late_minutes
         partial_seen = evaluator.partial_evaluations
         while not self.stopping.is_set():
@@ -292,10 +316,31 @@ class AlertsService:
                         )
                     )
                 changes.extend(await self._check_rejections(evaluator, store, notifier))
+                changes.extend(self._check_dead_letters(evaluator))
+            if time.monotonic() >= next_cleanup:
+                # One batch of nodes per pass, written with this batch; more passes at once while
+                # batches come back full, so a flood is cleared without stopping the input.
+                expired = len(evaluator.nodes)
+                changes.extend(
+                    evaluator.expire_nodes(
+                        datetime.now(UTC), retention, limit=settings.alert_cleanup_batch
+                    )
+                )
+                expired -= len(evaluator.nodes)
+                outbox_deleted = await self._delete_finished_outbox(store)
+                full = settings.alert_cleanup_batch
+                if expired < full and outbox_deleted < full:
+                    next_cleanup = time.monotonic() + settings.alert_cleanup_interval_s
+                self.metrics.nodes_known.set(len(evaluator.nodes))
+                self.metrics.series_known.set(len(evaluator.states))
             dirty = evaluator.drain()
             notifications = [(name, c) for c in changes for name in self.receivers_for(c)]
             if dirty or notifications:
                 await self._apply(store, dirty, evaluator.watermark, notifications)
+                if dirty.nodes_removed:
+                    self.metrics.rows_removed.labels("alert_nodes").inc(len(dirty.nodes_removed))
+                if dirty.states_removed:
+                    self.metrics.rows_removed.labels("alert_states").inc(len(dirty.states_removed))
             if batch:
                 try:
                     await consumer.commit()
@@ -317,6 +362,48 @@ class AlertsService:
                 partial_seen = evaluator.partial_evaluations
             if notifications:
                 notifier.wake()
+
+    async def _read_dead_letters(self, reader: DeadLetterReader) -> None:
+        """Count the dead letters' reasons as they arrive; look for new partitions now and then."""
+        interval_s = self.settings.alert_pipeline_check_interval_s
+        next_discovery = time.monotonic()
+        while not self.stopping.is_set():
+            if time.monotonic() >= next_discovery:
+                next_discovery = time.monotonic() + interval_s
+                try:
+                    await reader.discover(datetime.now(UTC))
+                except (KafkaError, TimeoutError) as exc:
+                    log.warning("could not look for dead-letter partitions: %s", exc)
+            await reader.poll(timeout_ms=int(max(50, min(500, interval_s * 1000))))
+
+    def _check_dead_letters(self, evaluator: Evaluator) -> list[StateChange]:
+        """Dead letters per reason in the window: the gauges and the rules, once the window has
+        been refilled from the topics (after a start-up), never from part of it."""
+        if self.dead_letters is None or not self.dead_letters.caught_up:
+            return []
+        now = datetime.now(UTC)
+        shown: set[tuple[str, str]] = set()
+        for source in DEAD_LETTER_SOURCES:
+            for reason, count in evaluator.dead_letters[source].counts(now).items():
+                self.metrics.dead_letters_recent.labels(source, reason).set(count)
+                shown.add((source, reason))
+        for gone_source, gone_reason in self._dead_letter_gauges - shown:
+            self.metrics.dead_letters_recent.labels(gone_source, gone_reason).set(0)
+        self._dead_letter_gauges |= shown
+        return evaluator.on_dead_letter_counts(now)
+
+    async def _delete_finished_outbox(self, store: Store) -> int:
+        try:
+            deleted = await store.delete_finished_outbox(
+                older_than_s=self.settings.alert_node_retention_s,
+                limit=self.settings.alert_cleanup_batch,
+            )
+        except DB_ERRORS as exc:
+            log.warning("could not delete old notifications: %s", exc)
+            return 0
+        if deleted:
+            self.metrics.rows_removed.labels("alert_outbox").inc(deleted)
+        return deleted
 
     async def _check_rejections(
         self, evaluator: Evaluator, store: Store, notifier: Notifier

@@ -28,7 +28,13 @@ evaluated on the minute so far, as an observation over [minute start, minute sta
 The absence rule (a silent node) runs on the processing clock, from when each node was last heard.
 Billing signals (subsidy used, unpriced usage) run on event time (their `as_of`). Pipeline health
 (dead-letter rate, metering lag) runs on the processing clock, from readings of topic end offsets;
-so do rejected notifications, from the outbox (a receiver that refused some for good, with a 4xx).
+so do rejected notifications, from the outbox (a receiver that refused some for good, with a 4xx),
+and dead letters by reason (metering's internal_error ones, billing's), counted per reason over a
+window of the processing clock (ReasonWindow: memory bounded by buckets x reasons, not letters).
+
+Nodes silent longer than a retention are forgotten (`expire_nodes`) with every series labelled with
+them: a firing one (NodeSilent, after days of silence) is resolved first, with ends_at the moment
+it is forgotten and a `resolution` annotation saying why, so no receiver keeps it open forever.
 
 Per series (rule + labels) the state machine is Prometheus's: inactive -> pending -> firing after
 `for`; while firing, the series stays firing as long as the value stays on the firing side of the
@@ -80,6 +86,10 @@ DEAD_LETTER_RATE = "pipeline.dead_letters_per_minute"  # processing clock, whole
 METERING_LAG = "pipeline.metering_lag_seconds"  # processing clock, whole centre
 # processing clock, per receiver: notifications it refused for good (4xx) in a recent window
 NOTIFICATIONS_REJECTED = "pipeline.notifications_rejected"
+# processing clock, whole centre: metering's internal_error dead letters in a recent window
+INTERNAL_ERRORS = "pipeline.internal_errors"
+# processing clock, whole centre: billing's dead letters (usage in no invoice) in a recent window
+BILLING_DEAD_LETTERS = "billing.dead_letters"
 SIGNALS = (
     *(f"cluster.{name}" for name in CLUSTER_FIELDS),
     NODE_SILENCE,
@@ -90,11 +100,15 @@ SIGNALS = (
     DEAD_LETTER_RATE,
     METERING_LAG,
     NOTIFICATIONS_REJECTED,
+    INTERNAL_ERRORS,
+    BILLING_DEAD_LETTERS,
 )
 
 Op = Literal[">=", "<=", ">", "<"]
 OPS = (">=", "<=", ">", "<")
 Status = Literal["inactive", "pending", "firing", "resolved"]
+DeadLetterSource = Literal["metering", "billing"]
+DEAD_LETTER_SOURCES: tuple[DeadLetterSource, ...] = ("metering", "billing")
 
 
 @dataclass(frozen=True)
@@ -334,6 +348,9 @@ class Dirty:
     minutes_removed: set[datetime] = field(default_factory=set)
     nodes: dict[str, NodeSeen] = field(default_factory=dict)
     watermark_changed: bool = False
+    # Forgotten (expire_nodes): deleted before the upserts above are written
+    states_removed: set[str] = field(default_factory=set)
+    nodes_removed: set[str] = field(default_factory=set)
 
     def __bool__(self) -> bool:
         return bool(
@@ -342,6 +359,8 @@ class Dirty:
             or self.minutes_removed
             or self.nodes
             or self.watermark_changed
+            or self.states_removed
+            or self.nodes_removed
         )
 
 
@@ -359,6 +378,83 @@ class RejectedCount:
 
     rejected: int
     last_status: int | None = None
+
+
+_REASON = re.compile(r"[a-z][a-z0-9_]{0,63}")
+OTHER_REASON = "other"  # past max_reasons distinct reasons in a window
+UNREADABLE_REASON = "unreadable"  # a reason that is not a short snake_case name
+DETAIL_CHARS = 200
+
+
+def reason_name(reason: Any) -> str:
+    """A dead letter's reason as a bounded label: a short snake_case name, or `unreadable`."""
+    return reason if isinstance(reason, str) and _REASON.fullmatch(reason) else UNREADABLE_REASON
+
+
+class ReasonWindow:
+    """Dead letters per reason over the last `window` of the processing clock.
+
+    Counts sit in `buckets` buckets of window / buckets each, so memory is bounded by buckets x
+    max_reasons however many letters arrive; a letter counts for `window` to within one bucket.
+    Past `max_reasons` distinct reasons in the window, the rest count as `other`. The latest
+    detail of each reason is kept (cut to DETAIL_CHARS) for annotations.
+    """
+
+    def __init__(self, window: timedelta, *, buckets: int = 60, max_reasons: int = 32) -> None:
+        if window <= timedelta(0) or buckets < 1 or max_reasons < 1:
+            raise ValueError("window, buckets and max_reasons must be positive")
+        self.window = window
+        self.bucket_s = window.total_seconds() / buckets
+        self.max_reasons = max_reasons
+        self._buckets: dict[int, dict[str, int]] = {}
+        self._latest: dict[str, tuple[datetime, str]] = {}  # reason -> (at, detail)
+
+    def _index(self, at: datetime) -> int:
+        return int(at.timestamp() // self.bucket_s)
+
+    def _prune(self, now: datetime) -> None:
+        oldest = self._index(now - self.window)
+        for index in [i for i in self._buckets if i <= oldest]:
+            del self._buckets[index]
+        cutoff = now - self.window
+        for reason in [r for r, (at, _) in self._latest.items() if at <= cutoff]:
+            del self._latest[reason]
+
+    def add(self, reason: str, at: datetime, now: datetime, detail: str = "") -> bool:
+        """Count one letter appended at `at` (a time after `now` counts as now); False if it is
+        older than the window, and so not counted."""
+        at = min(at, now)
+        if at <= now - self.window:
+            return False
+        self._prune(now)
+        reason = reason_name(reason)
+        if reason not in self._latest and len(self._latest) >= self.max_reasons:
+            reason = OTHER_REASON
+        bucket = self._buckets.setdefault(self._index(at), {})
+        bucket[reason] = bucket.get(reason, 0) + 1
+        latest = self._latest.get(reason)
+        if latest is None or at >= latest[0]:
+            self._latest[reason] = (at, detail[:DETAIL_CHARS])
+        return True
+
+    def counts(self, now: datetime) -> dict[str, int]:
+        """Letters per reason within the window, reasons in name order."""
+        self._prune(now)
+        totals: dict[str, int] = {}
+        for bucket in self._buckets.values():
+            for reason, count in bucket.items():
+                totals[reason] = totals.get(reason, 0) + count
+        return dict(sorted(totals.items()))
+
+    def latest_detail(self, reason: str) -> str:
+        latest = self._latest.get(reason)
+        return latest[1] if latest else ""
+
+
+def describe_counts(counts: Mapping[str, int]) -> str:
+    """`not_json: 2, refused_by_database: 1`: most first, then by name."""
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{reason}: {count}" for reason, count in ranked)
 
 
 @dataclass
@@ -383,6 +479,7 @@ class Evaluator:
         minute_lateness: timedelta = MINUTE,
         dead_letter_window: timedelta = MINUTE,
         input_active_for: timedelta = 2 * MINUTE,
+        dead_letter_count_window: timedelta = 60 * MINUTE,
         partial_min_gpus_ratio: Decimal | None = None,
         states: Iterable[SeriesState] = (),
         pending_minutes: Iterable[ClusterMinute] = (),
@@ -399,6 +496,11 @@ class Evaluator:
         self._partial_revisions: dict[datetime, int] = {}  # minute -> revision evaluated so far
         self.partial_evaluations = 0
         self.pipeline = PipelineReadings()
+        self.dead_letter_count_window = dead_letter_count_window
+        # Dead letters per reason, by source: "metering" (gpu.usage.dlq.v1), "billing"
+        self.dead_letters = {
+            source: ReasonWindow(dead_letter_count_window) for source in DEAD_LETTER_SOURCES
+        }
         self.states = {state.fingerprint: state for state in states}
         self.pending_minutes = {_utc(m.minute_start): m for m in pending_minutes}
         self.watermark = watermark or Watermark()
@@ -514,6 +616,7 @@ class Evaluator:
             )
         self.nodes[signal.node] = seen
         self.dirty.nodes[signal.node] = seen
+        self.dirty.nodes_removed.discard(signal.node)  # forgotten and back in the same batch
         node_labels = {"node": signal.node}
         changes: list[StateChange] = []
         for rule in self.rules:
@@ -667,6 +770,87 @@ class Evaluator:
                 )
         return changes
 
+    # dead letters by reason: processing clock, from the dead-letter topics ------------------
+    def record_dead_letter(
+        self, source: DeadLetterSource, reason: str, at: datetime, now: datetime, detail: str = ""
+    ) -> bool:
+        """Count one dead letter appended at `at`; False if it is older than the window."""
+        return self.dead_letters[source].add(reason, at, now, detail)
+
+    def on_dead_letter_counts(self, now: datetime) -> list[StateChange]:
+        """One reading of the windows: metering's internal_error letters, billing's letters.
+
+        The caller reads only once it has read the topics up to their ends as of start-up, so a
+        window refilled after a restart is whole before a rule sees it.
+        """
+        window = _show(Decimal(str(self.dead_letter_count_window.total_seconds())))
+        metering = self.dead_letters["metering"]
+        internal = metering.counts(now).get("internal_error", 0)
+        billing_counts = self.dead_letters["billing"].counts(now)
+        observations = {
+            INTERNAL_ERRORS: Observation(
+                Decimal(internal),
+                now,
+                now,
+                {"window_s": window, "detail": metering.latest_detail("internal_error")},
+            ),
+            BILLING_DEAD_LETTERS: Observation(
+                Decimal(sum(billing_counts.values())),
+                now,
+                now,
+                {"window_s": window, "reasons": describe_counts(billing_counts)},
+            ),
+        }
+        changes: list[StateChange] = []
+        for rule in self.rules:
+            obs = observations.get(rule.signal)
+            if obs is not None:
+                changes.extend(self._observe(rule, {}, obs, persist_quiet=False))
+        return changes
+
+    # bounded tables: nodes silent past the retention are forgotten ---------------------------
+    def expire_nodes(self, now: datetime, retention: timedelta, limit: int) -> list[StateChange]:
+        """Forget up to `limit` nodes last heard (processing clock) more than `retention` ago,
+        with every series labelled with them.
+
+        A firing series is resolved first (ends_at = now, a `resolution` annotation says why), in
+        the same batch as the forgetting, so its notification and the deletion are written in one
+        transaction; a pending one is dropped. A forgotten node that reports again is a new node.
+        """
+        cutoff = now - retention
+        expired = sorted(n for n, seen in self.nodes.items() if seen.last_received_at < cutoff)
+        changes: list[StateChange] = []
+        days = _show(Decimal(str(retention.total_seconds())) / 86400)
+        for node in expired[:limit]:
+            for rule in self.rules:
+                for fp in sorted(self._series_by_node.pop((rule.name, node), set())):
+                    state = self.states.pop(fp, None)
+                    if state is None:
+                        continue
+                    if state.status == "firing" and state.starts_at is not None:
+                        state.status = "resolved"
+                        state.ends_at = now
+                        state.keep_firing_since = None
+                        state.last_notified_at = now
+                        state.annotations = {
+                            **state.annotations,
+                            "resolution": f"node {node} forgotten: silent for more than"
+                            f" {days} days (ALERT_NODE_RETENTION_S)",
+                        }
+                        value = state.last_value if state.last_value is not None else Decimal(0)
+                        changes.append(_change(state, "resolved", value))
+                    self.dirty.states.pop(fp, None)
+                    self.dirty.states_removed.add(fp)
+            del self.nodes[node]
+            self.dirty.nodes.pop(node, None)
+            self.dirty.nodes_removed.add(node)
+        if expired:
+            # A dict keeps its size after deletions: copies give a flood's memory back.
+            self.nodes = dict(self.nodes)
+            self.states = dict(self.states)
+            self._series_by_node = dict(self._series_by_node)
+        return changes
+
     # one series ------------------------------------------------------------------------------
     def _fingerprint(self, rule: Rule, series_labels: Mapping[str, str]) -> str:
         return fingerprint(rule.name, self._labels(rule, series_labels))
@@ -692,6 +876,7 @@ class Evaluator:
             state = SeriesState(fingerprint=fp, rule=rule.name, labels=labels)
             self.states[fp] = state
             self._index(state)
+            self.dirty.states_removed.discard(fp)
         before = _progress(state)
         self.evaluations[rule.name] = self.evaluations.get(rule.name, 0) + 1
         change = observe(rule, state, obs)

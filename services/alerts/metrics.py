@@ -65,6 +65,32 @@ class AlertsMetrics:
             "Batch writes to PostgreSQL that failed and were retried",
             registry=r,
         )
+        self.dead_letters_read = Counter(
+            "alerts_dead_letters_read",
+            "Dead letters read from gpu.usage.dlq.v1 and billing.dlq.v1, by reason (within the"
+            " count window or older: outcome counted or old)",
+            ["source", "reason", "outcome"],
+            registry=r,
+        )
+        self.dead_letters_recent = Gauge(
+            "alerts_dead_letters_recent",
+            "Dead letters appended within ALERT_DEAD_LETTER_COUNT_WINDOW_S, by source and reason",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.rows_removed = Counter(
+            "alerts_rows_removed",
+            "Rows the periodic cleanup deleted (nodes silent past ALERT_NODE_RETENTION_S, their"
+            " alerts, finished notifications older than it), by table",
+            ["table"],
+            registry=r,
+        )
+        self.nodes_known = Gauge(
+            "alerts_nodes_known", "Nodes the alerts service remembers (last seen)", registry=r
+        )
+        self.series_known = Gauge(
+            "alerts_series_known", "Alert series the alerts service holds in memory", registry=r
+        )
         self.alertmanager_resends = Counter(
             "alerts_alertmanager_resends",
             "Periodic re-sends of active alerts to Alertmanager",

@@ -44,6 +44,15 @@ class AlertsSettings(CommonSettings):
     alertmanager_resolved_resend_s: float = Field(300.0, ge=0)
     # pipeline.notifications_rejected counts notifications refused for good within this window.
     alert_rejected_window_s: float = Field(3600.0, gt=0)
+    # pipeline.internal_errors and billing.dead_letters count the dead letters appended to
+    # gpu.usage.dlq.v1 and billing.dlq.v1 within this window (by their Kafka timestamps).
+    alert_dead_letter_count_window_s: float = Field(3600.0, gt=0)
+    # Nodes silent this long are forgotten, with their alerts (a firing one resolved first), in
+    # memory and in PostgreSQL; delivered or refused notifications older than this are deleted.
+    alert_node_retention_s: float = Field(7 * 86400.0, gt=0)
+    # How often that cleanup runs, and how many nodes (or notifications) one transaction deletes.
+    alert_cleanup_interval_s: float = Field(300.0, gt=0)
+    alert_cleanup_batch: int = Field(1000, ge=1)
     alert_external_url: str | None = None
     # GET /v1/alerts lists resolved alerts that changed within this window.
     alert_recent_s: float = Field(86400.0, gt=0)

@@ -158,6 +158,17 @@ class Store:
     ) -> None:
         """Write one batch's effects atomically: states, minutes, nodes, watermark, outbox."""
         async with self.pool.acquire() as conn, conn.transaction():
+            # Forgotten first: a series or node forgotten and seen again in one batch is upserted.
+            if dirty.states_removed:
+                await conn.execute(
+                    "DELETE FROM alert_states WHERE fingerprint = ANY($1::text[])",
+                    sorted(dirty.states_removed),
+                )
+            if dirty.nodes_removed:
+                await conn.execute(
+                    "DELETE FROM alert_nodes WHERE node = ANY($1::text[])",
+                    sorted(dirty.nodes_removed),
+                )
             if dirty.states:
                 await conn.executemany(
                     """
@@ -359,6 +370,22 @@ class Store:
             excluding_rules,
         )
         return {r["receiver"]: RejectedCount(r["rejected"], r["last_status"]) for r in rows}
+
+    async def delete_finished_outbox(self, *, older_than_s: float, limit: int) -> int:
+        """Delete up to `limit` notifications delivered or refused for good, made more than
+        `older_than_s` seconds ago; returns how many. Undelivered ones are never deleted."""
+        status = await self.pool.execute(
+            """
+            DELETE FROM alert_outbox WHERE seq IN (
+                SELECT seq FROM alert_outbox
+                WHERE (delivered_at IS NOT NULL OR rejected_at IS NOT NULL)
+                  AND created_at < now() - make_interval(secs => $1)
+                ORDER BY seq LIMIT $2)
+            """,
+            older_than_s,
+            limit,
+        )
+        return int(status.split()[-1])
 
     async def outbox_depths(self) -> dict[str, int]:
         rows = await self.pool.fetch(
