@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal
 
+from services.billing.export import safe_file_name as file_name
 from services.billing.web.queries import CentreHour
-from services.billing.web.routes import centre_usage, file_name
+from services.billing.web.routes import centre_usage
 
 HOUR = dt.datetime(2026, 11, 1, 0, tzinfo=dt.UTC)
 

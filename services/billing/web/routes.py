@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,17 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
 from services.billing import store
-from services.billing.api import ERRORS, ApiError, Caller, period_param
+from services.billing.api import (
+    ERRORS,
+    ApiError,
+    Caller,
+    InvoiceIdPath,
+    PeriodQuery,
+    invoice_id_project,
+    period_param,
+)
 from services.billing.domain import period_bounds
+from services.billing.export import safe_file_name
 from services.billing.pdf import invoice_pdf
 from services.billing.settings import BillingSettings
 from services.billing.web import queries
@@ -100,12 +108,6 @@ class DashboardAlerts(BaseModel):
     reachable: bool
     error: str | None = None
     alerts: list[dict[str, Any]]
-
-
-def file_name(invoice_id: str) -> str:
-    """The invoice id as a download file name: characters a header or a file system may not take
-    become `_`."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", invoice_id)
 
 
 def current_period() -> str:
@@ -215,7 +217,7 @@ def create_router(settings: BillingSettings, store_: store.Store) -> APIRouter:
     @router.get(
         "/dashboard/api/centre", response_model=CentreUsage, responses=ERRORS, tags=["dashboard"]
     )
-    async def centre(caller: Caller, period: str) -> CentreUsage:
+    async def centre(caller: Caller, period: PeriodQuery) -> CentreUsage:
         """Centre-wide allocated GPUs and their utilization per hour of the period, from the hourly
         usage ledger, with metering's nodes online and completeness per hour."""
         caller.require_read_all()
@@ -272,9 +274,12 @@ def create_router(settings: BillingSettings, store_: store.Store) -> APIRouter:
         responses={**ERRORS, 200: {"content": {"application/pdf": {}}}},
         tags=["invoices"],
     )
-    async def invoice_as_pdf(caller: Caller, invoice_id: str) -> Response:
+    async def invoice_as_pdf(caller: Caller, invoice_id: InvoiceIdPath) -> Response:
         """The invoice as a PDF to send to the project: lines, list price, subsidy (scheme, rate,
         cap remaining) and the amount payable, exactly as the JSON invoice has them."""
+        # As for the JSON invoice: the id names its project, so a project token is refused
+        # another project's invoice before any lookup (the answer never tells it exists).
+        caller.require_project(invoice_id_project(invoice_id))
         async with store_.acquire() as conn:
             found = await store.load_invoice(conn, invoice_id)
             if found is None:
@@ -284,7 +289,9 @@ def create_router(settings: BillingSettings, store_: store.Store) -> APIRouter:
         return Response(
             invoice_pdf(found.document(), project, issuer=settings.provider_name),
             media_type="application/pdf",
-            headers={"Content-Disposition": f'attachment; filename="{file_name(invoice_id)}.pdf"'},
+            headers={
+                "Content-Disposition": f'attachment; filename="{safe_file_name(invoice_id)}.pdf"'
+            },
         )
 
     return router
