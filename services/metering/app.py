@@ -984,6 +984,9 @@ def create_app(settings: MeteringSettings) -> faust.App:
         cross-node sums' retention. A flood of fake node ids costs bounded state."""
         if app.rebalancing or getattr(app, "in_recovery", False) or not resend["recovered"]:
             return
+        # Only nodes of this worker's active usage partitions: the table also holds standby
+        # copies of other workers' nodes, whose changelog partitions their owners write.
+        active = {tp.partition for tp in app.consumer.assignment() if tp.topic == topics.usage}
         for node, raw in list(node_state.data.items()):
             if node not in newest:
                 try:
@@ -994,13 +997,14 @@ def create_app(settings: MeteringSettings) -> faust.App:
                 forgotten = "floor_s" in record and "gpus" not in record
                 end = max(state.max_end_n, state.floor_n)
                 newest[node] = (end, record.get("partition"), forgotten)
-        if not newest:
+        mine = {node: entry for node, entry in newest.items() if entry[1] in active}
+        if not mine:
             return
-        latest = max(end for end, _, _ in newest.values())
+        latest = max(end for end, _, _ in mine.values())
         silent_n = latest - (settings.hour_retention_s + 3600) * 10**9
         gone_n = latest - settings.table_retention_s * 10**9
         changed = 0
-        for node, (end, partition, forgotten) in list(newest.items()):
+        for node, (end, partition, forgotten) in mine.items():
             if partition is None or node in dirty_states or end >= silent_n:
                 continue
             key = json.dumps(node).encode()
