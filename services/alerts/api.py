@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -70,6 +70,22 @@ class RejectedNotificationList(BaseModel):
     notifications: list[RejectedNotificationView]
 
 
+# Texts a client may filter by: printable ASCII (a NUL is refused by PostgreSQL with a 500).
+PRINTABLE = r"^[\x20-\x7e]*$"
+MAX_WITHIN_S = 366 * 24 * 3600.0  # beyond it PostgreSQL's interval arithmetic overflows soon
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: str
+
+
+# Request validation answers 400 with an error body (not FastAPI's 422 shape).
+BAD_REQUEST: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "a query parameter out of its rule"}
+}
+
+
 def create_api(
     store: Store, metrics: AlertsMetrics, *, recent_s: float, health: Callable[[], dict[str, Any]]
 ) -> FastAPI:
@@ -77,8 +93,12 @@ def create_api(
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = "not_found" if exc.status_code == 404 else "http_error"
-        return JSONResponse({"error": error, "detail": exc.detail}, status_code=exc.status_code)
+        names = {404: "not_found", 405: "method_not_allowed"}
+        return JSONResponse(
+            {"error": names.get(exc.status_code, "http_error"), "detail": exc.detail},
+            status_code=exc.status_code,
+            headers=dict(exc.headers) if exc.headers else None,  # 405's Allow (RFC 9110)
+        )
 
     @api.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -87,10 +107,10 @@ def create_api(
         )
         return JSONResponse({"error": "invalid_request", "detail": detail}, status_code=400)
 
-    @api.get("/v1/alerts", response_model=AlertList)
+    @api.get("/v1/alerts", response_model=AlertList, responses=BAD_REQUEST)
     async def list_alerts(
         status: Literal["active", "firing", "pending", "resolved", "all"] = "all",
-        fingerprint: str | None = None,
+        fingerprint: str | None = Query(None, max_length=256, pattern=PRINTABLE),
         limit: int = Query(500, ge=1, le=5000),
     ) -> AlertList:
         """Pending and firing alerts, and those resolved within the recent window."""
@@ -99,10 +119,14 @@ def create_api(
         )
         return AlertList(alerts=[AlertView.model_validate(row) for row in rows])
 
-    @api.get("/v1/notifications/rejected", response_model=RejectedNotificationList)
+    @api.get(
+        "/v1/notifications/rejected", response_model=RejectedNotificationList, responses=BAD_REQUEST
+    )
     async def list_rejected(
-        receiver: str | None = None,
-        within_s: float | None = Query(None, gt=0, description="default: ALERT_RECENT_S"),
+        receiver: str | None = Query(None, max_length=256, pattern=PRINTABLE),
+        within_s: float | None = Query(
+            None, gt=0, le=MAX_WITHIN_S, description="default: ALERT_RECENT_S; at most a year"
+        ),
         limit: int = Query(500, ge=1, le=5000),
     ) -> RejectedNotificationList:
         """Notifications receivers refused for good within the window, newest first."""
@@ -127,12 +151,12 @@ def create_api(
             ]
         )
 
-    @api.get("/healthz")
+    @api.get("/healthz", responses={503: {"description": "not healthy: the report says why"}})
     async def healthz() -> JSONResponse:
         report = health()
         return JSONResponse(report, status_code=200 if report.get("status") == "ok" else 503)
 
-    @api.get("/metrics")
+    @api.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
