@@ -58,6 +58,9 @@ DEAD_LETTER_OUTCOMES = frozenset(
 # Where each never-committed stream partition was started (its earliest offset), for the check
 # below: what the stream should deliver first when the group has no committed offset.
 EARLIEST_STARTS: dict[Any, int] = {}
+# The committed offsets Faust sought the stream partitions to at the last assignment: the first
+# message's check uses them when Faust's own record of them is not filled in yet.
+SOUGHT_AT_ASSIGNMENT: dict[Any, int] = {}
 # A usage partition whose consumer has fetched past the next offset metering is due to process,
 # with no progress for this long while no rebalance is under way, is read again from that offset.
 # Faust's getmany drops records it has already taken from the consumer when the flow stops, the
@@ -296,6 +299,9 @@ def _make_uncommitted_partitions_start_at_earliest() -> None:
 
     async def seek_to_committed_or_earliest(self: Any) -> Any:
         committed = await seek_to_committed(self)
+        SOUGHT_AT_ASSIGNMENT.update(
+            {tp: offset for tp, offset in committed.items() if isinstance(offset, int)}
+        )
         never = [
             tp
             for tp, offset in committed.items()
@@ -419,6 +425,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
     HELD_PARTITIONS.clear()
     STREAM_TOPICS.clear()
     EARLIEST_STARTS.clear()
+    SOUGHT_AT_ASSIGNMENT.clear()
     _make_producer_flush_complete()
     _make_uncommitted_partitions_start_at_earliest()
     _make_commits_wait_for_held()
@@ -593,6 +600,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
         seeks_due.clear()
         HELD_PARTITIONS.clear()
         EARLIEST_STARTS.clear()
+        SOUGHT_AT_ASSIGNMENT.clear()
         stalls.clear()
         # Queue the dirty states and drop the live ones in one step, then send: a batch applied
         # while the states were being sent would otherwise be dropped with live_states unwritten.
@@ -723,6 +731,15 @@ def create_app(settings: MeteringSettings) -> faust.App:
                 # A partition never committed is started at its earliest offset by Faust's seek
                 # (see `_make_uncommitted_partitions_start_at_earliest`).
                 committed = getattr(app.consumer, "_committed_offset", {}).get(message.tp)
+                if not isinstance(committed, int):
+                    committed = SOUGHT_AT_ASSIGNMENT.get(message.tp)
+                log.info(
+                    "usage partition %d: first message since the assignment at offset %d "
+                    "(committed %s)",
+                    partition,
+                    message.offset,
+                    committed,
+                )
                 if isinstance(committed, int) and message.offset > committed:
                     restart_at = committed
             elif message.offset > expected:
