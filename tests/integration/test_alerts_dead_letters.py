@@ -22,6 +22,7 @@ import pytest
 
 from schemas.codec import dead_letter
 from schemas.metering import NodeSignal
+from tests.fixtures.alerts import alerts_env as shared_env
 from tests.fixtures.kafka import produce, read_topic
 from tests.fixtures.processes import wait_until
 from tests.integration.test_alerts_service import DEFAULT_RULES, service
@@ -33,18 +34,15 @@ RULES = ("MeteringInternalErrors", "BillingDeadLetters")
 def alerts_env(
     bootstrap_servers: str, database_url: str, topic_prefix: str, http_port: int
 ) -> dict[str, str]:
-    return {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "DATABASE_URL": database_url,
-        "TOPIC_PREFIX": topic_prefix,
-        "HTTP_PORT": str(http_port),
-        "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
-        "KAFKA_SESSION_TIMEOUT_MS": "3000",
-        "ALERT_RULES_FILE": str(DEFAULT_RULES),
-        "ALERT_OUTBOX_POLL_INTERVAL_S": "0.2",
-        "ALERT_ABSENCE_CHECK_INTERVAL_S": "0.2",
-        "ALERT_PIPELINE_CHECK_INTERVAL_S": "0.2",
-    }
+    return shared_env(
+        bootstrap_servers,
+        database_url,
+        topic_prefix,
+        http_port,
+        ALERT_OUTBOX_POLL_INTERVAL_S="0.2",
+        ALERT_ABSENCE_CHECK_INTERVAL_S="0.2",
+        ALERT_PIPELINE_CHECK_INTERVAL_S="0.2",
+    )
 
 
 def letter(reason: str, detail: str, topic: str) -> tuple[bytes, bytes]:

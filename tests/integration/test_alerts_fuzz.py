@@ -7,24 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.fixtures.processes import REPO_ROOT, ServiceProcess
-
-DEFAULT_RULES = REPO_ROOT / "deploy" / "alert-rules.yaml"
+from tests.fixtures.alerts import alerts_env
+from tests.fixtures.processes import ServiceProcess
 
 
 def test_schemathesis_finds_no_server_error_in_the_alerts_api(
     bootstrap_servers: str, database_url: str, topic_prefix: str, http_port: int, tmp_path: Path
 ) -> None:
     # Given the real service on the real broker and PostgreSQL
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "DATABASE_URL": database_url,
-        "TOPIC_PREFIX": topic_prefix,
-        "HTTP_PORT": str(http_port),
-        "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
-        "KAFKA_SESSION_TIMEOUT_MS": "3000",
-        "ALERT_RULES_FILE": str(DEFAULT_RULES),
-    }
+    env = alerts_env(bootstrap_servers, database_url, topic_prefix, http_port)
     service = ServiceProcess("services.alerts", env, tmp_path / "alerts.log", http_port).start()
     try:
         # When Schemathesis runs every check that holds the service to its own document

@@ -21,9 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpumeter.localstack import free_port
 from schemas.metering import NodeSignal
+from tests.fixtures.alerts import alerts_env as shared_env
 from tests.fixtures.kafka import produce_json, read_topic
 from tests.fixtures.processes import wait_until
-from tests.integration.test_alerts_service import DEFAULT_RULES, Receiver, produce_minutes, service
+from tests.integration.test_alerts_service import Receiver, produce_minutes, service
 
 T0 = datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
@@ -73,18 +74,15 @@ class RefusingReceiver:
 def alerts_env(
     bootstrap_servers: str, database_url: str, topic_prefix: str, http_port: int
 ) -> dict[str, str]:
-    return {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "DATABASE_URL": database_url,
-        "TOPIC_PREFIX": topic_prefix,
-        "HTTP_PORT": str(http_port),
-        "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
-        "KAFKA_SESSION_TIMEOUT_MS": "3000",
-        "ALERT_RULES_FILE": str(DEFAULT_RULES),
-        "ALERT_NOTIFY_BACKOFF_INITIAL_S": "0.1",
-        "ALERT_NOTIFY_BACKOFF_MAX_S": "0.5",
-        "ALERT_OUTBOX_POLL_INTERVAL_S": "0.2",
-    }
+    return shared_env(
+        bootstrap_servers,
+        database_url,
+        topic_prefix,
+        http_port,
+        ALERT_NOTIFY_BACKOFF_INITIAL_S="0.1",
+        ALERT_NOTIFY_BACKOFF_MAX_S="0.5",
+        ALERT_OUTBOX_POLL_INTERVAL_S="0.2",
+    )
 
 
 @pytest.fixture

@@ -79,13 +79,18 @@ def metering(bootstrap_servers: str, topic_prefix: str, tmp_path: Path):
     service.stop()
 
 
-def counted(service: ServiceProcess) -> float:
-    """Samples this worker process has counted since it started (its /metrics counter)."""
+def metric(service: ServiceProcess, series: str) -> float:
+    """One series of the worker's /metrics (name with its labels as exposed), 0 when absent."""
     text = httpx.get(f"http://127.0.0.1:{service.http_port}/metrics", timeout=2).text
     for line in text.splitlines():
-        if line.startswith('gpumeter_metering_samples_total{outcome="counted"}'):
+        if line.startswith(series + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def counted(service: ServiceProcess) -> float:
+    """Samples this worker process has counted since it started (its /metrics counter)."""
+    return metric(service, 'gpumeter_metering_samples_total{outcome="counted"}')
 
 
 def fleet_rounds(nodes: list[str], first: int, last: int) -> list[tuple[bytes, bytes]]:
@@ -458,13 +463,7 @@ def test_records_dropped_after_the_consumer_fetched_them_are_read_again_and_coun
                 f"{error}\n{diagnosis(bootstrap_servers, topic_prefix, worker)}"
             ) from None
         assert Decimal(latest[key]["gpu_seconds"]) == Decimal(60 * 64 * 10)
-        text = httpx.get(f"http://127.0.0.1:{worker.http_port}/metrics", timeout=2).text
-        stalls = [
-            line
-            for line in text.splitlines()
-            if line.startswith("gpumeter_metering_usage_stalls_total")
-        ]
-        assert stalls and float(stalls[0].split()[-1]) >= 1, stalls
+        assert metric(worker, "gpumeter_metering_usage_stalls_total") >= 1
         log = worker.log_path.read_text(errors="replace")
         assert "were fetched but have not reached the stream" in log
     finally:
@@ -615,11 +614,7 @@ def test_samples_redelivered_hours_later_are_counted_as_duplicates_not_dead_lett
 
     # Then all 200 are duplicates in the metric, none a dead letter, and the totals do not move
     def duplicates() -> float:
-        text = httpx.get(f"http://127.0.0.1:{metering.http_port}/metrics", timeout=2).text
-        for line in text.splitlines():
-            if line.startswith('gpumeter_metering_samples_total{outcome="duplicate"}'):
-                return float(line.split()[-1])
-        return 0.0
+        return metric(metering, 'gpumeter_metering_samples_total{outcome="duplicate"}')
 
     wait_until(lambda: duplicates() >= 200, 60, what="200 duplicates")
     assert duplicates() == 200
@@ -700,8 +695,8 @@ def test_a_node_silent_past_the_retention_is_forgotten_then_deleted_and_counts_n
             bootstrap_servers, topic_prefix, {"hkgai-llm|H800|2026-11-28T01:00:00+00:00": 360}
         )
         assert Decimal(latest["hkgai-llm|H800|2026-11-28T01:00:00+00:00"]["gpu_seconds"]) == 3600
-        text = httpx.get(f"http://127.0.0.1:{worker.http_port}/metrics", timeout=2).text
-        assert 'gpumeter_metering_nodes_forgotten_total{stage="forgotten"} 1.0' in text
-        assert 'gpumeter_metering_nodes_forgotten_total{stage="deleted"} 1.0' in text
+        forgotten_total = "gpumeter_metering_nodes_forgotten_total"
+        assert metric(worker, forgotten_total + '{stage="forgotten"}') == 1
+        assert metric(worker, forgotten_total + '{stage="deleted"}') == 1
     finally:
         worker.stop()
