@@ -58,8 +58,11 @@ DEAD_LETTER_OUTCOMES = frozenset(
 # Where each never-committed stream partition was started (its earliest offset), for the check
 # below: what the stream should deliver first when the group has no committed offset.
 EARLIEST_STARTS: dict[Any, int] = {}
-# The committed offsets Faust sought the stream partitions to at the last assignment: the first
-# message's check uses them when Faust's own record of them is not filled in yet.
+# The committed offsets Faust sought the stream partitions to at the last assignment, filled in
+# once the seek is done. Faust resumes the streams before it seeks, so messages fetched from the
+# consumer's position before the seek reach the stream, and the seek then delivers the committed
+# offset's messages after them (seen as a restarted worker under load that counted rounds 145..152
+# and then got 120..144, out of order). Metering counts nothing of a partition before its seek.
 SOUGHT_AT_ASSIGNMENT: dict[Any, int] = {}
 # A usage partition whose consumer has fetched past the next offset metering is due to process,
 # with no progress for this long while no rebalance is under way, is read again from that offset.
@@ -299,9 +302,6 @@ def _make_uncommitted_partitions_start_at_earliest() -> None:
 
     async def seek_to_committed_or_earliest(self: Any) -> Any:
         committed = await seek_to_committed(self)
-        SOUGHT_AT_ASSIGNMENT.update(
-            {tp: offset for tp, offset in committed.items() if isinstance(offset, int)}
-        )
         never = [
             tp
             for tp, offset in committed.items()
@@ -315,6 +315,11 @@ def _make_uncommitted_partitions_start_at_earliest() -> None:
                     log.debug("%s[%d]: nothing committed; reading from %d", *tp, offset)
                     await self._seek(tp, offset)
                     EARLIEST_STARTS[tp] = offset
+        # Last, once every partition is where it starts: metering counts a partition's messages
+        # only from then on (see `assignment_start` in create_app).
+        SOUGHT_AT_ASSIGNMENT.update(
+            {tp: offset for tp, offset in committed.items() if isinstance(offset, int)}
+        )
         return committed
 
     ThreadDelegateConsumer.seek_to_committed = seek_to_committed_or_earliest  # type: ignore[method-assign]
@@ -579,6 +584,10 @@ def create_app(settings: MeteringSettings) -> faust.App:
     seeks_due: list[tuple[Any, int]] = []
     # Per usage partition: (the offset due next, since when) while the consumer is past it.
     stalls: dict[int, tuple[int, float]] = {}
+    # Usage partitions with messages that arrived before the assignment's seek: (the first such
+    # offset, since when). Those messages are not counted; the partition is read again from where
+    # the seek started it, once that is known (see `read_unsought_again`).
+    unsought: dict[Any, tuple[int, float]] = {}
 
     def read_again(tp: Any, offset: int) -> None:
         """Hold the partition at `offset` and have it read again from there: messages past it
@@ -601,6 +610,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
         HELD_PARTITIONS.clear()
         EARLIEST_STARTS.clear()
         SOUGHT_AT_ASSIGNMENT.clear()
+        unsought.clear()
         stalls.clear()
         # Queue the dirty states and drop the live ones in one step, then send: a batch applied
         # while the states were being sent would otherwise be dropped with live_states unwritten.
@@ -704,11 +714,52 @@ def create_app(settings: MeteringSettings) -> faust.App:
         ),
     }
 
+    def assignment_start(tp: Any) -> int | None:
+        """The offset the stream of a usage partition must deliver first since the assignment,
+        or None while Faust has not sought it there yet.
+
+        That is the committed offset Faust's seek returned (SOUGHT_AT_ASSIGNMENT), or for a
+        partition never committed its earliest offset (EARLIEST_STARTS, see
+        `_make_uncommitted_partitions_start_at_earliest`). Faust drops what it fetches around an
+        assignment, so the first message can lie past this offset."""
+        sought = SOUGHT_AT_ASSIGNMENT.get(tp)
+        earliest = EARLIEST_STARTS.get(tp)
+        if earliest is not None and (sought is None or sought < earliest):
+            return earliest
+        return sought
+
+    def read_unsought_again() -> None:
+        for tp, (first, since) in list(unsought.items()):
+            start = assignment_start(tp)
+            if start is None and time.monotonic() - since < RESEEK_GIVE_UP_S:
+                continue
+            del unsought[tp]
+            if start is None:  # the seek failed or never came: read from what arrived first
+                committed = getattr(app.consumer, "_committed_offset", {}).get(tp)
+                start = min(first, committed) if isinstance(committed, int) else first
+                log.warning(
+                    "usage partition %d: no seek since the assignment in %.0f s; reading it "
+                    "again from %d",
+                    tp.partition,
+                    RESEEK_GIVE_UP_S,
+                    start,
+                )
+            else:
+                log.info(
+                    "usage partition %d: sought to %d by the assignment; reading it again from "
+                    "there (offset %d had arrived first)",
+                    tp.partition,
+                    start,
+                    first,
+                )
+            read_again(tp, start)
+
     def process_usage(events: list[Any]) -> None:
         started = time.perf_counter()
         progress["at"] = time.monotonic()
         if resend["pending"] and resend["recovered"]:
             resend_all()
+        read_unsought_again()
         now = datetime.now(UTC)
         by_node: dict[str, list[tuple[domain.SampleView, Any]]] = defaultdict(list)
         failed: set[int] = set()  # events already dead-lettered as internal_error
@@ -726,13 +777,20 @@ def create_app(settings: MeteringSettings) -> faust.App:
                 HELD_PARTITIONS.discard(message.tp)
                 expected = target
             elif expected is None:
-                # The first message since the assignment: it should be the committed offset
-                # (Faust keeps the offsets it committed or sought to, without a public getter).
-                # A partition never committed is started at its earliest offset by Faust's seek
-                # (see `_make_uncommitted_partitions_start_at_earliest`).
-                committed = getattr(app.consumer, "_committed_offset", {}).get(message.tp)
-                if not isinstance(committed, int):
-                    committed = SOUGHT_AT_ASSIGNMENT.get(message.tp)
+                # The first message since the assignment: it should be where the assignment
+                # started the partition (see `assignment_start`).
+                committed = assignment_start(message.tp)
+                if committed is None:  # arrived before the seek: read again once it is done
+                    if message.tp not in unsought:
+                        unsought[message.tp] = (message.offset, time.monotonic())
+                        HELD_PARTITIONS.add(message.tp)
+                        log.info(
+                            "usage partition %d: offset %d arrived before the assignment's "
+                            "seek; reading the partition again once it is done",
+                            partition,
+                            message.offset,
+                        )
+                    continue
                 log.info(
                     "usage partition %d: first message since the assignment at offset %d "
                     "(committed %s)",
@@ -882,10 +940,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
         if tp.partition in reseeking:
             return reseeking[tp.partition][0]
         due = next_offset.get(tp.partition)
-        if due is None:
-            committed = getattr(app.consumer, "_committed_offset", {}).get(tp)
-            due = committed if isinstance(committed, int) else EARLIEST_STARTS.get(tp)
-        return due
+        return assignment_start(tp) if due is None else due
 
     @app.timer(1.0)
     async def notice_stalled_partitions() -> None:
@@ -896,6 +951,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
         if app.rebalancing or getattr(app, "in_recovery", False) or not flowing:
             stalls.clear()
             return
+        read_unsought_again()  # a partition that went quiet after its early messages
         now = time.monotonic()
         for tp in consumer.assignment():
             if tp.topic != topics.usage:

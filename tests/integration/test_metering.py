@@ -470,6 +470,53 @@ def test_records_dropped_after_the_consumer_fetched_them_are_read_again_and_coun
         worker.stop()
 
 
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "never-committed"])
+def test_a_restarted_worker_whose_first_fetched_records_are_dropped_reads_them_again_first(
+    bootstrap_servers: str, topic_prefix: str, tmp_path: Path, committed: bool
+) -> None:
+    # Given a worker that counted 30 rounds of 8 nodes, committed them and stopped (or a group
+    # that never committed anything)
+    topic = f"{topic_prefix}gpu.usage.v1"
+    nodes = [f"node-{n}" for n in range(8)]
+    key = "hkgai-llm|H800|2026-11-28T01:00:00+00:00"
+    if committed:
+        first = metering_process(bootstrap_servers, topic_prefix, tmp_path / "first.log").start()
+        try:
+            produce(bootstrap_servers, topic, fleet_rounds(nodes, 1, 31))
+            hourly_when(bootstrap_servers, topic_prefix, {key: 30 * 64})
+        finally:
+            first.stop()
+    else:
+        produce(bootstrap_servers, topic, fleet_rounds(nodes, 1, 31))
+    # When 30 more rounds arrive while it is down, and the restarted worker's Faust layer drops
+    # the first 5 records it fetches of every partition (as Faust's getmany does around an
+    # assignment), so that its stream starts 5 past where the assignment started it
+    produce(bootstrap_servers, topic, fleet_rounds(nodes, 31, 61))
+    worker = metering_process(
+        bootstrap_servers,
+        topic_prefix,
+        tmp_path / "metering.log",
+        module="tests.fixtures.dropping_metering",
+        env={"GPUMETER_TEST_DROP_FIRST": "5"},
+    ).start()
+    try:
+        # Then it reads them again before counting anything newer: every sample once, in order
+        try:
+            latest = hourly_when(bootstrap_servers, topic_prefix, {key: 60 * 64})
+        except AssertionError as error:
+            raise AssertionError(
+                f"{error}\n{diagnosis(bootstrap_servers, topic_prefix, worker)}"
+            ) from None
+        assert Decimal(latest[key]["gpu_seconds"]) == Decimal(60 * 64 * 10)
+        assert counted(worker) == (30 if committed else 60) * 64
+        # (reading again may deliver some samples twice: those are duplicates, counted once)
+        assert metric(worker, 'gpumeter_metering_samples_total{outcome="out_of_order"}') == 0
+        log = worker.log_path.read_text(errors="replace")
+        assert "reading it again from" in log, log[-3000:]
+    finally:
+        worker.stop()
+
+
 def test_hostile_messages_each_get_their_own_dead_letter_and_counting_goes_on_on_every_key(
     metering: ServiceProcess, bootstrap_servers: str, topic_prefix: str
 ) -> None:
