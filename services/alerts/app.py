@@ -58,15 +58,22 @@ class EndOffsets:
     letters themselves (up to megabytes each) are never read. A missing topic counts as 0.
     """
 
-    def __init__(self, bootstrap_servers: str, metadata_max_age_ms: int) -> None:
+    def __init__(self, bootstrap_servers: str, metadata_max_age_ms: int, topics: list[str]) -> None:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers,
             enable_auto_commit=False,
             metadata_max_age_ms=metadata_max_age_ms,
         )
+        self.topics = topics
 
     async def start(self) -> None:
         await self.consumer.start()
+        # A consumer that neither subscribes nor is assigned asks the broker for the metadata of
+        # no topic: Tansu then answers with every topic, Apache Kafka with none, so
+        # partitions_for_topic knew nothing on Kafka and the pipeline rules saw no partition.
+        # Name the topics to follow (aiokafka has no public call for it); missing ones are
+        # picked up at each metadata refresh.
+        await self.consumer._client.set_topics(self.topics)
 
     async def stop(self) -> None:
         await self.consumer.stop()
@@ -196,6 +203,7 @@ class AlertsService:
         offsets = EndOffsets(
             settings.kafka_bootstrap_servers,
             metadata_max_age_ms=int(max(1.0, 4 * settings.alert_pipeline_check_interval_s) * 1000),
+            topics=[topics.usage, topics.usage_dlq, topics.billing_dlq],
         )
         await offsets.start()
         dead_letters = DeadLetterReader(

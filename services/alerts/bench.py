@@ -240,6 +240,8 @@ async def read_cluster_minutes(bootstrap: str, topic: str) -> list[MinuteRecord]
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
+        # A bare consumer has no topic's metadata on Apache Kafka: ask for this one.
+        await consumer._client.set_topics([topic])
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         if not partitions:
             return []
