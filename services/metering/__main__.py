@@ -9,7 +9,11 @@ import logging
 import sys
 
 from services.common.kafka_admin import ensure_topics
-from services.metering.settings import DEAD_LETTER_MAX_BYTES, MeteringSettings
+from services.metering.settings import (
+    DEAD_LETTER_MAX_BYTES,
+    USAGE_TOPIC_MAX_BYTES,
+    MeteringSettings,
+)
 
 FAUST_LOG_LEVELS = {
     "CRITICAL": "crit",
@@ -30,7 +34,10 @@ def main() -> None:
             settings.kafka_bootstrap_servers,
             settings.all_topics(),
             settings.compacted_topics(),
-            configs={settings.topics.usage_dlq: {"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)}},
+            configs={
+                settings.topics.usage: {"max.message.bytes": str(USAGE_TOPIC_MAX_BYTES)},
+                settings.topics.usage_dlq: {"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)},
+            },
         )
     )
     if settings.worker_processes > 1:

@@ -142,6 +142,11 @@ class MeteringMetrics:
             ["partition"],
             registry=self.registry,
         )
+        self.usage_partitions = Gauge(
+            "gpumeter_metering_usage_partitions",
+            "Usage partitions assigned to this worker (0 while it has none, e.g. before it joined)",
+            registry=self.registry,
+        )
         self.samples_per_second = Gauge(
             "gpumeter_metering_samples_per_second",
             f"Samples counted per second over the last {RATE_WINDOW_S:g} s",
@@ -604,6 +609,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
         seeks_due.append((tp, offset))
 
     async def on_assigned(app_: Any, assigned: Any, **kwargs: Any) -> None:
+        metrics.usage_partitions.set(sum(1 for tp in assigned if tp.topic == topics.usage))
         next_offset.clear()  # the stream restarts from the committed offsets
         reseeking.clear()
         seeks_due.clear()

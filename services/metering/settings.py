@@ -8,6 +8,11 @@ from services.common.settings import CommonSettings
 
 # Producer and DLQ topic limit: a dead letter of a 1 MiB+ message, base64'd, fits.
 DEAD_LETTER_MAX_BYTES = 3 * 1024 * 1024
+# The usage topic's message limit. Messages over 1 MiB (MAX_MESSAGE_BYTES) are dead-lettered as
+# too_large (docs/contracts.md), so the broker must accept them: Apache Kafka's default refuses
+# anything over 1 MiB at the produce, and the writer would get a broker error instead. Over this
+# the broker refuses (a dead letter keeps at most 2 MiB of the raw bytes).
+USAGE_TOPIC_MAX_BYTES = 2 * 1024 * 1024
 
 
 class MeteringSettings(CommonSettings):
