@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run run-no-fleet test lint bench drill clean
+.PHONY: run run-no-fleet test test-kafka lint bench drill clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy schemas services gpumeter
 	$(PY) -m pytest -q $(ARGS)
+
+# The broker-facing tests on Apache Kafka (KRaft, fetched from Maven Central once); GPUMETER_TEST_BROKERS
+# takes tansu,kafka for both in one run.
+test-kafka: $(STAMP)
+	GPUMETER_TEST_BROKERS=kafka $(PY) -m pytest -q -m broker $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m gpumeter.bench $(ARGS)

@@ -13,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from gpumeter.kafkabroker import KafkaCluster
 from gpumeter.localstack import EmbeddedPostgres, TansuBroker, free_port
 
 
@@ -21,12 +22,42 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("gpumeter")
 
 
+# The brokers the broker-facing tests run on, each test once per broker: GPUMETER_TEST_BROKERS,
+# a comma-separated list of `tansu` (Tansu, memory only) and `kafka` (Apache Kafka in KRaft mode,
+# its jars fetched from Maven Central once: see gpumeter/kafkabroker.py).
+TEST_BROKERS = ("tansu", "kafka")
+BROKERS = [b.strip() for b in os.environ.get("GPUMETER_TEST_BROKERS", "tansu").split(",")]
+if not BROKERS or any(broker not in TEST_BROKERS for broker in BROKERS):
+    raise pytest.UsageError(
+        f"GPUMETER_TEST_BROKERS={os.environ.get('GPUMETER_TEST_BROKERS')!r}: "
+        f"name one or more of {', '.join(TEST_BROKERS)}, separated by commas"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that talks to a broker, so `-m broker` selects them (make test-kafka)."""
+    for item in items:
+        if "bootstrap_servers" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.broker)
+
+
+@pytest.fixture(scope="session", params=BROKERS)
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="session")
-def bootstrap_servers(workdir: Path) -> Iterator[str]:
-    """KAFKA_BOOTSTRAP_SERVERS names an existing broker; otherwise a Tansu broker is started."""
+def bootstrap_servers(workdir: Path, broker_kind: str) -> Iterator[str]:
+    """KAFKA_BOOTSTRAP_SERVERS names an existing broker; otherwise the session's broker is
+    started (Tansu, or a one-node Apache Kafka)."""
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if external:
         yield external
+        return
+    if broker_kind == "kafka":
+        cluster = KafkaCluster(workdir / "kafka").start()
+        yield cluster.bootstrap_servers
+        cluster.stop()
         return
     broker = TansuBroker(workdir / "tansu.log").start()
     yield broker.bootstrap_servers

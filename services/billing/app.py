@@ -29,10 +29,9 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def run(settings: BillingSettings) -> None:
-    """Migrate, create topics, then serve the API, consume hourly totals and completeness, and
-    publish invoices and billing signals."""
-    await store.migrate_with_retry(settings.database_url)
+async def ensure_billing_topics(settings: BillingSettings) -> None:
+    """Create the topics billing reads and writes, where missing (brokers create none on a
+    produce or a subscribe)."""
     await ensure_topics(
         settings.kafka_bootstrap_servers,
         {
@@ -48,6 +47,13 @@ async def run(settings: BillingSettings) -> None:
             settings.topics.completeness,
         },
     )
+
+
+async def run(settings: BillingSettings) -> None:
+    """Migrate, create topics, then serve the API, consume hourly totals and completeness, and
+    publish invoices and billing signals."""
+    await store.migrate_with_retry(settings.database_url)
+    await ensure_billing_topics(settings)
     store_ = await store.Store(settings.database_url, settings.database_pool_size).open()
     publisher = InvoicePublisher(settings, store_)
     drainer = DraftDrainer(settings, store_, on_invoices_changed=publisher.wake)

@@ -18,13 +18,13 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from gpumeter.localstack import free_port
 from services.agent.simulator import FleetConfig, FleetSimulator, aligned
 from services.agent.spool import spooled_events, spooled_files
 from services.common.kafka_admin import ensure_topics
-from tests.fixtures.kafka import latest_json_by_key, read_topic
+from tests.fixtures.kafka import latest_json_by_key, read_topic, topic_partitions
 from tests.fixtures.kafka_proxy import KafkaProxy
 from tests.fixtures.processes import ServiceProcess, wait_until
 
@@ -321,7 +321,7 @@ def topic_events(bootstrap: str, topic: str) -> list[dict]:
         consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
         await consumer.start()
         try:
-            partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+            partitions = await topic_partitions(consumer, topic)
             consumer.assign(partitions)
             await consumer.seek_to_beginning(*partitions)
             ends = await consumer.end_offsets(partitions)

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from schemas.metering import HourlyTotal
 from services.billing import cli
 from services.common.kafka_admin import ensure_topics
+from tests.fixtures.kafka import produce as produce_messages
+from tests.fixtures.kafka import topic_partitions
 from tests.fixtures.processes import ServiceProcess, wait_until
 
 UTC = dt.UTC
@@ -46,19 +48,11 @@ def hourly(
 
 
 def produce(bootstrap_servers: str, topic: str, totals: list[HourlyTotal]) -> None:
-    async def run() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers)
-        await producer.start()
-        try:
-            for total in totals:
-                await producer.send(
-                    topic, key=total.key.encode(), value=total.model_dump_json().encode()
-                )
-            await producer.flush()
-        finally:
-            await producer.stop()
-
-    asyncio.run(run())
+    produce_messages(
+        bootstrap_servers,
+        topic,
+        [(total.key.encode(), total.model_dump_json().encode()) for total in totals],
+    )
 
 
 def read_topic(bootstrap_servers: str, topic: str, timeout_s: float = 20.0) -> dict[str, dict]:
@@ -70,8 +64,7 @@ def read_topic(bootstrap_servers: str, topic: str, timeout_s: float = 20.0) -> d
         )
         await consumer.start()
         try:
-            partitions = consumer.partitions_for_topic(topic) or set()
-            assigned = [TopicPartition(topic, p) for p in partitions]
+            assigned = await topic_partitions(consumer, topic)
             consumer.assign(assigned)
             await consumer.seek_to_beginning(*assigned)
             ends = await consumer.end_offsets(assigned)

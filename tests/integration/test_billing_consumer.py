@@ -19,10 +19,10 @@ from gpumeter.localstack import EmbeddedPostgres
 from schemas.metering import HourlyTotal
 from services.billing import catalog as catalog_files
 from services.billing import metrics, store
+from services.billing.app import ensure_billing_topics
 from services.billing.consumer import HourlyConsumer
 from services.billing.drainer import DraftDrainer
 from services.billing.settings import BillingSettings
-from services.common.kafka_admin import ensure_topics
 
 UTC = dt.UTC
 CATALOG = """
@@ -82,9 +82,7 @@ async def billing(
     )
     await store.migrate(database_url)
     await catalog_files.apply_catalog(database_url, catalog_files.parse_catalog(CATALOG))
-    await ensure_topics(
-        bootstrap_servers, {settings.topics.hourly: 4, settings.topics.billing_dlq: 1}
-    )
+    await ensure_billing_topics(settings)
     store_ = await store.Store(database_url).open()
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers)
     await producer.start()

@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaProducer
 
 from gpumeter.localstack import free_port
 from services.agent.simulator import usage_event
+from services.common.kafka_admin import ensure_topics
 from tests.fixtures.hostile import hostile_messages
 from tests.fixtures.kafka import latest_json_by_key, produce, read_topic
 from tests.fixtures.processes import ServiceProcess, wait_until
@@ -404,10 +405,17 @@ def test_a_worker_killed_three_times_under_load_counts_every_sample_exactly_once
 def test_two_workers_share_the_partitions_and_one_leaving_mid_run_loses_nothing(
     metering: ServiceProcess, bootstrap_servers: str, topic_prefix: str, tmp_path: Path
 ) -> None:
-    # Given a second worker of the same app beside the first, both counting
+    # Given a second worker of the same app beside the first, both counting (once both hold
+    # usage partitions: a broker that lets the first member join alone hands it all of them)
     topic = f"{topic_prefix}gpu.usage.v1"
     second = metering_process(bootstrap_servers, topic_prefix, tmp_path / "second.log").start()
     try:
+        held = "gpumeter_metering_usage_partitions"
+        wait_until(
+            lambda: metric(metering, held) > 0 and metric(second, held) > 0,
+            60,
+            what="both workers holding usage partitions",
+        )
         nodes = [f"node-{n}" for n in range(8)]
         produce(bootstrap_servers, topic, fleet_rounds(nodes, 1, 100))
         wait_until(
@@ -486,7 +494,8 @@ def test_a_restarted_worker_whose_first_fetched_records_are_dropped_reads_them_a
             hourly_when(bootstrap_servers, topic_prefix, {key: 30 * 64})
         finally:
             first.stop()
-    else:
+    else:  # the topic as metering creates it (brokers need not create topics on a produce)
+        asyncio.run(ensure_topics(bootstrap_servers, {topic: 4}))
         produce(bootstrap_servers, topic, fleet_rounds(nodes, 1, 31))
     # When 30 more rounds arrive while it is down, and the restarted worker's Faust layer drops
     # the first 5 records it fetches of every partition (as Faust's getmany does around an

@@ -20,14 +20,19 @@ from tests.integration.test_metering import (
 )
 
 
-def counted_by_process(port: int) -> dict[str, float]:
+def by_process(port: int, series: str, label: str = "") -> dict[str, float]:
+    """One series of the supervisor's /metrics per worker process (its `process` label)."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    counted: dict[str, float] = {}
+    found: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("gpumeter_metering_samples_total{") and 'outcome="counted"' in line:
+        if line.startswith(series + "{") and label in line:
             process = line.split('process="', 1)[1].split('"', 1)[0]
-            counted[process] = float(line.rsplit(" ", 1)[1])
-    return counted
+            found[process] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def counted_by_process(port: int) -> dict[str, float]:
+    return by_process(port, "gpumeter_metering_samples_total", 'outcome="counted"')
 
 
 def metric(port: int, name: str) -> float:
@@ -64,6 +69,16 @@ def test_worker_processes_share_the_partitions_and_a_killed_one_is_restarted_exa
     topic = f"{topic_prefix}gpu.usage.v1"
     nodes = [f"node-{n}" for n in range(8)]
     try:
+        # (once both hold usage partitions: a broker that lets the first member join alone
+        # hands it all of them, and it would count everything before the second joins)
+        wait_until(
+            lambda: (
+                len(held := by_process(port, "gpumeter_metering_usage_partitions")) == 2
+                and min(held.values()) > 0
+            ),
+            90,
+            what="both worker processes holding usage partitions",
+        )
         produce(bootstrap_servers, topic, fleet_rounds(nodes, 1, 100))
         # Then both count, and one /metrics shows each under its own `process` label
         wait_until(

@@ -73,3 +73,12 @@ def test_kafka_runs_in_kraft_mode_with_one_node() -> None:
     kafka = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["kafka"]
     assert kafka["image"].startswith("apache/kafka")
     assert kafka["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+
+
+def test_compose_and_k8s_name_the_kafka_version_the_tests_run() -> None:
+    from gpumeter.kafkabroker import KAFKA_VERSION
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert compose["services"]["kafka"]["image"] == f"apache/kafka:{KAFKA_VERSION}"
+    k8s = (ROOT / "deploy" / "k8s" / "config.yaml").read_text()
+    assert f"Apache Kafka {KAFKA_VERSION} is the version the tests run" in k8s

@@ -1,0 +1,292 @@
+"""Apache Kafka itself as a local child process: KRaft mode from the jars on Maven Central.
+
+Production runs Apache Kafka; the tests and `gpumeter up --broker kafka` run the same broker
+without Docker: `java -cp 'lib/*' kafka.Kafka server.properties`, with its storage formatted
+once per data directory. The jars are fetched once into `build/kafka/<version>/lib` from the pom
+in `deploy/kafka/pom.xml` (which pins the version), with Maven when it is there; as root with
+apt-get, Maven and a Java runtime are installed when missing.
+
+A `KafkaCluster` of one node is one process in combined mode (broker and controller); of three,
+three processes that are each broker and controller (a quorum of three voters), with replication
+factor 3 and `min.insync.replicas=2` for every topic.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpumeter.localstack import free_port, stop_process, wait_for_port
+
+__all__ = ["KAFKA_VERSION", "KafkaCluster", "ensure_kafka_jars", "kafka_version"]
+
+REPO = Path(__file__).resolve().parent.parent
+POM = REPO / "deploy" / "kafka" / "pom.xml"
+
+
+def kafka_version(pom: Path = POM) -> str:
+    """The Kafka version the pom pins: the one the tests, compose and k8s use."""
+    found = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", pom.read_text())
+    if found is None:
+        raise RuntimeError(f"{pom} names no <kafka.version>")
+    return found.group(1).strip()
+
+
+KAFKA_VERSION = kafka_version()
+
+LOG4J2 = """\
+status = warn
+appender.out.type = Console
+appender.out.name = out
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c{1})%n
+rootLogger.level = WARN
+rootLogger.appenderRef.out.ref = out
+logger.server.name = kafka.server.KafkaRaftServer
+logger.server.level = INFO
+logger.broker.name = kafka.server.BrokerServer
+logger.broker.level = INFO
+"""
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _install_debian(packages: list[str]) -> None:
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise RuntimeError(
+            f"Apache Kafka needs {' and '.join(packages)}: install them (Debian: apt-get install "
+            f"{' '.join(packages)}) or point KAFKA_BOOTSTRAP_SERVERS at a running broker"
+        )
+    _say(f"installing {' '.join(packages)} (Debian packages, once)...")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def ensure_kafka_jars(build_dir: Path | None = None) -> Path:
+    """The folder of the pinned Kafka's jars, fetched from Maven Central the first time.
+
+    Copied into a temporary folder and renamed when complete: an interrupted fetch leaves no
+    half-filled folder that a later start would take for the broker."""
+    build_dir = (build_dir or REPO / "build" / "kafka").resolve()
+    lib = build_dir / KAFKA_VERSION / "lib"
+    if (lib / f"kafka_2.13-{KAFKA_VERSION}.jar").is_file():
+        return lib
+    missing = [name for name in ("java", "mvn") if shutil.which(name) is None]
+    if missing:
+        _install_debian(
+            [{"java": "openjdk-17-jre-headless", "mvn": "maven"}[name] for name in missing]
+        )
+    _say(f"fetching Apache Kafka {KAFKA_VERSION} from Maven Central into {lib} (once)...")
+    partial = lib.with_name(f"lib.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            "mvn",
+            "-q",
+            "-B",
+            "-f",
+            str(POM),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={partial}",
+            "-DincludeScope=runtime",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-15:])
+        raise RuntimeError(f"fetching Apache Kafka {KAFKA_VERSION} failed:\n{tail}")
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        partial.rename(lib)
+    except OSError:  # another process finished first: theirs is as good
+        shutil.rmtree(partial, ignore_errors=True)
+    jars = len(list(lib.glob("*.jar")))
+    _say(f"fetched {jars} jars in {time.monotonic() - started:.0f} s")
+    return lib
+
+
+@dataclass
+class KafkaNode:
+    node_id: int
+    data_dir: Path
+    port: int = field(default_factory=free_port)
+    controller_port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "kafka.log"
+
+
+@dataclass
+class KafkaCluster:
+    """`size` KRaft nodes on 127.0.0.1, each broker and controller, data under `data_dir`."""
+
+    data_dir: Path
+    size: int = 1
+    heap_mb: int = 512
+    nodes: list[KafkaNode] = field(default_factory=list)
+    extra_config: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).resolve()
+        if not self.nodes:
+            self.nodes = [
+                KafkaNode(n, self.data_dir / f"node-{n}") for n in range(1, self.size + 1)
+            ]
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def node(self, node_id: int) -> KafkaNode:
+        return next(node for node in self.nodes if node.node_id == node_id)
+
+    def _config(self, node: KafkaNode) -> str:
+        replicas = min(self.size, 3)
+        voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.nodes)
+        config = {
+            "process.roles": "broker,controller",
+            "node.id": str(node.node_id),
+            "controller.quorum.voters": voters,
+            "listeners": (
+                f"PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}"
+            ),
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(node.data_dir / "data"),
+            "offsets.topic.replication.factor": str(replicas),
+            "offsets.topic.num.partitions": "8",
+            "transaction.state.log.replication.factor": str(replicas),
+            "transaction.state.log.min.isr": str(min(replicas, 2)),
+            "default.replication.factor": str(replicas),
+            "min.insync.replicas": str(min(replicas, 2)),
+            # A consumer group's first member starts at once (the default waits 3 s for others).
+            "group.initial.rebalance.delay.ms": "0",
+            # Local profiles keep sessions short (a SIGKILLed member's partitions move within
+            # seconds); the broker's default floor is 6 s.
+            "group.min.session.timeout.ms": "1000",
+            "num.partitions": "1",
+            "auto.create.topics.enable": "false",
+            "log.retention.hours": "-1",
+            **self.extra_config,
+        }
+        return "".join(f"{key}={value}\n" for key, value in config.items())
+
+    def _format(self, node: KafkaNode, lib: Path, cluster_id: str) -> None:
+        if (node.data_dir / "data" / "meta.properties").is_file():
+            return  # formatted before: a restart keeps its topics
+        result = subprocess.run(
+            [
+                "java",
+                "-cp",
+                f"{lib}/*",
+                "kafka.tools.StorageTool",
+                "format",
+                "--ignore-formatted",
+                f"--cluster-id={cluster_id}",  # an id may start with "-"
+                f"--config={node.data_dir / 'server.properties'}",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"formatting Kafka storage of node {node.node_id} failed:\n"
+                + (result.stdout + result.stderr)[-2000:]
+            )
+
+    def _cluster_id(self) -> str:
+        path = self.data_dir / "cluster-id"
+        if path.is_file():
+            return path.read_text().strip()
+        # A Kafka cluster id is 16 random bytes in URL-safe base64 without padding.
+        import base64
+
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        path.write_text(cluster_id + "\n")
+        return cluster_id
+
+    def start(self, timeout_s: float = 90.0) -> KafkaCluster:
+        lib = ensure_kafka_jars()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cluster_id = self._cluster_id()
+        for node in self.nodes:
+            node.data_dir.mkdir(parents=True, exist_ok=True)
+            (node.data_dir / "server.properties").write_text(self._config(node))
+            (node.data_dir / "log4j2.properties").write_text(LOG4J2)
+            self._format(node, lib, cluster_id)
+        for node in self.nodes:
+            self.start_node(node.node_id, wait=False)
+        for node in self.nodes:
+            assert node.process is not None
+            try:
+                wait_for_port(node.port, timeout_s, process=node.process)
+            except (RuntimeError, TimeoutError) as error:
+                self.stop()
+                tail = node.log_path.read_text(errors="replace").splitlines()[-15:]
+                raise RuntimeError(
+                    f"Kafka node {node.node_id}: {error}\n" + "\n".join(tail)
+                ) from None
+        return self
+
+    def start_node(self, node_id: int, wait: bool = True) -> None:
+        node = self.node(node_id)
+        lib = ensure_kafka_jars()
+        log = open(node.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        node.process = subprocess.Popen(
+            [
+                "java",
+                f"-Xmx{self.heap_mb}m",
+                "-Xms64m",
+                "-XX:+UseSerialGC",
+                "-Xss512k",
+                f"-Dlog4j2.configurationFile={node.data_dir / 'log4j2.properties'}",
+                "-cp",
+                f"{lib}/*",
+                "kafka.Kafka",
+                str(node.data_dir / "server.properties"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        if wait:
+            wait_for_port(node.port, 90.0, process=node.process)
+
+    def kill_node(self, node_id: int) -> None:
+        node = self.node(node_id)
+        if node.process is not None and node.process.poll() is None:
+            node.process.send_signal(signal.SIGKILL)
+            node.process.wait(10)
+
+    def stop(self) -> None:
+        running = [n for n in self.nodes if n.process is not None and n.process.poll() is None]
+        for node in running:  # all at once: a controlled shutdown waits for the others
+            assert node.process is not None
+            node.process.send_signal(signal.SIGTERM)
+        for node in running:
+            assert node.process is not None
+            stop_process(node.process, timeout_s=30.0)
