@@ -13,6 +13,7 @@ factor 3 and `min.insync.replicas=2` for every topic.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -61,23 +62,6 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _install_debian(packages: list[str]) -> None:
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise RuntimeError(
-            f"Apache Kafka needs {' and '.join(packages)}: install them (Debian: apt-get install "
-            f"{' '.join(packages)}) or point KAFKA_BOOTSTRAP_SERVERS at a running broker"
-        )
-    _say(f"installing {' '.join(packages)} (Debian packages, once)...")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
-        check=True,
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
-
-
 def ensure_kafka_jars(build_dir: Path | None = None) -> Path:
     """The folder of the pinned Kafka's jars, fetched from Maven Central the first time.
 
@@ -87,11 +71,18 @@ def ensure_kafka_jars(build_dir: Path | None = None) -> Path:
     lib = build_dir / KAFKA_VERSION / "lib"
     if (lib / f"kafka_2.13-{KAFKA_VERSION}.jar").is_file():
         return lib
-    missing = [name for name in ("java", "mvn") if shutil.which(name) is None]
-    if missing:
-        _install_debian(
-            [{"java": "openjdk-17-jre-headless", "mvn": "maven"}[name] for name in missing]
-        )
+    needed = {"java": "openjdk-17-jre-headless", "mvn": "maven"}
+    if any(shutil.which(name) is None for name in needed):
+        # Installed as root with apt-get, as the other Debian packages the project uses.
+        script = REPO / "scripts" / "ensure-system-packages.sh"
+        subprocess.run(["bash", str(script), *(f"{c}={p}" for c, p in needed.items())], check=True)
+        missing = [name for name in needed if shutil.which(name) is None]
+        if missing:
+            raise RuntimeError(
+                f"Apache Kafka needs {' and '.join(missing)} (Debian: "
+                f"{' '.join(needed[m] for m in missing)}), or KAFKA_BOOTSTRAP_SERVERS naming a "
+                "running broker"
+            )
     _say(f"fetching Apache Kafka {KAFKA_VERSION} from Maven Central into {lib} (once)...")
     partial = lib.with_name(f"lib.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
@@ -145,7 +136,6 @@ class KafkaCluster:
     size: int = 1
     heap_mb: int = 512
     nodes: list[KafkaNode] = field(default_factory=list)
-    extra_config: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -190,7 +180,6 @@ class KafkaCluster:
             "num.partitions": "1",
             "auto.create.topics.enable": "false",
             "log.retention.hours": "-1",
-            **self.extra_config,
         }
         return "".join(f"{key}={value}\n" for key, value in config.items())
 
@@ -222,8 +211,6 @@ class KafkaCluster:
         if path.is_file():
             return path.read_text().strip()
         # A Kafka cluster id is 16 random bytes in URL-safe base64 without padding.
-        import base64
-
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         path.write_text(cluster_id + "\n")
         return cluster_id
@@ -275,12 +262,6 @@ class KafkaCluster:
         log.close()
         if wait:
             wait_for_port(node.port, 90.0, process=node.process)
-
-    def kill_node(self, node_id: int) -> None:
-        node = self.node(node_id)
-        if node.process is not None and node.process.poll() is None:
-            node.process.send_signal(signal.SIGKILL)
-            node.process.wait(10)
 
     def stop(self) -> None:
         running = [n for n in self.nodes if n.process is not None and n.process.poll() is None]

@@ -2,10 +2,15 @@
 # Debian packages some tests use (a real Prometheus Alertmanager, headless Chromium for the
 # dashboard). Installed when missing and we are root with apt-get; otherwise say what is missing
 # and carry on (the tests then report it clearly).
+#
+# Arguments, when given, are COMMAND=PACKAGE pairs to check instead (gpumeter/kafkabroker.py asks
+# for java=openjdk-17-jre-headless mvn=maven).
 set -euo pipefail
+[ $# -gt 0 ] || set -- prometheus-alertmanager=prometheus-alertmanager chromium=chromium
 missing=()
-command -v prometheus-alertmanager >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
-command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+for pair in "$@"; do
+  command -v "${pair%%=*}" >/dev/null 2>&1 || missing+=("${pair#*=}")
+done
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -27,6 +27,11 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # its jars fetched from Maven Central once: see gpumeter/kafkabroker.py).
 TEST_BROKERS = ("tansu", "kafka")
 BROKERS = [b.strip() for b in os.environ.get("GPUMETER_TEST_BROKERS", "tansu").split(",")]
+if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and len(BROKERS) > 1:
+    raise pytest.UsageError(
+        "KAFKA_BOOTSTRAP_SERVERS names one broker: GPUMETER_TEST_BROKERS would run every test on "
+        "it once per name; name one broker or unset KAFKA_BOOTSTRAP_SERVERS"
+    )
 if not BROKERS or any(broker not in TEST_BROKERS for broker in BROKERS):
     raise pytest.UsageError(
         f"GPUMETER_TEST_BROKERS={os.environ.get('GPUMETER_TEST_BROKERS')!r}: "

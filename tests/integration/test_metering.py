@@ -19,7 +19,6 @@ from aiokafka import AIOKafkaProducer
 
 from gpumeter.localstack import free_port
 from services.agent.simulator import usage_event
-from services.common.kafka_admin import ensure_topics
 from tests.fixtures.hostile import hostile_messages
 from tests.fixtures.kafka import latest_json_by_key, produce, read_topic
 from tests.fixtures.processes import ServiceProcess, wait_until
@@ -156,6 +155,29 @@ def hourly_when(bootstrap: str, topic_prefix: str, expected_samples: dict[str, i
     return latest_json_by_key(
         read_topic(bootstrap, f"{topic_prefix}metering.usage.hourly.v1", done)
     )
+
+
+def hourly_or_diagnosis(
+    bootstrap: str, topic_prefix: str, expected_samples: dict[str, int], service: ServiceProcess
+) -> dict:
+    """hourly_when, failing with what the worker's dead letters and log say."""
+    try:
+        return hourly_when(bootstrap, topic_prefix, expected_samples)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{diagnosis(bootstrap, topic_prefix, service)}") from None
+
+
+def dropping_worker(
+    bootstrap: str, topic_prefix: str, tmp_path: Path, env: dict[str, str]
+) -> ServiceProcess:
+    """A started worker whose Faust layer drops fetched records (tests/fixtures/dropping_metering)."""
+    return metering_process(
+        bootstrap,
+        topic_prefix,
+        tmp_path / "metering.log",
+        module="tests.fixtures.dropping_metering",
+        env=env,
+    ).start()
 
 
 def diagnosis(bootstrap: str, topic_prefix: str, service: ServiceProcess) -> str:
@@ -451,25 +473,16 @@ def test_records_dropped_after_the_consumer_fetched_them_are_read_again_and_coun
     # Given a worker whose Faust layer drops fetched usage records once each, from offset 10 of
     # every partition on (as Faust's getmany does around an assignment), so that the consumer's
     # position is past them and no later message reveals the gap
-    worker = metering_process(
-        bootstrap_servers,
-        topic_prefix,
-        tmp_path / "metering.log",
-        module="tests.fixtures.dropping_metering",
-        env={"GPUMETER_TEST_DROP_FROM": "10"},
-    ).start()
+    worker = dropping_worker(
+        bootstrap_servers, topic_prefix, tmp_path, {"GPUMETER_TEST_DROP_FROM": "10"}
+    )
     try:
         # When 8 nodes send 60 rounds, and then nothing more
         nodes = [f"node-{n}" for n in range(8)]
         produce(bootstrap_servers, f"{topic_prefix}gpu.usage.v1", fleet_rounds(nodes, 1, 61))
         # Then every sample is counted exactly once, and the stall was noticed and reported
         key = "hkgai-llm|H800|2026-11-28T01:00:00+00:00"
-        try:
-            latest = hourly_when(bootstrap_servers, topic_prefix, {key: 60 * 64})
-        except AssertionError as error:
-            raise AssertionError(
-                f"{error}\n{diagnosis(bootstrap_servers, topic_prefix, worker)}"
-            ) from None
+        latest = hourly_or_diagnosis(bootstrap_servers, topic_prefix, {key: 60 * 64}, worker)
         assert Decimal(latest[key]["gpu_seconds"]) == Decimal(60 * 64 * 10)
         assert metric(worker, "gpumeter_metering_usage_stalls_total") >= 1
         log = worker.log_path.read_text(errors="replace")
@@ -494,28 +507,18 @@ def test_a_restarted_worker_whose_first_fetched_records_are_dropped_reads_them_a
             hourly_when(bootstrap_servers, topic_prefix, {key: 30 * 64})
         finally:
             first.stop()
-    else:  # the topic as metering creates it (brokers need not create topics on a produce)
-        asyncio.run(ensure_topics(bootstrap_servers, {topic: 4}))
+    else:
         produce(bootstrap_servers, topic, fleet_rounds(nodes, 1, 31))
     # When 30 more rounds arrive while it is down, and the restarted worker's Faust layer drops
     # the first 5 records it fetches of every partition (as Faust's getmany does around an
     # assignment), so that its stream starts 5 past where the assignment started it
     produce(bootstrap_servers, topic, fleet_rounds(nodes, 31, 61))
-    worker = metering_process(
-        bootstrap_servers,
-        topic_prefix,
-        tmp_path / "metering.log",
-        module="tests.fixtures.dropping_metering",
-        env={"GPUMETER_TEST_DROP_FIRST": "5"},
-    ).start()
+    worker = dropping_worker(
+        bootstrap_servers, topic_prefix, tmp_path, {"GPUMETER_TEST_DROP_FIRST": "5"}
+    )
     try:
         # Then it reads them again before counting anything newer: every sample once, in order
-        try:
-            latest = hourly_when(bootstrap_servers, topic_prefix, {key: 60 * 64})
-        except AssertionError as error:
-            raise AssertionError(
-                f"{error}\n{diagnosis(bootstrap_servers, topic_prefix, worker)}"
-            ) from None
+        latest = hourly_or_diagnosis(bootstrap_servers, topic_prefix, {key: 60 * 64}, worker)
         assert Decimal(latest[key]["gpu_seconds"]) == Decimal(60 * 64 * 10)
         assert counted(worker) == (30 if committed else 60) * 64
         # (reading again may deliver some samples twice: those are duplicates, counted once)
@@ -572,17 +575,16 @@ def test_health_turns_unhealthy_when_the_stream_stops_with_lag_and_names_the_par
     bootstrap_servers: str, topic_prefix: str, tmp_path: Path
 ) -> None:
     # Given a worker whose stream never gets past offset 5 of any usage partition
-    worker = metering_process(
+    worker = dropping_worker(
         bootstrap_servers,
         topic_prefix,
-        tmp_path / "metering.log",
-        module="tests.fixtures.dropping_metering",
-        env={
+        tmp_path,
+        {
             "GPUMETER_TEST_DROP_FROM": "5",
             "GPUMETER_TEST_DROP_ALWAYS": "1",
             "STALL_UNHEALTHY_S": "10",
         },
-    ).start()
+    )
     try:
         assert worker.healthy()
         # When samples arrive that it cannot get to
