@@ -155,6 +155,7 @@ class AlertsService:
                 topics.billing_signals: BILLING_SIGNALS_PARTITIONS,
             },
             compacted={topics.billing_signals},
+            replication_factor=settings.kafka_replication_factor,
         )
         loaded = await store.load()
         evaluator = Evaluator(

@@ -46,6 +46,7 @@ async def ensure_billing_topics(settings: BillingSettings) -> None:
             settings.topics.billing_signals,
             settings.topics.completeness,
         },
+        replication_factor=settings.kafka_replication_factor,
     )
 
 

@@ -1,11 +1,14 @@
-"""Create topics up front, so consumers never join a group while topics are still appearing."""
+"""Create topics up front, so consumers never join a group while topics are still appearing; tell
+which broker answers (Apache Kafka or another, such as Tansu) where their answers differ."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import struct
 from collections.abc import Mapping
+from typing import Literal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -20,8 +23,10 @@ async def ensure_topics(
     compacted: set[str] | frozenset[str] = frozenset(),
     attempts: int = 30,
     configs: dict[str, dict[str, str]] | None = None,
+    replication_factor: int = 1,
 ) -> None:
-    """Create each missing topic with its partition count. Existing topics are left as they are."""
+    """Create each missing topic with its partition count and `replication_factor` copies
+    (KAFKA_REPLICATION_FACTOR: 3 on a production cluster). Existing topics are left as they are."""
     for attempt in range(attempts):
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
         try:
@@ -31,7 +36,7 @@ async def ensure_topics(
                 NewTopic(
                     name,
                     partitions,
-                    1,
+                    replication_factor,
                     topic_configs={
                         **({"cleanup.policy": "compact"} if name in compacted else {}),
                         **(configs or {}).get(name, {}),
@@ -91,3 +96,50 @@ async def fetched_end_offsets(
     finally:
         await consumer.stop()
     return result
+
+
+BrokerKind = Literal["kafka", "other"]
+
+# ApiVersions keys only Apache Kafka (of the brokers the project runs on) advertises to clients:
+# OffsetForLeaderEpoch (23, KIP-101, every Kafka since 0.11) is part of its replication protocol;
+# Tansu answers neither it nor CreatePartitions (37).
+_APACHE_KAFKA_KEYS = frozenset({23, 37})
+
+
+async def broker_kind(bootstrap_servers: str, timeout_s: float = 10.0) -> BrokerKind:
+    """`kafka` when the first reachable bootstrap broker answers ApiVersions as Apache Kafka does,
+    `other` otherwise (Tansu, or a broker this cannot tell): callers keep their broker
+    workarounds on for `other`, since each is also right on Kafka, only slower.
+
+    A plain ApiVersions v0 request on a socket of its own: the versions aiokafka negotiates are
+    not public."""
+    last: Exception | None = None
+    for server in bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            keys = await asyncio.wait_for(_api_keys(host or "127.0.0.1", int(port)), timeout_s)
+        except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError) as exc:
+            last = exc
+            continue
+        return "kafka" if keys >= _APACHE_KAFKA_KEYS else "other"
+    raise ConnectionError(f"no broker of {bootstrap_servers!r} answered ApiVersions: {last!r}")
+
+
+async def _api_keys(host: str, port: int) -> set[int]:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        client_id = b"gpumeter-probe"
+        # Request header v1: api_key, api_version, correlation_id, client_id; ApiVersions v0 has no body.
+        body = struct.pack(">hhih", 18, 0, 1, len(client_id)) + client_id
+        writer.write(struct.pack(">i", len(body)) + body)
+        await writer.drain()
+        (size,) = struct.unpack(">i", await reader.readexactly(4))
+        response = await reader.readexactly(size)
+        correlation_id, error_code, count = struct.unpack_from(">ihi", response)
+        if correlation_id != 1 or error_code != 0:
+            raise ValueError(f"ApiVersions answered error {error_code}")
+        return {struct.unpack_from(">h", response, 10 + 6 * i)[0] for i in range(count)}
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +19,12 @@ class CommonSettings(BaseSettings):
     kafka_rebalance_timeout_ms: int = 30000
     kafka_session_timeout_ms: int = 10000
     kafka_heartbeat_interval_ms: int = 1000
+    # Which broker this is, where Tansu's answers differ from Apache Kafka's: `auto` asks the broker
+    # (services.common.kafka_admin.broker_kind); workarounds for Tansu are off on Kafka only.
+    kafka_broker: Literal["auto", "kafka", "tansu"] = "auto"
+    # Copies of each topic the services create: 3 on a production cluster (min.insync.replicas=2
+    # there; every producer sends with acks=all).
+    kafka_replication_factor: int = Field(1, ge=1)
     http_host: str = "127.0.0.1"
     log_level: str = "INFO"
 

@@ -38,6 +38,7 @@ def main() -> None:
                 settings.topics.usage: {"max.message.bytes": str(USAGE_TOPIC_MAX_BYTES)},
                 settings.topics.usage_dlq: {"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)},
             },
+            replication_factor=settings.kafka_replication_factor,
         )
     )
     if settings.worker_processes > 1:

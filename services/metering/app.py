@@ -7,6 +7,7 @@ import json
 import logging
 import time
 import types
+import weakref
 from collections import defaultdict, deque
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +18,7 @@ from mode.services import WaitResults
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from schemas.codec import InvalidUsage, dead_letter, from_binary_mode
-from services.common.kafka_admin import fetched_end_offsets
+from services.common.kafka_admin import broker_kind, fetched_end_offsets
 from services.metering import domain
 from services.metering.fast_decode import decode_samples
 from services.metering.sender import DirectSender
@@ -145,6 +146,13 @@ class MeteringMetrics:
         self.usage_partitions = Gauge(
             "gpumeter_metering_usage_partitions",
             "Usage partitions assigned to this worker (0 while it has none, e.g. before it joined)",
+            registry=self.registry,
+        )
+        self.fetched_end_offsets = Gauge(
+            "gpumeter_metering_fetched_end_offsets",
+            "1 when table recovery corrects ListOffsets' end offsets by a fetch (Tansu, or a "
+            "broker not known to be Apache Kafka), 0 on Apache Kafka; unset until the broker "
+            "was asked",
             registry=self.registry,
         )
         self.samples_per_second = Gauge(
@@ -331,11 +339,46 @@ def _make_uncommitted_partitions_start_at_earliest() -> None:
     ThreadDelegateConsumer._gpumeter_earliest_when_uncommitted = True  # type: ignore[attr-defined]
 
 
-def _make_highwaters_exact(bootstrap_servers: str) -> None:
+class ListedEndOffsets:
+    """Whether ListOffsets' end offsets can be taken as they are (Apache Kafka) or must be
+    corrected by a fetch's (Tansu: see `fetched_end_offsets`). Asked of the broker once, when
+    KAFKA_BROKER is `auto`; a broker that cannot be told keeps the correction, which is right on
+    both (one extra fetch per table recovery)."""
+
+    def __init__(self, bootstrap_servers: str, broker: str) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.broker = broker
+        self._exact: bool | None = {"kafka": True, "tansu": False}.get(broker)
+        self._lock = asyncio.Lock()
+
+    async def exact(self) -> bool:
+        if self._exact is None:
+            async with self._lock:
+                if self._exact is None:
+                    try:
+                        kind = await broker_kind(self.bootstrap_servers)
+                    except ConnectionError as exc:
+                        log.warning("broker kind unknown (%s): correcting its end offsets", exc)
+                        return False  # asked again next time
+                    self._exact = kind == "kafka"
+                    log.info(
+                        "broker: %s; table recovery takes %s end offsets",
+                        "Apache Kafka" if self._exact else "not Apache Kafka",
+                        "ListOffsets'" if self._exact else "fetched",
+                    )
+        return self._exact
+
+
+# Each app's end-offset policy, looked up by the consumer thread of that app.
+END_OFFSETS: weakref.WeakKeyDictionary[Any, ListedEndOffsets] = weakref.WeakKeyDictionary()
+
+
+def _make_highwaters_exact() -> None:
     """Faust restores tables by reading each changelog partition up to its highwater, taken from
     ListOffsets. On Tansu that under-reports a partition whose last batch holds several records
     (see `fetched_end_offsets`): the newest node states were never restored, and a restarted
-    worker counted those nodes from an old state (issue #4's loss). Take the fetch's figure."""
+    worker counted those nodes from an old state (issue #4's loss). Take the fetch's figure
+    there; on Apache Kafka ListOffsets is exact and is taken as it is (`ListedEndOffsets`)."""
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
     if getattr(AIOKafkaConsumerThread, "_gpumeter_exact_highwaters", False):
@@ -344,9 +387,10 @@ def _make_highwaters_exact(bootstrap_servers: str) -> None:
 
     async def exact_highwaters(self: Any, partitions: Any) -> Any:
         listed = await listed_highwaters(self, partitions)
-        if self.consumer.in_transaction:
+        policy = END_OFFSETS.get(self.consumer.app)
+        if self.consumer.in_transaction or policy is None or await policy.exact():
             return listed
-        return await fetched_end_offsets(bootstrap_servers, listed)
+        return await fetched_end_offsets(policy.bootstrap_servers, listed)
 
     AIOKafkaConsumerThread._highwaters = exact_highwaters  # type: ignore[method-assign]
     AIOKafkaConsumerThread._gpumeter_exact_highwaters = True  # type: ignore[attr-defined]
@@ -439,7 +483,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
     _make_producer_flush_complete()
     _make_uncommitted_partitions_start_at_earliest()
     _make_commits_wait_for_held()
-    _make_highwaters_exact(settings.kafka_bootstrap_servers)
+    _make_highwaters_exact()
     _set_fetch_max_wait(settings.fetch_max_wait_ms)
     _make_drain_skip_wait_first()
     topics = settings.topics
@@ -459,6 +503,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
         broker_heartbeat_interval=settings.kafka_heartbeat_interval_ms / 1000,
         broker_commit_interval=1.0,
         producer_acks=-1,
+        topic_replication_factor=settings.kafka_replication_factor,
         producer_max_request_size=DEAD_LETTER_MAX_BYTES,
         web_enabled=True,
         web_host=settings.http_host,
@@ -474,6 +519,9 @@ def create_app(settings: MeteringSettings) -> faust.App:
         producer_max_batch_size=1024 * 1024,
     )
     metrics = MeteringMetrics()
+    end_offsets = END_OFFSETS[app] = ListedEndOffsets(
+        settings.kafka_bootstrap_servers, settings.kafka_broker
+    )
     app.gpumeter_metrics = metrics  # type: ignore[attr-defined]
     sender = DirectSender(app)
     AFTER_FLUSH.append(sender.check)
@@ -1044,6 +1092,11 @@ def create_app(settings: MeteringSettings) -> faust.App:
                     hour_completeness, newest, settings.table_retention_s, domain.hour_epoch
                 )
             metrics.batch_seconds.labels("completeness").observe(time.perf_counter() - started)
+
+    @app.task
+    async def ask_the_broker() -> None:
+        """Which end offsets table recovery takes, known before the first recovery needs it."""
+        metrics.fetched_end_offsets.set(0 if await end_offsets.exact() else 1)
 
     @app.timer(1.0)
     async def resend_when_idle() -> None:
