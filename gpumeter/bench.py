@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from gpumeter.kafkabroker import KAFKA_VERSION, KafkaCluster
 from gpumeter.localstack import TansuBroker, free_port
 from services.agent.simulator import FleetConfig, FleetSimulator, usage_event
 from services.common.kafka_admin import ensure_topics
@@ -310,64 +311,83 @@ def main() -> None:
     parser.add_argument("--steady-gpus", type=int, default=15_000)
     parser.add_argument("--steady-seconds", type=int, default=60)
     parser.add_argument("--steady-warmup", type=int, default=10)
+    parser.add_argument(
+        "--broker",
+        choices=("tansu", "kafka", "both"),
+        default="tansu",
+        help="the local broker when KAFKA_BOOTSTRAP_SERVERS names none: Tansu (the default), "
+        "Apache Kafka (one KRaft node), or both, one after the other, for the record",
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="gpumeter-bench-"))
-    broker = None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if not bootstrap:
-        broker = TansuBroker(workdir / "tansu.log").start()
-        bootstrap = broker.bootstrap_servers
-    try:
-        print(f"producing {args.nodes} nodes x 8 GPUs x {args.rounds} rounds ...", flush=True)
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        print(f"=== broker: {external} (KAFKA_BOOTSTRAP_SERVERS)", flush=True)
+        run_all(external, args, workdir)
+        return
+    for kind in ("tansu", "kafka") if args.broker == "both" else (args.broker,):
+        broker: TansuBroker | KafkaCluster
+        if kind == "kafka":
+            broker = KafkaCluster(workdir / "kafka").start()
+            print(f"=== broker: Apache Kafka {KAFKA_VERSION}, one KRaft node", flush=True)
+        else:
+            broker = TansuBroker(workdir / "tansu.log").start()
+            print("=== broker: Tansu (in memory)", flush=True)
+        try:
+            run_all(broker.bootstrap_servers, args, workdir)
+        finally:
+            broker.stop()
+
+
+def run_all(bootstrap: str, args: argparse.Namespace, workdir: Path) -> None:
+    """(a), (b) and (c) on the broker at `bootstrap`."""
+    print(f"producing {args.nodes} nodes x 8 GPUs x {args.rounds} rounds ...", flush=True)
+    prefix, samples = produce_usage(bootstrap, args.nodes, args.rounds)
+    print(f"produced {samples:,} samples in {samples // 8:,} batched messages", flush=True)
+    ceiling = asyncio.run(raw_ceiling(bootstrap, f"{prefix}gpu.usage.v1", samples))
+    print(f"(a) raw aiokafka consume + JSON decode: {ceiling:,.0f} samples/s", flush=True)
+    rate, rss = metering_end_to_end(bootstrap, prefix, samples, workdir)
+    print(
+        f"(b) metering end to end, 1 worker process: {rate:,.0f} samples/s"
+        f"  (RSS {rss:.0f} MB; ratio to (a) {rate / ceiling:.2f})",
+        flush=True,
+    )
+    if args.processes > 1:
+        # The same data again under a new prefix: a fresh group and fresh internal topics.
         prefix, samples = produce_usage(bootstrap, args.nodes, args.rounds)
-        print(f"produced {samples:,} samples in {samples // 8:,} batched messages", flush=True)
-        ceiling = asyncio.run(raw_ceiling(bootstrap, f"{prefix}gpu.usage.v1", samples))
-        print(f"(a) raw aiokafka consume + JSON decode: {ceiling:,.0f} samples/s", flush=True)
-        rate, rss = metering_end_to_end(bootstrap, prefix, samples, workdir)
+        rate, rss = metering_end_to_end(bootstrap, prefix, samples, workdir, args.processes)
         print(
-            f"(b) metering end to end, 1 worker process: {rate:,.0f} samples/s"
-            f"  (RSS {rss:.0f} MB; ratio to (a) {rate / ceiling:.2f})",
+            f"(b) metering end to end, {args.processes} worker processes"
+            f" (WORKER_PROCESSES={args.processes}): {rate:,.0f} samples/s"
+            f"  (RSS {rss:.0f} MB in all; ratio to (a) {rate / ceiling:.2f})",
             flush=True,
         )
-        if args.processes > 1:
-            # The same data again under a new prefix: a fresh group and fresh internal topics.
-            prefix, samples = produce_usage(bootstrap, args.nodes, args.rounds)
-            rate, rss = metering_end_to_end(bootstrap, prefix, samples, workdir, args.processes)
-            print(
-                f"(b) metering end to end, {args.processes} worker processes"
-                f" (WORKER_PROCESSES={args.processes}): {rate:,.0f} samples/s"
-                f"  (RSS {rss:.0f} MB in all; ratio to (a) {rate / ceiling:.2f})",
-                flush=True,
-            )
-        if args.steady_seconds:
-            steady_prefix = f"bench{uuid.uuid4().hex[:6]}."
-            asyncio.run(ensure_topics(bootstrap, {f"{steady_prefix}gpu.usage.v1": 8}))
-            process, port = start_metering(bootstrap, steady_prefix, workdir, args.steady_processes)
-            try:
-                wait_healthy(port)
-                latencies, rounds = asyncio.run(
-                    steady_latency(
-                        bootstrap,
-                        steady_prefix,
-                        args.steady_gpus,
-                        args.steady_seconds,
-                        args.steady_warmup,
-                    )
+    if args.steady_seconds:
+        steady_prefix = f"bench{uuid.uuid4().hex[:6]}."
+        asyncio.run(ensure_topics(bootstrap, {f"{steady_prefix}gpu.usage.v1": 8}))
+        process, port = start_metering(bootstrap, steady_prefix, workdir, args.steady_processes)
+        try:
+            wait_healthy(port)
+            latencies, rounds = asyncio.run(
+                steady_latency(
+                    bootstrap,
+                    steady_prefix,
+                    args.steady_gpus,
+                    args.steady_seconds,
+                    args.steady_warmup,
                 )
-                rss = tree_rss_mb(process.pid)
-            finally:
-                process.terminate()
-                process.wait(40)
-            print(
-                f"(c) steady {args.steady_gpus:,} GPUs at 1 Hz for {rounds} s,"
-                f" {args.steady_processes} worker process(es): "
-                + latency_line(latencies, rounds)
-                + f" after {args.steady_warmup} s at the same rate"
-                + f"  (RSS {rss:.0f} MB)"
             )
-    finally:
-        if broker:
-            broker.stop()
+            rss = tree_rss_mb(process.pid)
+        finally:
+            process.terminate()
+            process.wait(40)
+        print(
+            f"(c) steady {args.steady_gpus:,} GPUs at 1 Hz for {rounds} s,"
+            f" {args.steady_processes} worker process(es): "
+            + latency_line(latencies, rounds)
+            + f" after {args.steady_warmup} s at the same rate"
+            + f"  (RSS {rss:.0f} MB)"
+        )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--partitions", type=int, default=8, help="partitions of gpu.usage.v1")
     up.add_argument("--data-dir", type=Path, default=Path("var"))
     up.add_argument(
+        "--broker",
+        choices=("tansu", "kafka"),
+        default="tansu",
+        help="the local broker when KAFKA_BOOTSTRAP_SERVERS names none: Tansu (in memory, starts "
+        "in under a second, the default) or Apache Kafka (KRaft, the production broker; its jars "
+        "are fetched from Maven Central once)",
+    )
+    up.add_argument(
+        "--kafka-nodes", type=int, default=1, help="Apache Kafka nodes (3: replication factor 3)"
+    )
+    up.add_argument(
         "--duration", type=float, default=None, help="stop by itself after this many seconds"
     )
     commands.add_parser(
@@ -60,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                 interval_s=args.interval,
                 partitions=args.partitions,
                 duration_s=args.duration,
+                broker=args.broker,
+                kafka_nodes=args.kafka_nodes,
             )
         )
     parser.error(f"unknown command {args.command}")

@@ -2,7 +2,11 @@
 
 The whole local stack with the simulated fleet, then, one after the other: metering, billing and
 alerts each killed with SIGKILL and restarted; the agents' link to the broker cut for `--outage-s`
-through a TCP proxy (they spool on disk meanwhile); PostgreSQL restarted. Then the fleet stops,
+through a TCP proxy (they spool on disk meanwhile); PostgreSQL restarted. On a cluster of three
+Apache Kafka nodes (`--broker kafka --kafka-nodes 3`: replication factor 3, min.insync.replicas=2,
+acks=all) it also SIGKILLs the leader of gpu.usage.v1's busiest partition and of a metering
+changelog partition and restarts each, then cuts one node off from clients and the controller
+quorum for `--isolate-s`, and reports what each fault did to metering's lag. Then the fleet stops,
 the pipeline drains, and the drill checks the outcome against what the samples imply:
 
 - every invoice (GET /v1/invoices) equals, to the cent, the invoice CONTRACTS §4 gives for the
@@ -49,9 +53,9 @@ import asyncpg
 import httpx
 import yaml
 from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import ConsumerRecord
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from gpumeter.proxy import KafkaProxy
+from gpumeter.proxy import KafkaProxyGroup
 from gpumeter.stack import REPO_ROOT, Stack, StackOptions, create_database, scrape
 from schemas.codec import InvalidUsage, decode_usage_message
 from schemas.topics import Topics
@@ -79,6 +83,33 @@ class DrillOptions:
     progress_s: float = 10.0
     data_dir: Path | None = None
     keep: bool = False
+    broker: str = "tansu"  # or "kafka": Apache Kafka in KRaft mode, `kafka_nodes` of them
+    kafka_nodes: int = 1  # 3 or more: the leader kills and the isolation below run too
+    isolate_s: float = 60.0  # how long one Kafka node is cut off from clients and the quorum
+
+
+@dataclass
+class FaultEffect:
+    """What a broker fault did to the pipeline: metering's lag (messages behind) at its peak and
+    how long after the fault ended it was back at its level before; the agents' failed sends and
+    spool (samples waiting for the broker) at their peak."""
+
+    fault: str
+    lag_before: float = 0.0
+    lag_peak: float = 0.0
+    caught_up_s: float | None = None  # None: not back within the wait
+    send_failures: float = 0.0
+    spool_peak: int = 0
+
+    def line(self) -> str:
+        back = (
+            f"{self.caught_up_s:.1f} s" if self.caught_up_s is not None else "not within the wait"
+        )
+        return (
+            f"{self.fault}: metering lag {self.lag_before:.0f} before, peak {self.lag_peak:.0f}, "
+            f"back {back} after it ended; agents: {self.send_failures:.0f} failed sends, "
+            f"spool peak {self.spool_peak} samples"
+        )
 
 
 @dataclass
@@ -135,7 +166,8 @@ class Drill:
         self.options = options
         self.started = time.monotonic()
         self.steps: list[Step] = []
-        self.proxy: KafkaProxy | None = None
+        self.proxy: KafkaProxyGroup | None = None
+        self.effects: list[FaultEffect] = []
         self.stack: Stack | None = None
         self.sim_start: datetime | None = None
         self.agent_metrics: dict[str, float] = {}
@@ -177,6 +209,13 @@ class Drill:
             self.run_for(opts.settle_s, "let it run")
             self.restart_postgres()
             self.run_for(opts.settle_s, "let it run")
+            if self.cluster_faults:
+                self.kill_leader(self.topics.usage, "the busiest usage partition")
+                self.run_for(opts.settle_s, "let it run")
+                self.kill_leader("-changelog", "a metering changelog partition")
+                self.run_for(opts.settle_s, "let it run")
+                self.isolate_broker()
+                self.run_for(opts.settle_s, "let it run")
             self.stop_fleet()
             facts = self.check_usage()
             self.check_invoices(facts)
@@ -191,6 +230,15 @@ class Drill:
         self.shutdown(keep=self.options.keep or not passed)
         self.report(passed)
         return 0 if passed else 1
+
+    @property
+    def cluster_faults(self) -> bool:
+        """Broker faults need a cluster that survives one node's loss: three Kafka nodes."""
+        return (
+            self.options.broker == "kafka"
+            and self.options.kafka_nodes >= 3
+            and not os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        )
 
     def prepare(self) -> None:
         opts = self.options
@@ -223,6 +271,8 @@ class Drill:
         now = datetime.now(UTC)
         if opts.start is None:
             planned_s = 5 * opts.settle_s + opts.outage_s + 150
+            if self.cluster_faults:  # two leader kills and an isolation, each settled after
+                planned_s += 5 * opts.settle_s + opts.isolate_s + 60
             self.sim_start = aligned(
                 now - timedelta(seconds=planned_s * opts.speed * 1.5), opts.interval_s
             )
@@ -234,13 +284,14 @@ class Drill:
     def start_stack(self) -> None:
         opts = self.options
         assert self.sim_start is not None
+        broker = "Tansu" if opts.broker == "tansu" else f"Apache Kafka x{opts.kafka_nodes}"
         self.step(
-            f"start the stack: {opts.nodes} simulated nodes x 8 GPUs from "
+            f"start the stack on {broker}: {opts.nodes} simulated nodes x 8 GPUs from "
             f"{self.sim_start.isoformat()} at {opts.speed:g}x, agents behind a TCP proxy"
         )
 
-        def through_proxy(broker: str) -> str:
-            self.proxy = KafkaProxy(broker).start()
+        def through_proxy(bootstrap: str) -> str:
+            self.proxy = KafkaProxyGroup(bootstrap).start()
             return self.proxy.bootstrap_servers
 
         self.stack = Stack(
@@ -253,6 +304,9 @@ class Drill:
                 partitions=opts.partitions,
                 rules=self.data_dir / "alert-rules.drill.yaml",
                 topic_prefix=self.topics.prefix,
+                broker=opts.broker,
+                kafka_nodes=opts.kafka_nodes,
+                kafka_netns=self.cluster_faults,
                 agent_bootstrap=through_proxy,
                 agent_env={
                     "AGENT_SPOOL_DIR": str(self.data_dir / "agent-spool"),
@@ -268,7 +322,13 @@ class Drill:
             f"{self.proxy.bootstrap_servers} -> broker {self.stack.env['KAFKA_BOOTSTRAP_SERVERS']}"
         ).took_s = time.monotonic() - began
 
-    def run_for(self, seconds: float, what: str, until: Callable[[], bool] | None = None) -> None:
+    def run_for(
+        self,
+        seconds: float,
+        what: str,
+        until: Callable[[], bool] | None = None,
+        watch: FaultEffect | None = None,
+    ) -> None:
         """Let the stack run, printing progress; checks that no child died on its own."""
         if seconds <= 0:
             return
@@ -279,6 +339,8 @@ class Drill:
             self.supervise()
             if until is not None and until():
                 return
+            if watch is not None:
+                self.observe(watch)
             if time.monotonic() >= next_progress:
                 self.progress(self.status_line())
                 next_progress += self.options.progress_s
@@ -404,6 +466,111 @@ class Drill:
             f"agents delivering again after {time.monotonic() - began:.1f} s "
             f"(spool {agent.get('spool_samples')} samples, broker up {agent.get('broker_up')})"
         )
+
+    # --- broker faults (a three-node Kafka) -------------------------------------------------------
+
+    def kill_leader(self, topic: str, what: str) -> None:
+        """SIGKILL the Kafka node leading the partition of `topic` (a name, or a suffix like
+        "-changelog" for the first such topic of this run) with the most messages, let the stack
+        run without it, then start it again on its data."""
+        assert self.stack is not None and self.stack.kafka is not None
+        kafka = self.stack.kafka
+        found = asyncio.run(busiest_partition(kafka.bootstrap_servers, topic, self.topics.prefix))
+        if found is None:
+            raise SystemExit(f"no partition of a topic {topic!r} to kill the leader of")
+        name, partition, leader, messages = found
+        step = self.step(
+            f"SIGKILL Kafka node {leader}, leader of {what} ({name}[{partition}], "
+            f"{messages:,} messages)"
+        )
+        effect = self.watch_fault(f"leader of {what} killed")
+        began = time.monotonic()
+        kafka.kill_node(leader)
+        self.run_for(self.options.settle_s, f"run without node {leader}", watch=effect)
+        self.leadership_moved(name, partition, leader, began)
+        kafka.start_node(leader)
+        self.progress(f"Kafka node {leader} started again on its data")
+        step.took_s = time.monotonic() - began
+        self.fault_over(effect)
+
+    def isolate_broker(self) -> None:
+        """Cut one Kafka node (the busiest usage partition's leader) off from every client, broker
+        and controller, both ways, for `isolate_s` (its network namespace's link down: a network
+        partition), then heal it."""
+        assert self.stack is not None and self.stack.kafka is not None
+        kafka = self.stack.kafka
+        found = asyncio.run(
+            busiest_partition(kafka.bootstrap_servers, self.topics.usage, self.topics.prefix)
+        )
+        node = found[2] if found is not None else kafka.nodes[0].node_id
+        seconds = self.options.isolate_s
+        step = self.step(f"isolate Kafka node {node} from clients and the quorum for {seconds:g} s")
+        effect = self.watch_fault(f"node {node} isolated {seconds:g} s")
+        began = time.monotonic()
+        kafka.isolate(node)
+        self.run_for(seconds, f"node {node} isolated", watch=effect)
+        if found is not None:
+            self.leadership_moved(found[0], found[1], node, began)
+        kafka.reconnect(node)
+        step.took_s = time.monotonic() - began
+        self.progress(f"Kafka node {node} reconnected after {step.took_s:.1f} s")
+        self.fault_over(effect)
+
+    def leadership_moved(self, topic: str, partition: int, away_from: int, since: float) -> None:
+        """The other nodes must have moved the partition's leadership off the failed node (or
+        the fault did nothing a client would notice): waits up to 30 s more, then fails."""
+        assert self.stack is not None and self.stack.kafka is not None
+        others = ",".join(
+            f"{n.host}:{n.port}" for n in self.stack.kafka.nodes if n.node_id != away_from
+        )
+        deadline = time.monotonic() + 30
+        leader: int | None = away_from
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                leader = asyncio.run(partition_leader(others, topic, partition))
+            if leader is not None and leader != away_from:
+                self.progress(
+                    f"{topic}[{partition}] is led by node {leader} now "
+                    f"(checked {time.monotonic() - since:.1f} s after the fault began)"
+                )
+                return
+            time.sleep(1)
+        self.findings.fail(
+            f"{topic}[{partition}] was still led by node {away_from} (or by none) after it failed: "
+            "the fault did not take effect"
+        )
+
+    def watch_fault(self, fault: str) -> FaultEffect:
+        assert self.stack is not None
+        effect = FaultEffect(fault, lag_before=metering_lag(self.stack) or 0.0)
+        self.agent_metrics = scrape(f"http://127.0.0.1:{self.stack.ports['agent']}/metrics")
+        effect.send_failures = -agent_send_failures(self.agent_metrics)
+        self.effects.append(effect)
+        return effect
+
+    def observe(self, effect: FaultEffect) -> None:
+        assert self.stack is not None
+        lag = metering_lag(self.stack)
+        effect.lag_peak = max(effect.lag_peak, lag or 0.0)
+        spool = self.agent_health().get("spool_samples")
+        effect.spool_peak = max(effect.spool_peak, int(spool or 0))
+
+    def fault_over(self, effect: FaultEffect) -> None:
+        """Wait (bounded) until metering's lag is back where it was before the fault."""
+        assert self.stack is not None
+        began = time.monotonic()
+        target = max(effect.lag_before, self.options.nodes * 8.0)  # one round of the fleet
+        while time.monotonic() - began < max(120.0, self.options.isolate_s * 2):
+            self.supervise()
+            self.observe(effect)
+            lag = metering_lag(self.stack)
+            if lag is not None and lag <= target:
+                effect.caught_up_s = time.monotonic() - began
+                break
+            time.sleep(0.5)
+        metrics = scrape(f"http://127.0.0.1:{self.stack.ports['agent']}/metrics")
+        effect.send_failures += agent_send_failures(metrics)
+        self.step(f"after the fault: {effect.line()}")
 
     def restart_postgres(self) -> None:
         assert self.stack is not None
@@ -845,6 +1012,19 @@ class Drill:
             f"fleet: {opts.nodes} nodes x 8 GPUs, {opts.interval_s:g} s samples, {opts.speed:g}x "
             f"from {self.sim_start:%Y-%m-%d %H:%M} UTC; link outage {opts.outage_s:g} s"
         )
+        say(
+            "broker: "
+            + (
+                "Tansu"
+                if opts.broker == "tansu"
+                else f"Apache Kafka, {opts.kafka_nodes} node{'s' if opts.kafka_nodes != 1 else ''}"
+            )
+            + (
+                " (external, KAFKA_BOOTSTRAP_SERVERS)"
+                if os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+                else ""
+            )
+        )
         for note in self.notes:
             say(f"note: {note}")
         for crash in self.crashes:
@@ -853,6 +1033,10 @@ class Drill:
         for step in self.steps:
             took = f" [{step.took_s:.1f} s]" if step.took_s is not None else ""
             say(f"  +{step.at_s:6.1f}  {step.text}{took}")
+        if self.effects:
+            say("what each broker fault did:")
+            for effect in self.effects:
+                say(f"  {effect.line()}")
         say("what was found:")
         for line in f.lines:
             say(f"  {line}")
@@ -892,6 +1076,54 @@ def metering_lag(stack: Stack) -> float | None:
     if not metrics:
         return None
     return sum(v for k, v in metrics.items() if k.startswith("gpumeter_metering_consumer_lag"))
+
+
+def agent_send_failures(metrics: dict[str, float]) -> float:
+    return sum(v for k, v in metrics.items() if k.startswith("gpumeter_agent_send_failures_total"))
+
+
+async def busiest_partition(
+    bootstrap: str, topic: str, prefix: str
+) -> tuple[str, int, int, int] | None:
+    """(topic, partition, leader node id, messages) of the partition with the most messages of
+    `topic`, or of the topics of this run ending in `topic` when it starts with "-"."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        # Every topic's metadata, fetched for this call (the client's own cluster view holds only
+        # the topics it follows, which for this consumer is none on Apache Kafka).
+        cluster = await consumer._client.fetch_all_metadata()
+        names = cluster.topics()
+        if topic.startswith("-"):
+            wanted = sorted(n for n in names if n.endswith(topic) and n.startswith(prefix))
+        else:
+            wanted = [topic] if topic in names else []
+        partitions = [
+            TopicPartition(name, p)
+            for name in wanted
+            for p in sorted(cluster.partitions_for_topic(name) or ())
+        ]
+        if not partitions:
+            return None
+        ends = await consumer.end_offsets(partitions)
+        tp = max(partitions, key=lambda tp: (ends[tp], -tp.partition))
+        leader = cluster.leader_for_partition(tp)
+        if leader is None or leader < 0:
+            return None
+        return tp.topic, tp.partition, int(leader), int(ends[tp])
+    finally:
+        await consumer.stop()
+
+
+async def partition_leader(bootstrap: str, topic: str, partition: int) -> int | None:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        cluster = await consumer._client.fetch_all_metadata()
+        leader = cluster.leader_for_partition(TopicPartition(topic, partition))
+        return None if leader is None or leader < 0 else int(leader)
+    finally:
+        await consumer.stop()
 
 
 def normal_time(text: str) -> str:
@@ -1103,6 +1335,22 @@ def parse_args(argv: list[str] | None) -> DrillOptions:
         "--data-dir", type=Path, default=None, help="new or empty; default: a temporary one"
     )
     parser.add_argument("--keep", action="store_true", help="keep logs and data after a pass")
+    parser.add_argument(
+        "--broker",
+        choices=("tansu", "kafka"),
+        default="tansu",
+        help="the local broker: Tansu (in memory) or Apache Kafka (KRaft)",
+    )
+    parser.add_argument(
+        "--kafka-nodes",
+        type=int,
+        default=1,
+        help="Kafka nodes; 3 adds the broker faults: the leaders of the busiest usage partition "
+        "and of a changelog partition killed, one node isolated",
+    )
+    parser.add_argument(
+        "--isolate-s", type=float, default=60.0, help="how long one Kafka node is isolated"
+    )
     args = parser.parse_args(argv)
     return DrillOptions(
         nodes=args.nodes,
@@ -1118,6 +1366,9 @@ def parse_args(argv: list[str] | None) -> DrillOptions:
         progress_s=args.progress_s,
         data_dir=args.data_dir,
         keep=args.keep,
+        broker=args.broker,
+        kafka_nodes=args.kafka_nodes,
+        isolate_s=args.isolate_s,
     )
 
 

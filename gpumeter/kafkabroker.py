@@ -9,6 +9,15 @@ apt-get, Maven and a Java runtime are installed when missing.
 A `KafkaCluster` of one node is one process in combined mode (broker and controller); of three,
 three processes that are each broker and controller (a quorum of three voters), with replication
 factor 3 and `min.insync.replicas=2` for every topic.
+
+With `netns=True` (root and iproute2 needed) each node runs in a network namespace of its own,
+joined to this host by a veth pair on a bridge in a private /24 made for the cluster (10.231.X.0),
+and listens on its own address there. `isolate(n)` takes node n's link down: no client, broker or
+controller reaches it and it reaches none, both ways, as a real network partition; the quorum
+elects another controller if it led, fences it, and its partitions' leadership moves.
+`reconnect(n)` brings the link up again. (A TCP proxy per node could not do this: since KIP-853 a
+KRaft leader hands its followers its own controller listener's address, so the followers' quorum
+traffic bypasses any proxy between them.) `stop()` removes the namespaces and the bridge.
 """
 
 from __future__ import annotations
@@ -16,12 +25,14 @@ from __future__ import annotations
 import base64
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +133,9 @@ class KafkaNode:
     port: int = field(default_factory=free_port)
     controller_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    host: str = "127.0.0.1"
+    namespace: str | None = None  # its network namespace, and the host side of its veth pair
+    link: str | None = None
 
     @property
     def log_path(self) -> Path:
@@ -130,12 +144,18 @@ class KafkaNode:
 
 @dataclass
 class KafkaCluster:
-    """`size` KRaft nodes on 127.0.0.1, each broker and controller, data under `data_dir`."""
+    """`size` KRaft nodes on 127.0.0.1 (or each in a network namespace of its own, `netns`),
+    each broker and controller, data under `data_dir`."""
 
     data_dir: Path
     size: int = 1
     heap_mb: int = 512
+    netns: bool = False
     nodes: list[KafkaNode] = field(default_factory=list)
+    # Told of every node process started (the local stack hands it to its guardian).
+    on_spawn: Callable[[subprocess.Popen], None] | None = None
+    bridge: str | None = None
+    isolated: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -146,22 +166,23 @@ class KafkaCluster:
 
     @property
     def bootstrap_servers(self) -> str:
-        return ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+        return ",".join(f"{node.host}:{node.port}" for node in self.nodes)
 
     def node(self, node_id: int) -> KafkaNode:
         return next(node for node in self.nodes if node.node_id == node_id)
 
     def _config(self, node: KafkaNode) -> str:
         replicas = min(self.size, 3)
-        voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.nodes)
+        voters = ",".join(f"{n.node_id}@{n.host}:{n.controller_port}" for n in self.nodes)
         config = {
             "process.roles": "broker,controller",
             "node.id": str(node.node_id),
             "controller.quorum.voters": voters,
             "listeners": (
-                f"PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}"
+                f"PLAINTEXT://{node.host}:{node.port},"
+                f"CONTROLLER://{node.host}:{node.controller_port}"
             ),
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
+            "advertised.listeners": f"PLAINTEXT://{node.host}:{node.port}",
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
             "inter.broker.listener.name": "PLAINTEXT",
@@ -215,9 +236,55 @@ class KafkaCluster:
         path.write_text(cluster_id + "\n")
         return cluster_id
 
+    def _make_network(self) -> None:
+        """A bridge on this host with a private /24 (10.231.X.0, X free here) and, per node, a
+        namespace joined to it by a veth pair; the node listens on 10.231.X.(10 + its id)."""
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            raise RuntimeError(
+                "a Kafka cluster in network namespaces needs root and iproute2 (`ip`)"
+            )
+        taken = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
+        for _ in range(100):
+            subnet = f"10.231.{secrets.randbelow(256)}"
+            if f"{subnet}." not in taken:
+                break
+        else:
+            raise RuntimeError("no free 10.231.X.0/24 for the cluster's network")
+        tag = secrets.token_hex(3)
+        self.bridge = f"gpmk{tag}"
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{subnet}.1/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        for node in self.nodes:
+            node.namespace = node.link = f"gpmk{tag}n{node.node_id}"
+            node.host = f"{subnet}.{10 + node.node_id}"
+            node.port, node.controller_port = 9092, 9093
+            _ip("netns", "add", node.namespace)
+            _ip("link", "add", node.link, "type", "veth", "peer", "name", "eth0", "netns",
+                node.namespace)  # fmt: skip
+            _ip("link", "set", node.link, "master", self.bridge)
+            _ip("link", "set", node.link, "up")
+            _ip("-n", node.namespace, "addr", "add", f"{node.host}/24", "dev", "eth0")
+            _ip("-n", node.namespace, "link", "set", "eth0", "up")
+            _ip("-n", node.namespace, "link", "set", "lo", "up")
+
+    def _remove_network(self) -> None:
+        for node in self.nodes:
+            if node.namespace is not None:
+                subprocess.run(["ip", "netns", "del", node.namespace], capture_output=True)
+        if self.bridge is not None:
+            subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+            self.bridge = None
+
     def start(self, timeout_s: float = 90.0) -> KafkaCluster:
         lib = ensure_kafka_jars()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.netns and self.bridge is None:
+            try:
+                self._make_network()
+            except (RuntimeError, OSError):
+                self._remove_network()
+                raise
         cluster_id = self._cluster_id()
         for node in self.nodes:
             node.data_dir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +296,7 @@ class KafkaCluster:
         for node in self.nodes:
             assert node.process is not None
             try:
-                wait_for_port(node.port, timeout_s, process=node.process)
+                wait_for_port(node.port, timeout_s, process=node.process, host=node.host)
             except (RuntimeError, TimeoutError) as error:
                 self.stop()
                 tail = node.log_path.read_text(errors="replace").splitlines()[-15:]
@@ -242,8 +309,11 @@ class KafkaCluster:
         node = self.node(node_id)
         lib = ensure_kafka_jars()
         log = open(node.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        # `ip netns exec` runs java itself in the node's namespace (same pid, same environment).
+        namespace = ["ip", "netns", "exec", node.namespace] if node.namespace else []
         node.process = subprocess.Popen(
             [
+                *namespace,
                 "java",
                 f"-Xmx{self.heap_mb}m",
                 "-Xms64m",
@@ -260,8 +330,36 @@ class KafkaCluster:
             start_new_session=True,
         )
         log.close()
+        if self.on_spawn is not None:
+            self.on_spawn(node.process)
         if wait:
-            wait_for_port(node.port, 90.0, process=node.process)
+            wait_for_port(node.port, 90.0, process=node.process, host=node.host)
+
+    def kill_node(self, node_id: int) -> None:
+        """SIGKILL one node, as a crash would (its data directory stays for a restart)."""
+        node = self.node(node_id)
+        if node.process is not None and node.process.poll() is None:
+            os.killpg(node.process.pid, signal.SIGKILL)
+            node.process.wait(30)
+
+    def isolate(self, node_id: int) -> None:
+        """Cut node `node_id` off from everything, both ways (see the module)."""
+        _ip("link", "set", self._link(node_id), "down")
+        self.isolated.add(node_id)
+
+    def reconnect(self, node_id: int) -> None:
+        _ip("link", "set", self._link(node_id), "up")
+        self.isolated.discard(node_id)
+
+    def _link(self, node_id: int) -> str:
+        link = self.node(node_id).link
+        if link is None:
+            raise RuntimeError("only a cluster started with netns=True can isolate a node")
+        return link
+
+    @property
+    def processes(self) -> list[subprocess.Popen]:
+        return [node.process for node in self.nodes if node.process is not None]
 
     def stop(self) -> None:
         running = [n for n in self.nodes if n.process is not None and n.process.poll() is None]
@@ -271,3 +369,10 @@ class KafkaCluster:
         for node in running:
             assert node.process is not None
             stop_process(node.process, timeout_s=30.0)
+        self._remove_network()
+
+
+def _ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")

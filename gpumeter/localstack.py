@@ -30,7 +30,10 @@ warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 
 def wait_for_port(
-    port: int, timeout_s: float = 20.0, process: subprocess.Popen | None = None
+    port: int,
+    timeout_s: float = 20.0,
+    process: subprocess.Popen | None = None,
+    host: str = "127.0.0.1",
 ) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -39,11 +42,11 @@ def wait_for_port(
                 f"process exited with {process.returncode} before port {port} opened"
             )
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s} s")
 
 
 def stop_process(

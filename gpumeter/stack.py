@@ -37,6 +37,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import httpx
 
+from gpumeter.kafkabroker import KAFKA_VERSION, KafkaCluster
 from gpumeter.localstack import EmbeddedPostgres, TansuBroker, free_port
 from gpumeter.processes import STACK_ENV, stop_marked
 from schemas.topics import Topics
@@ -61,6 +62,12 @@ class StackOptions:
     catalog: Path = REPO_ROOT / "deploy" / "catalog.sample.yaml"
     rules: Path = REPO_ROOT / "deploy" / "alert-rules.yaml"
     topic_prefix: str = ""  # isolates a run on a shared broker (the fault drill)
+    # The local broker when KAFKA_BOOTSTRAP_SERVERS names none: "tansu" (in memory, starts in
+    # well under a second) or "kafka" (Apache Kafka in KRaft mode, `kafka_nodes` of them; with
+    # `kafka_netns` each in a network namespace of its own, which the fault drill can cut off).
+    broker: str = "tansu"
+    kafka_nodes: int = 1
+    kafka_netns: bool = False
     # The address the agents use, given the broker's: the fault drill puts a proxy in between.
     agent_bootstrap: Callable[[str], str] | None = None
     agent_env: dict[str, str] = field(default_factory=dict)
@@ -124,6 +131,7 @@ class Stack:
         default_factory=dict
     )
     broker: TansuBroker | None = None
+    kafka: KafkaCluster | None = None
     postgres: EmbeddedPostgres | None = None
     ports: dict[str, int] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
@@ -147,7 +155,9 @@ class Stack:
         self.start_guardian()
 
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if not bootstrap:
+        if not bootstrap and opts.broker == "kafka":
+            bootstrap = self.start_kafka()
+        elif not bootstrap:
             began = say_waiting("broker: starting Tansu")
             self.broker = TansuBroker(self.logs / "tansu.log").start()
             assert self.broker.process is not None
@@ -177,6 +187,7 @@ class Stack:
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "DATABASE_URL": database_url,
             "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
+            "KAFKA_REPLICATION_FACTOR": str(min(self.kafka.size, 3) if self.kafka else 1),
             "USAGE_PARTITIONS": str(opts.partitions),
             "API_TOKENS": f"{self.admin_token}=admin,{self.billing_token}=billing",
             "ALERT_RULES_FILE": str(opts.rules),
@@ -242,6 +253,27 @@ class Stack:
                 f"no simulated fleet: point agents or any Kafka client at {bootstrap}, topic {topics.usage}"
             )
         self.print_directions()
+
+    def start_kafka(self) -> str:
+        """Apache Kafka on this machine, fresh each run like Tansu: its data directory is wiped,
+        the fleet replays its history (see `fleet_start`) and metering rebuilds the same totals."""
+        opts = self.options
+        began = say_waiting(
+            f"broker: starting Apache Kafka {KAFKA_VERSION} ({opts.kafka_nodes} node"
+            f"{'s' if opts.kafka_nodes != 1 else ''}, KRaft; the jars are fetched once)"
+        )
+        kafka_dir = opts.data_dir / "kafka"
+        shutil.rmtree(kafka_dir, ignore_errors=True)
+        self.kafka = KafkaCluster(
+            kafka_dir,
+            size=opts.kafka_nodes,
+            netns=opts.kafka_netns,
+            on_spawn=lambda process: self.guard(process, signal.SIGTERM, tier=1),
+        )
+        self.kafka.start()
+        bootstrap = self.kafka.bootstrap_servers
+        say(f"broker: Apache Kafka on {bootstrap} ({time.monotonic() - began:.1f} s)")
+        return bootstrap
 
     def take_data_dir(self) -> None:
         """Lock the data directory for this stack, and stop what an earlier one left running."""
@@ -578,7 +610,11 @@ class Stack:
         except subprocess.TimeoutExpired:
             say("the guardian did not finish in 60 s; stopping what is left myself")
         # Our own children: reap them (the guardian stopped them, it is not their parent).
-        for child in [*self.children.values(), self.broker and self.broker.process]:
+        brokers = [
+            self.broker and self.broker.process,
+            *(self.kafka.processes if self.kafka else []),
+        ]
+        for child in [*self.children.values(), *brokers]:
             if child:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     child.wait(5)

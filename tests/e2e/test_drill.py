@@ -10,11 +10,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.fixtures.processes import REPO_ROOT
 
+# On Tansu; and on three Apache Kafka nodes (replication factor 3, min.insync.replicas=2, acks=all),
+# where the drill also SIGKILLs the leaders of the busiest usage partition and of a changelog
+# partition, and isolates a node from clients and the quorum.
+BROKERS = {
+    "tansu": [],
+    "kafka-x3": ["--broker", "kafka", "--kafka-nodes", "3", "--isolate-s", "20"],
+}
 
+
+@pytest.mark.parametrize("broker", list(BROKERS))
 def test_the_fault_drill_loses_nothing_counts_nothing_twice_and_notifies_once(
-    tmp_path: Path,
+    broker: str, tmp_path: Path
 ) -> None:
     # Given the local broker and database (the drill restarts PostgreSQL, so it starts its own)
     env = {
@@ -42,6 +53,7 @@ def test_the_fault_drill_loses_nothing_counts_nothing_twice_and_notifies_once(
             "5",
             "--data-dir",
             str(data_dir),
+            *BROKERS[broker],
         ],
         cwd=REPO_ROOT,
         env=env,
@@ -61,6 +73,16 @@ def test_the_fault_drill_loses_nothing_counts_nothing_twice_and_notifies_once(
     for step in ("SIGKILL metering", "SIGKILL billing", "SIGKILL alerts", "cut the agents' link"):
         assert step in output
     assert "restart PostgreSQL" in output
+    if broker == "kafka-x3":
+        # And each broker fault happened, moved the partition's leadership and was measured
+        for fault in (
+            r"SIGKILL Kafka node \d, leader of the busiest usage partition",
+            r"SIGKILL Kafka node \d, leader of a metering changelog partition",
+            r"isolate Kafka node \d from clients and the quorum for 20 s",
+        ):
+            assert re.search(fault, output), output[-6000:]
+        assert len(re.findall(r"is led by node \d now", output)) == 3, output[-6000:]
+        assert len(re.findall(r"after the fault: .*metering lag \d+ before, peak", output)) == 3
     # And it leaves no process behind
     leftovers = subprocess.run(["pgrep", "-f", str(data_dir)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", f"processes left behind: {leftovers.stdout}"
