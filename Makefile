@@ -18,17 +18,23 @@ run: $(STAMP)
 run-no-fleet: $(STAMP)
 	$(PY) -m gpumeter up --no-fleet $(ARGS)
 
+# Every broker-facing test runs on Tansu and on Apache Kafka (KRaft; its jars are fetched from Maven
+# Central once, before the workers start), in TEST_WORKERS processes (the tests mostly wait on
+# brokers, services and timeouts: two share two cores well).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	bash scripts/ensure-system-packages.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy schemas services gpumeter
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m gpumeter.kafkabroker fetch
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(ARGS)
 
-# The broker-facing tests on Apache Kafka (KRaft, fetched from Maven Central once); GPUMETER_TEST_BROKERS
-# takes tansu,kafka for both in one run.
+# Only the broker-facing tests, on Apache Kafka alone (GPUMETER_TEST_BROKERS: tansu, kafka or both).
 test-kafka: $(STAMP)
-	GPUMETER_TEST_BROKERS=kafka $(PY) -m pytest -q -m broker $(ARGS)
+	$(PY) -m gpumeter.kafkabroker fetch
+	GPUMETER_TEST_BROKERS=kafka $(PY) -m pytest -q -n $(TEST_WORKERS) -m broker $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m gpumeter.bench $(ARGS)

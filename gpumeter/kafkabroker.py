@@ -376,3 +376,10 @@ def _ip(*args: str) -> None:
     result = subprocess.run(["ip", *args], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+
+
+if __name__ == "__main__":
+    # `python -m gpumeter.kafkabroker fetch`: the pinned Kafka's jars, fetched once (make test).
+    if sys.argv[1:] != ["fetch"]:
+        sys.exit("usage: python -m gpumeter.kafkabroker fetch")
+    print(f"Apache Kafka {KAFKA_VERSION}: {ensure_kafka_jars()}")

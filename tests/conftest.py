@@ -24,19 +24,23 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # The brokers the broker-facing tests run on, each test once per broker: GPUMETER_TEST_BROKERS,
 # a comma-separated list of `tansu` (Tansu, memory only) and `kafka` (Apache Kafka in KRaft mode,
-# its jars fetched from Maven Central once: see gpumeter/kafkabroker.py).
+# its jars fetched from Maven Central once: see gpumeter/kafkabroker.py); both unless it says.
+# With KAFKA_BOOTSTRAP_SERVERS set, the broker it names, once.
 TEST_BROKERS = ("tansu", "kafka")
-BROKERS = [b.strip() for b in os.environ.get("GPUMETER_TEST_BROKERS", "tansu").split(",")]
-if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and len(BROKERS) > 1:
-    raise pytest.UsageError(
-        "KAFKA_BOOTSTRAP_SERVERS names one broker: GPUMETER_TEST_BROKERS would run every test on "
-        "it once per name; name one broker or unset KAFKA_BOOTSTRAP_SERVERS"
-    )
+BROKERS = [b.strip() for b in os.environ.get("GPUMETER_TEST_BROKERS", "tansu,kafka").split(",")]
 if not BROKERS or any(broker not in TEST_BROKERS for broker in BROKERS):
     raise pytest.UsageError(
         f"GPUMETER_TEST_BROKERS={os.environ.get('GPUMETER_TEST_BROKERS')!r}: "
         f"name one or more of {', '.join(TEST_BROKERS)}, separated by commas"
     )
+if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+    if "GPUMETER_TEST_BROKERS" not in os.environ:
+        BROKERS = ["external"]  # the one broker it names
+    elif len(BROKERS) > 1:
+        raise pytest.UsageError(
+            "KAFKA_BOOTSTRAP_SERVERS names one broker: GPUMETER_TEST_BROKERS would run every test "
+            "on it once per name; name one broker or unset KAFKA_BOOTSTRAP_SERVERS"
+        )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.fixtures.processes import REPO_ROOT, StopWaiting, wait_until
 
 
@@ -20,7 +22,10 @@ def listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_gpumeter_up_runs_the_centre_and_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("broker", ["tansu", "kafka"])
+def test_gpumeter_up_runs_the_centre_and_ctrl_c_stops_every_process(
+    broker: str, tmp_path: Path
+) -> None:
     log_path = tmp_path / "up.log"
     env = {
         k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
@@ -41,6 +46,8 @@ def test_gpumeter_up_runs_the_centre_and_ctrl_c_stops_every_process(tmp_path: Pa
                 "--start=-1d",
                 "--partitions",
                 "4",
+                "--broker",
+                broker,
             ],
             cwd=REPO_ROOT,
             env=env,
@@ -80,6 +87,9 @@ def test_gpumeter_up_runs_the_centre_and_ctrl_c_stops_every_process(tmp_path: Pa
     text = log_path.read_text(errors="replace")
     assert process.returncode == 0, text[-3000:]
     assert "stopped: no process left behind" in text
+    # on the broker asked for
+    named = "Tansu (in memory)" if broker == "tansu" else "Apache Kafka on 127.0.0.1:"
+    assert f"broker: {named}" in text, text[:3000]
     # and it ends by pointing to the web dashboard and the API
     assert re.search(r"web dashboard http://127\.0\.0\.1:\d+/dashboard#token=\S+", text)
     assert re.search(r"billing API   http://127\.0\.0\.1:\d+/v1", text)
