@@ -455,6 +455,32 @@ def _make_drain_skip_wait_first() -> None:
     Consumer.wait_first = wait_first_in_place  # type: ignore[method-assign]
 
 
+def _make_seeks_run_on_the_consumer_thread() -> None:
+    """Faust's `ThreadDelegateConsumer._seek` calls aiokafka's `seek` from the app's thread, while
+    the aiokafka consumer and its fetcher run on Faust's consumer thread. `Fetcher.seek_to` then
+    deletes a partition's fetched records while `fetched_records`, on the other thread, is between
+    listing and deleting them: `KeyError: TopicPartition(...)`, the fetcher crashes and the worker
+    exits. Seen on Apache Kafka in the three-node drill, when a rebalance after a partition made
+    metering seek its usage partitions again. The seek now runs on the consumer thread, as Faust's
+    own `seek_wait` and `seek_to_committed` already do."""
+    from faust.transport.consumer import ThreadDelegateConsumer
+
+    if getattr(ThreadDelegateConsumer, "_gpumeter_seek_on_thread", False):
+        return
+
+    async def _seek(self: Any, partition: Any, offset: int) -> None:
+        thread = self._thread
+        await thread.call_thread(seek_on_thread, thread, partition, offset)
+
+    ThreadDelegateConsumer._seek = _seek  # type: ignore[method-assign]
+    ThreadDelegateConsumer._gpumeter_seek_on_thread = True  # type: ignore[attr-defined]
+
+
+def seek_on_thread(thread: Any, partition: Any, offset: int) -> None:
+    """Run by the consumer thread (see `_make_seeks_run_on_the_consumer_thread`)."""
+    thread.seek(partition, offset)
+
+
 def _set_fetch_max_wait(wait_ms: int) -> None:
     """Faust creates its consumer with fetch_max_wait_ms=1500 and no setting to change it: set
     it on the consumer before it starts (its fetcher reads it then)."""
@@ -486,6 +512,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
     _make_highwaters_exact()
     _set_fetch_max_wait(settings.fetch_max_wait_ms)
     _make_drain_skip_wait_first()
+    _make_seeks_run_on_the_consumer_thread()
     topics = settings.topics
     rebalance_s = settings.kafka_rebalance_timeout_ms / 1000
     app = faust.App(
