@@ -560,13 +560,21 @@ class Drill:
         assert self.stack is not None
         began = time.monotonic()
         target = max(effect.lag_before, self.options.nodes * 8.0)  # one round of the fleet
-        while time.monotonic() - began < max(120.0, self.options.isolate_s * 2):
+        wait_s = max(120.0, self.options.isolate_s * 2)
+        next_progress = began + self.options.progress_s
+        while time.monotonic() - began < wait_s:
             self.supervise()
             self.observe(effect)
             lag = metering_lag(self.stack)
             if lag is not None and lag <= target:
                 effect.caught_up_s = time.monotonic() - began
                 break
+            if time.monotonic() >= next_progress:
+                self.progress(
+                    f"waiting up to {wait_s:g} s for metering's lag to be back at {target:.0f}: "
+                    + self.status_line()
+                )
+                next_progress += self.options.progress_s
             time.sleep(0.5)
         metrics = scrape(f"http://127.0.0.1:{self.stack.ports['agent']}/metrics")
         effect.send_failures += agent_send_failures(metrics)
