@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import faust
+from faust.web.base import BlueprintManager
 from mode import Service
 from mode.services import WaitResults
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -565,6 +566,10 @@ def create_app(settings: MeteringSettings) -> faust.App:
         settings.kafka_bootstrap_servers, settings.kafka_broker
     )
     app.gpumeter_metrics = metrics  # type: ignore[attr-defined]
+    # Only /healthz and /metrics (below) are served: none of Faust's own pages, which serve any
+    # project's table contents (/table/...), route key look-ups (/router/...), the topology and
+    # statistics. (Its settings turn most off, but a status page at "/" takes the statistics' place.)
+    app.web.blueprints = BlueprintManager()
     sender = DirectSender(app)
     AFTER_FLUSH.append(sender.check)
 

@@ -284,6 +284,23 @@ def test_duplicates_count_once_and_a_batch_equals_the_same_samples_sent_singly(
     assert metric(metering, "gpumeter_metering_fetched_end_offsets") == (
         0 if broker_kind == "kafka" else 1
     )
+    # And only /healthz and /metrics answer: none of Faust's own pages, which would serve the
+    # tables holding these projects' sums (/table/...), route key look-ups or show the topology
+    base = f"http://127.0.0.1:{metering.http_port}"
+    for path in (
+        "/",
+        "/table/",
+        "/table/hour-totals/",
+        f"/table/hour-totals/{key_a}/",
+        "/table/node-state/node-a/",
+        "/router/",
+        "/router/hour-totals/",
+        "/graph/",
+        "/assignment/",
+        "/performance/",
+    ):
+        assert httpx.get(base + path, timeout=5).status_code == 404, path
+    assert httpx.get(base + "/healthz", timeout=5).status_code == 200
 
 
 def test_an_hour_is_complete_when_every_node_online_in_it_has_reported_past_its_end(
