@@ -310,10 +310,16 @@ def principal(
     if credentials is None:
         raise ApiError(401, "unauthorized", "send Authorization: Bearer TOKEN", challenge)
     tokens: dict[str, str] = request.app.state.api_tokens
+    offered = credentials.credentials.encode()
+    found: str | None = None
+    # Every configured token is compared, each in constant time: where a match stops the loop
+    # would tell a caller how far down the list its guess got.
     for token, role in tokens.items():
-        if secrets.compare_digest(token.encode(), credentials.credentials.encode()):
-            return Principal(role)
-    raise ApiError(401, "unauthorized", "unknown token", challenge)
+        if secrets.compare_digest(token.encode(), offered) and found is None:
+            found = role
+    if found is None:
+        raise ApiError(401, "unauthorized", "unknown token", challenge)
+    return Principal(found)
 
 
 Caller = Annotated[Principal, Depends(principal)]

@@ -11,7 +11,11 @@ from schemas.topics import Topics
 
 
 class CommonSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
+    # A setting that fails validation is named with the reason, never echoed: API_TOKENS and
+    # DATABASE_URL hold secrets, and the error goes to logs.
+    model_config = SettingsConfigDict(
+        env_prefix="", extra="ignore", case_sensitive=False, hide_input_in_errors=True
+    )
 
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     topic_prefix: str = Field("", description="prepended to every topic, consumer group and app id")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import secrets
+from types import SimpleNamespace
+
 import pytest
+from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import ValidationError
 
 from schemas.invoice import Invoice, InvoiceLine
+from services.billing import api
 from services.billing.consumer import BadHourlyRecord, decode_hourly
 from services.billing.export import invoices_csv
 from services.billing.settings import BillingSettings, parse_api_tokens
@@ -32,6 +38,47 @@ def test_api_tokens_are_read_from_one_variable_with_every_error_listed(
     assert "entry 5: token appears twice" in message
     assert "entry 6: unknown role 'project:'" in message
     assert parse_api_tokens("") == {}
+
+
+def test_a_bad_api_tokens_setting_is_named_without_echoing_any_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a setting whose second entry is wrong (pydantic echoed the whole value before)
+    monkeypatch.setenv("API_TOKENS", "s3cret-admin-token=admin,0ther-secret=superuser")
+    with pytest.raises(ValidationError) as caught:
+        BillingSettings()
+    message = str(caught.value)
+    assert "API_TOKENS: entry 2: unknown role 'superuser'" in message
+    assert "s3cret-admin-token" not in message and "0ther-secret" not in message
+    # and the same for a secret in any other setting, a database URL's password for one
+    monkeypatch.setenv("API_TOKENS", "")
+    monkeypatch.setenv("HTTP_PORT", "p4ssw0rd")
+    with pytest.raises(ValidationError) as caught:
+        BillingSettings()
+    assert "http_port" in str(caught.value) and "p4ssw0rd" not in str(caught.value)
+
+
+def test_every_configured_token_is_compared_whichever_matches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given three tokens, and a caller presenting the first
+    tokens = {"token-one": "admin", "token-two": "billing", "token-three": "project:p"}
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(api_tokens=tokens)))
+    compared: list[bytes] = []
+    real = secrets.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        compared.append(a)
+        return real(a, b)
+
+    monkeypatch.setattr(api.secrets, "compare_digest", counting)
+    offered = HTTPAuthorizationCredentials(scheme="Bearer", credentials="token-one")
+
+    # Then its role comes back after all three were compared, not only the first
+    assert api.principal(request, offered).role == "admin"
+    assert compared == [b"token-one", b"token-two", b"token-three"]
+    with pytest.raises(api.ApiError):
+        api.principal(request, HTTPAuthorizationCredentials(scheme="Bearer", credentials="x"))
 
 
 def test_hourly_records_are_decoded_to_utc_hours() -> None:
