@@ -166,6 +166,7 @@ class CatalogApplied(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 422, 503)
 }
+BODY_ERRORS = {**ERRORS, 413: {"model": ErrorResponse}}  # routes that take a body (GuardBodies)
 
 
 def error_response(
@@ -309,17 +310,73 @@ def principal(
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
         raise ApiError(401, "unauthorized", "send Authorization: Bearer TOKEN", challenge)
-    tokens: dict[str, str] = request.app.state.api_tokens
-    offered = credentials.credentials.encode()
-    found: str | None = None
-    # Every configured token is compared, each in constant time: where a match stops the loop
-    # would tell a caller how far down the list its guess got.
-    for token, role in tokens.items():
-        if secrets.compare_digest(token.encode(), offered) and found is None:
-            found = role
+    found = role_of(request.app.state.api_tokens, credentials.credentials.encode())
     if found is None:
         raise ApiError(401, "unauthorized", "unknown token", challenge)
     return Principal(found)
+
+
+def role_of(tokens: dict[str, str], offered: bytes) -> str | None:
+    """The role of the token offered, or None. Every configured token is compared, each in
+    constant time: where a match stopped the loop would tell a caller how far its guess got."""
+    found: str | None = None
+    for token, role in tokens.items():
+        if secrets.compare_digest(token.encode(), offered) and found is None:
+            found = role
+    return found
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from the body's stream: FastAPI passes an HTTPException through its body parsing
+    (anything else becomes a 400) and the app's handler answers it."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"a request body may hold at most {max_bytes} bytes")
+
+
+class GuardBodies:
+    """ASGI middleware in front of every route that takes a body (POST, PUT, PATCH): a request
+    without a known bearer token is answered 401 before any of its body is read, and one whose
+    body exceeds `max_bytes` 413, from its Content-Length or, without one, as the body streams
+    in. FastAPI reads and parses a body before the route's dependencies (the token check) run."""
+
+    def __init__(self, app: Any, tokens: dict[str, str], max_bytes: int) -> None:
+        self.app, self.tokens, self.max_bytes = app, tokens, max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        scheme, _, offered = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer" or role_of(self.tokens, offered.strip()) is None:
+            await error_response(
+                401,
+                "unauthorized",
+                "send Authorization: Bearer TOKEN",
+                {"WWW-Authenticate": "Bearer"},
+            )(scope, receive, send)
+            return
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self.too_large(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def too_large(self, scope: Any, receive: Any, send: Any) -> None:
+        error = BodyTooLarge(self.max_bytes)
+        await error_response(413, "payload_too_large", error.detail)(scope, receive, send)
 
 
 Caller = Annotated[Principal, Depends(principal)]
@@ -337,6 +394,9 @@ def create_api(
         description="Invoices with AISS subsidy for GPU usage (CONTRACTS §4-5). Money is HKD text.",
     )
     app.state.api_tokens = dict(settings.api_tokens)
+    app.add_middleware(
+        GuardBodies, tokens=app.state.api_tokens, max_bytes=settings.max_request_bytes
+    )
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -344,7 +404,7 @@ def create_api(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        names = {404: "not_found", 405: "method_not_allowed"}
+        names = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         return error_response(
             exc.status_code,
             names.get(exc.status_code, "http_error"),
@@ -491,7 +551,7 @@ def create_api(
     @app.post(
         "/v1/periods/{period}/finalize",
         response_model=FinalizeResponse,
-        responses=ERRORS,
+        responses=BODY_ERRORS,
         tags=["periods"],
     )
     async def finalize(caller: Caller, period: PeriodPath, force: bool = False) -> FinalizeResponse:
@@ -667,7 +727,7 @@ def create_api(
         async with store_.acquire() as conn:
             return await catalog_files.read_catalog(conn)
 
-    @app.put("/v1/catalog", response_model=CatalogApplied, responses=ERRORS, tags=["catalog"])
+    @app.put("/v1/catalog", response_model=CatalogApplied, responses=BODY_ERRORS, tags=["catalog"])
     async def put_catalog(caller: Caller, catalog: Catalog, prune: bool = False) -> CatalogApplied:
         """Apply a catalog (same rules as `gpumeter catalog apply`): idempotent upsert."""
         caller.require_admin()

@@ -50,6 +50,9 @@ class BillingSettings(CommonSettings):
         description="TOKEN=ROLE pairs separated by commas; roles admin, billing, project:<id>",
     )
     topic_partitions: int = Field(4, ge=1, description="partitions of topics billing creates")
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="the largest request body taken (a catalog), else 413"
+    )
     consumer_max_records: int = Field(1000, ge=1)
     database_pool_size: int = Field(5, ge=2)
     publish_interval_s: float = Field(

@@ -8,6 +8,7 @@ import asyncio
 import csv
 import datetime as dt
 import io
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -249,3 +250,60 @@ def test_schemathesis_finds_no_server_error_and_no_accepted_invalid_input(
     report = run.stdout[-12000:] + run.stderr[-2000:]
     assert run.returncode == 0, report
     assert " 500 " not in service.log_path.read_text(errors="replace"), report
+
+
+def raw_request(port: int, head: str, body: bytes = b"") -> str:
+    """Send a request's head (and maybe part of a body) on a socket; the status line answered."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.split(b"\r\n", 1)[0].decode()
+
+
+def test_a_body_is_refused_before_it_is_read_without_a_token_and_over_the_size_limit(
+    billing: tuple[httpx.Client, ServiceProcess],
+) -> None:
+    client, service = billing
+    port = service.http_port
+    assert port is not None
+
+    # Given a PUT announcing a 100 MiB catalog, of which not one byte is sent:
+    # without a token, or with an unknown one, it is refused at once
+    for authorization in (
+        "",
+        "Authorization: Bearer not-a-token\r\n",
+        "Authorization: Basic eA==\r\n",
+    ):
+        head = (
+            "PUT /v1/catalog HTTP/1.1\r\nHost: billing\r\nContent-Type: application/json\r\n"
+            f"{authorization}Content-Length: 104857600\r\n"
+        )
+        assert raw_request(port, head) == "HTTP/1.1 401 Unauthorized", authorization
+    # and with the admin token, it is too large, said before any of it is read
+    head = (
+        "PUT /v1/catalog HTTP/1.1\r\nHost: billing\r\nContent-Type: application/json\r\n"
+        "Authorization: Bearer adm-token\r\nContent-Length: 104857600\r\n"
+    )
+    assert raw_request(port, head) == "HTTP/1.1 413 Request Entity Too Large"
+
+    # When a body without a Content-Length streams past the limit (4 MiB), it is cut off at it
+    def chunks() -> Iterator[bytes]:
+        yield b'{"projects": ['
+        for _ in range(6 * 1024):
+            yield b" " * 1024
+        yield b"]}"
+
+    response = client.put("/v1/catalog", headers=ADMIN, content=chunks())
+    assert response.status_code == 413, response.text
+    assert assert_refused(response, "payload_too_large")["detail"].endswith("4194304 bytes")
+    # and the same POST route with a project token is refused for its role, not its body
+    response = client.post("/v1/periods/2026-11/finalize", headers=PROJECT)
+    assert response.status_code == 403
+    # And the service is unharmed: reads answer as before
+    assert client.get("/v1/catalog", headers=ADMIN).status_code == 200
+    assert client.get("/healthz").status_code == 200
