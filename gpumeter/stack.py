@@ -858,8 +858,11 @@ def load_tokens(path: Path) -> tuple[str, str]:
         tokens = json.loads(path.read_text())
     else:
         tokens = {"admin": secrets.token_urlsafe(18), "billing": secrets.token_urlsafe(18)}
-        path.write_text(json.dumps(tokens))
-        path.chmod(0o600)
+        # Private from its creation: written first and restricted after, it was readable by
+        # anyone on the host in between.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(tokens))
     return tokens["admin"], tokens["billing"]
 
 
