@@ -989,6 +989,7 @@ class Drill:
         response = httpx.get(
             f"http://127.0.0.1:{self.stack.ports['alerts']}/v1/alerts",
             params={"status": "all", "limit": 5000},
+            headers={"Authorization": f"Bearer {self.stack.billing_token}"},
             timeout=10,
         )
         states = set()

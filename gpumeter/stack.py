@@ -548,6 +548,7 @@ class Stack:
             alerts = httpx.get(
                 f"http://127.0.0.1:{self.ports['alerts']}/v1/alerts",
                 params={"status": "firing"},
+                headers={"Authorization": f"Bearer {self.billing_token}"},
                 timeout=5,
             ).json()
             snap["active_alerts"] = alerts.get("alerts", []) if isinstance(alerts, dict) else alerts

@@ -1,6 +1,8 @@
 """Read side over HTTP: GET /v1/alerts, /v1/notifications/rejected, /healthz, /metrics.
 
-Errors are JSON.
+The two /v1 routes need a bearer token from API_TOKENS (services/common/auth.py): admin and
+billing tokens read every alert, a project token only those labelled with its project (subsidy
+alerts carry a project's used and approved HKD). /healthz and /metrics are open. Errors are JSON.
 """
 
 from __future__ import annotations
@@ -8,17 +10,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.alerts.metrics import AlertsMetrics
 from services.alerts.store import Store
+from services.common.auth import Role, project_of, role_of
 
 STATUS_FILTERS: dict[str, list[str]] = {
     "active": ["pending", "firing"],
@@ -82,14 +86,49 @@ class ErrorBody(BaseModel):
 
 # Request validation answers 400 with an error body (not FastAPI's 422 shape).
 BAD_REQUEST: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody, "description": "a query parameter out of its rule"}
+    400: {"model": ErrorBody, "description": "a query parameter out of its rule"},
+    401: {"model": ErrorBody, "description": "no bearer token, or an unknown one"},
 }
+BEARER = HTTPBearer(auto_error=False, description="TOKEN from API_TOKENS")
+
+
+class Unauthorized(Exception):
+    pass
+
+
+def caller_project(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+) -> str | None:
+    """The project a caller may read (None: every project); 401 without a known token."""
+    tokens: dict[str, Role] = request.app.state.api_tokens
+    role = role_of(tokens, credentials.credentials.encode()) if credentials else None
+    if role is None:
+        raise Unauthorized
+    return project_of(role)
+
+
+CallerProject = Annotated[str | None, Depends(caller_project)]
 
 
 def create_api(
-    store: Store, metrics: AlertsMetrics, *, recent_s: float, health: Callable[[], dict[str, Any]]
+    store: Store,
+    metrics: AlertsMetrics,
+    *,
+    recent_s: float,
+    health: Callable[[], dict[str, Any]],
+    tokens: dict[str, Role],
 ) -> FastAPI:
     api = FastAPI(title="gpumeter alerts", version="1")
+    api.state.api_tokens = dict(tokens)
+
+    @api.exception_handler(Unauthorized)
+    async def unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
+        return JSONResponse(
+            {"error": "unauthorized", "detail": "send Authorization: Bearer TOKEN"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -109,13 +148,19 @@ def create_api(
 
     @api.get("/v1/alerts", response_model=AlertList, responses=BAD_REQUEST)
     async def list_alerts(
+        project: CallerProject,
         status: Literal["active", "firing", "pending", "resolved", "all"] = "all",
         fingerprint: str | None = Query(None, max_length=256, pattern=PRINTABLE),
         limit: int = Query(500, ge=1, le=5000),
     ) -> AlertList:
-        """Pending and firing alerts, and those resolved within the recent window."""
+        """Pending and firing alerts, and those resolved within the recent window (a project
+        token: its project's only)."""
         rows = await store.list_alerts(
-            statuses=STATUS_FILTERS[status], recent_s=recent_s, fingerprint=fingerprint, limit=limit
+            statuses=STATUS_FILTERS[status],
+            recent_s=recent_s,
+            fingerprint=fingerprint,
+            limit=limit,
+            project=project,
         )
         return AlertList(alerts=[AlertView.model_validate(row) for row in rows])
 
@@ -123,14 +168,18 @@ def create_api(
         "/v1/notifications/rejected", response_model=RejectedNotificationList, responses=BAD_REQUEST
     )
     async def list_rejected(
+        project: CallerProject,
         receiver: str | None = Query(None, max_length=256, pattern=PRINTABLE),
         within_s: float | None = Query(
             None, gt=0, le=MAX_WITHIN_S, description="default: ALERT_RECENT_S; at most a year"
         ),
         limit: int = Query(500, ge=1, le=5000),
     ) -> RejectedNotificationList:
-        """Notifications receivers refused for good within the window, newest first."""
-        rows = await store.rejected(within_s=within_s or recent_s, receiver=receiver, limit=limit)
+        """Notifications receivers refused for good within the window, newest first (a project
+        token: its project's only)."""
+        rows = await store.rejected(
+            within_s=within_s or recent_s, receiver=receiver, limit=limit, project=project
+        )
         return RejectedNotificationList(
             notifications=[
                 RejectedNotificationView(

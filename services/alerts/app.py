@@ -219,7 +219,13 @@ class AlertsService:
         )
         await dead_letters.start()
         self.dead_letters = dead_letters
-        api = create_api(store, self.metrics, recent_s=settings.alert_recent_s, health=self.health)
+        api = create_api(
+            store,
+            self.metrics,
+            recent_s=settings.alert_recent_s,
+            health=self.health,
+            tokens=settings.api_tokens,
+        )
         server = _Server(
             uvicorn.Config(
                 api,

@@ -316,9 +316,15 @@ class Store:
         )
 
     async def rejected(
-        self, *, within_s: float, receiver: str | None = None, limit: int = 500
+        self,
+        *,
+        within_s: float,
+        receiver: str | None = None,
+        limit: int = 500,
+        project: str | None = None,
     ) -> list[RejectedRow]:
-        """Notifications refused for good within the last `within_s` seconds, newest first."""
+        """Notifications refused for good within the last `within_s` seconds, newest first
+        (with `project`, only those of alerts labelled with it)."""
         rows = await self.pool.fetch(
             """
             SELECT seq, receiver, fingerprint, status, event, rejected_status, last_error,
@@ -327,12 +333,14 @@ class Store:
             WHERE rejected_at IS NOT NULL
               AND rejected_at > now() - make_interval(secs => $1)
               AND ($2::text IS NULL OR receiver = $2)
+              AND ($4::text IS NULL OR event->'labels'->>'project' = $4)
             ORDER BY rejected_at DESC, seq DESC
             LIMIT $3
             """,
             within_s,
             receiver,
             limit,
+            project,
         )
         return [
             RejectedRow(
@@ -402,13 +410,16 @@ class Store:
         recent_s: float,
         fingerprint: str | None = None,
         limit: int = 500,
+        project: str | None = None,
     ) -> list[dict[str, Any]]:
+        """With `project`, only the alerts labelled with that project."""
         rows = await self.pool.fetch(
             """
             SELECT * FROM alert_states
             WHERE status = ANY($1::text[])
               AND (status <> 'resolved' OR updated_at > now() - make_interval(secs => $2))
               AND ($3::text IS NULL OR fingerprint = $3)
+              AND ($5::text IS NULL OR labels->>'project' = $5)
             ORDER BY CASE status WHEN 'firing' THEN 0 WHEN 'pending' THEN 1 ELSE 2 END,
                      updated_at DESC
             LIMIT $4
@@ -417,6 +428,7 @@ class Store:
             recent_s,
             fingerprint,
             limit,
+            project,
         )
         return [dict(r) for r in rows]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
-import secrets
 from collections.abc import Callable
 from decimal import Decimal
 from fractions import Fraction
@@ -32,6 +31,7 @@ from services.billing.settings import (
     ROLE_BILLING,
     BillingSettings,
 )
+from services.common.auth import role_of
 
 log = logging.getLogger(__name__)
 
@@ -314,16 +314,6 @@ def principal(
     if found is None:
         raise ApiError(401, "unauthorized", "unknown token", challenge)
     return Principal(found)
-
-
-def role_of(tokens: dict[str, str], offered: bytes) -> str | None:
-    """The role of the token offered, or None. Every configured token is compared, each in
-    constant time: where a match stopped the loop would tell a caller how far its guess got."""
-    found: str | None = None
-    for token, role in tokens.items():
-        if secrets.compare_digest(token.encode(), offered) and found is None:
-            found = role
-    return found
 
 
 class BodyTooLarge(StarletteHTTPException):

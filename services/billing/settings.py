@@ -7,39 +7,14 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
+from services.common.auth import (  # noqa: F401 - the billing API's names for them
+    PROJECT_ROLE_PREFIX,
+    ROLE_ADMIN,
+    ROLE_BILLING,
+    Role,
+    parse_api_tokens,
+)
 from services.common.settings import CommonSettings
-
-Role = str  # "admin", "billing" or "project:<id>"
-ROLE_ADMIN = "admin"
-ROLE_BILLING = "billing"
-PROJECT_ROLE_PREFIX = "project:"
-
-
-def parse_api_tokens(text: str) -> dict[str, Role]:
-    """`token1=admin,token2=billing,token3=project:hkgai-llm` -> {token: role}; lists every error."""
-    tokens: dict[str, Role] = {}
-    errors = []
-    for index, entry in enumerate(part.strip() for part in text.split(",")):
-        if not entry:
-            continue
-        token, separator, role = (piece.strip() for piece in entry.partition("="))
-        if not separator or not token or not role:
-            errors.append(f"entry {index + 1}: expected TOKEN=ROLE")
-            continue
-        if role not in (ROLE_ADMIN, ROLE_BILLING) and not (
-            role.startswith(PROJECT_ROLE_PREFIX) and len(role) > len(PROJECT_ROLE_PREFIX)
-        ):
-            errors.append(
-                f"entry {index + 1}: unknown role {role!r} (admin, billing, project:<id>)"
-            )
-            continue
-        if token in tokens:
-            errors.append(f"entry {index + 1}: token appears twice")
-            continue
-        tokens[token] = role
-    if errors:
-        raise ValueError("API_TOKENS: " + "; ".join(errors))
-    return tokens
 
 
 class BillingSettings(CommonSettings):

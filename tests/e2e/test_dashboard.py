@@ -250,19 +250,25 @@ def test_the_dashboard_shows_what_the_api_returns_and_its_downloads_work(
     wait_until(
         lambda: any(
             "alloc" in alert["labels"].get("alertname", "").lower()
-            for alert in httpx.get(alerts_api, params={"status": "active"}).json()["alerts"]
+            for alert in httpx.get(
+                alerts_api, params={"status": "active"}, headers=api.headers
+            ).json()["alerts"]
         ),
         90,
         what="the centre allocation alert",
     )
-    alerts_before = httpx.get(alerts_api, params={"status": "active"}).json()["alerts"]
+    alerts_before = httpx.get(alerts_api, params={"status": "active"}, headers=api.headers).json()[
+        "alerts"
+    ]
 
     # When the dashboard is opened with a billing token in the link
     dom = page_dom(
         f"http://127.0.0.1:{stack['billing']}/#token={READER}&period={PERIOD}",
         tmp_path / "profile",
     )
-    alerts_after = httpx.get(alerts_api, params={"status": "active"}).json()["alerts"]
+    alerts_after = httpx.get(alerts_api, params={"status": "active"}, headers=api.headers).json()[
+        "alerts"
+    ]
 
     # Then each project's spend, subsidy and amount payable are the API's
     invoices = api.get("/v1/invoices", params={"period": PERIOD}).json()["invoices"]

@@ -22,6 +22,7 @@ import pytest
 
 from schemas.codec import dead_letter
 from schemas.metering import NodeSignal
+from tests.fixtures.alerts import ONCALL
 from tests.fixtures.alerts import alerts_env as shared_env
 from tests.fixtures.kafka import produce, read_topic
 from tests.fixtures.processes import wait_until
@@ -51,7 +52,9 @@ def letter(reason: str, detail: str, topic: str) -> tuple[bytes, bytes]:
 
 
 def api_alerts(http_port: int, status: str = "all") -> dict[str, dict[str, Any]]:
-    response = httpx.get(f"http://127.0.0.1:{http_port}/v1/alerts?status={status}", timeout=5)
+    response = httpx.get(
+        f"http://127.0.0.1:{http_port}/v1/alerts?status={status}", headers=ONCALL, timeout=5
+    )
     return {a["rule"]: a for a in response.json()["alerts"] if a["rule"] in RULES}
 
 

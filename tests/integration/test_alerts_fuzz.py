@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.fixtures.alerts import alerts_env
+from tests.fixtures.alerts import ONCALL_TOKEN, alerts_env
 from tests.fixtures.processes import ServiceProcess
 
 
@@ -38,6 +38,8 @@ def test_schemathesis_finds_no_server_error_in_the_alerts_api(
                 "--workers",
                 "1",  # hypothesis' lambda descriptions are not thread-safe on Python 3.11
                 "--no-color",
+                "--header",
+                f"Authorization: Bearer {ONCALL_TOKEN}",
             ],
             cwd=tmp_path,
             capture_output=True,

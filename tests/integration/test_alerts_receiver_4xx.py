@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpumeter.localstack import free_port
 from schemas.metering import NodeSignal
+from tests.fixtures.alerts import ONCALL
 from tests.fixtures.alerts import alerts_env as shared_env
 from tests.fixtures.kafka import produce_json, read_topic
 from tests.fixtures.processes import wait_until
@@ -103,14 +104,19 @@ def metric(http_port: int, name: str, labels: dict[str, str]) -> float | None:
 
 def rejected(http_port: int, **params: str) -> list[dict[str, Any]]:
     response = httpx.get(
-        f"http://127.0.0.1:{http_port}/v1/notifications/rejected", params=params, timeout=5
+        f"http://127.0.0.1:{http_port}/v1/notifications/rejected",
+        params=params,
+        headers=ONCALL,
+        timeout=5,
     )
     response.raise_for_status()
     return list(response.json()["notifications"])
 
 
 def firing(http_port: int) -> dict[tuple[str, str], dict[str, Any]]:
-    alerts = httpx.get(f"http://127.0.0.1:{http_port}/v1/alerts?status=firing", timeout=5).json()
+    alerts = httpx.get(
+        f"http://127.0.0.1:{http_port}/v1/alerts?status=firing", headers=ONCALL, timeout=5
+    ).json()
     return {(a["rule"], a["labels"].get("receiver", "")): a for a in alerts["alerts"]}
 
 

@@ -23,6 +23,7 @@ import pytest
 from gpumeter.localstack import EmbeddedPostgres, free_port
 from gpumeter.stack import create_database
 from schemas.metering import ClusterMinute, NodeSignal
+from tests.fixtures.alerts import API_TOKENS, ONCALL, PROJECT_TOKEN
 from tests.fixtures.kafka import produce_json, read_topic
 from tests.fixtures.processes import REPO_ROOT, ServiceProcess, wait_until
 
@@ -98,6 +99,7 @@ def alerts_env(
         "HTTP_PORT": str(http_port),
         "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
         "KAFKA_SESSION_TIMEOUT_MS": "3000",
+        "API_TOKENS": API_TOKENS,
         "ALERT_RULES_FILE": str(DEFAULT_RULES),
         "ALERT_NOTIFY_BACKOFF_INITIAL_S": "0.1",
         "ALERT_NOTIFY_BACKOFF_MAX_S": "0.5",
@@ -210,12 +212,22 @@ def test_allocation_above_90_percent_for_five_minutes_fires_and_resolves_below_8
         assert [e["status"] for e in events] == ["firing", "resolved"]
         assert {m.key.decode() for m in messages} == {alert["fingerprint"]}
 
-        # and the API lists the resolved alert; /metrics counts the deliveries
-        api = httpx.get(f"http://127.0.0.1:{http_port}/v1/alerts", timeout=5).json()
+        # and the API lists the resolved alert to on-call; /metrics counts the deliveries
+        url = f"http://127.0.0.1:{http_port}/v1/alerts"
+        api = httpx.get(url, headers=ONCALL, timeout=5).json()
         assert [(a["rule"], a["status"]) for a in api["alerts"]] == [
             ("CentreAllocationHigh", "resolved")
         ]
-        bad = httpx.get(f"http://127.0.0.1:{http_port}/v1/alerts?status=nope", timeout=5)
+        # but to no one without a known token, and not to a project token (the centre's alert
+        # carries no project of its own)
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic eA=="}):
+            refused = httpx.get(url, headers=headers, timeout=5)
+            assert refused.status_code == 401, headers
+            assert refused.json()["error"] == "unauthorized"
+            assert refused.headers["WWW-Authenticate"] == "Bearer"
+        mine = httpx.get(url, headers={"Authorization": f"Bearer {PROJECT_TOKEN}"}, timeout=5)
+        assert mine.status_code == 200 and mine.json()["alerts"] == []
+        bad = httpx.get(f"{url}?status=nope", headers=ONCALL, timeout=5)
         assert bad.status_code == 400 and bad.json()["error"] == "invalid_request"
         metrics = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=5).text
         assert 'alerts_notifications_sent_total{receiver="webhook"} 2.0' in metrics

@@ -56,3 +56,39 @@ def test_a_batch_written_again_queues_no_notification_twice_but_repeats_are_kept
         ("webhook", "firing"),
         ("webhook", "resolved"),
     ]
+
+
+def test_a_project_reads_only_the_alerts_labelled_with_it(database_url: str) -> None:
+    async def run() -> dict[str | None, set[str]]:
+        store = await Store.connect(database_url)
+        try:
+            await store.migrate()
+            # Given the centre's alert, two projects' subsidy alerts and a look-alike label
+            for fingerprint, labels in (
+                ("centre", {"alertname": "CentreAllocationHigh"}),
+                ("llm-cap", {"alertname": "SubsidyCap80", "project": "hkgai-llm"}),
+                ("med-cap", {"alertname": "SubsidyCap80", "project": "cuhk-med-ai"}),
+                ("tricky", {"alertname": "X", "node": "hkgai-llm"}),
+            ):
+                await store.pool.execute(
+                    "INSERT INTO alert_states (fingerprint, rule, labels, status, starts_at)"
+                    " VALUES ($1, $2, $3, 'firing', now())",
+                    fingerprint,
+                    labels["alertname"],
+                    labels,  # the store's codec writes JSON objects
+                )
+            found = {}
+            for project in (None, "hkgai-llm", "cuhk-med-ai", "nobody"):
+                rows = await store.list_alerts(statuses=["firing"], recent_s=3600, project=project)
+                found[project] = {r["fingerprint"] for r in rows}
+            return found
+        finally:
+            await store.close()
+
+    # Then on-call (no project) reads all four; a project only its own
+    assert asyncio.run(run()) == {
+        None: {"centre", "llm-cap", "med-cap", "tricky"},
+        "hkgai-llm": {"llm-cap"},
+        "cuhk-med-ai": {"med-cap"},
+        "nobody": set(),
+    }

@@ -14,6 +14,7 @@ from services.billing import api
 from services.billing.consumer import BadHourlyRecord, decode_hourly
 from services.billing.export import invoices_csv
 from services.billing.settings import BillingSettings, parse_api_tokens
+from services.common import auth
 
 GOOD = (
     b'{"project_id": "p", "gpu_model": "H800", "hour_start": "2026-11-30T23:00:00+08:00",'
@@ -71,7 +72,7 @@ def test_every_configured_token_is_compared_whichever_matches(
         compared.append(a)
         return real(a, b)
 
-    monkeypatch.setattr(api.secrets, "compare_digest", counting)
+    monkeypatch.setattr(auth.secrets, "compare_digest", counting)
     offered = HTTPAuthorizationCredentials(scheme="Bearer", credentials="token-one")
 
     # Then its role comes back after all three were compared, not only the first

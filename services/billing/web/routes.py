@@ -16,7 +16,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
@@ -243,15 +243,20 @@ def create_router(settings: BillingSettings, store_: store.Store) -> APIRouter:
         responses=ERRORS,
         tags=["dashboard"],
     )
-    async def alerts(caller: Caller) -> DashboardAlerts:
-        """Pending and firing alerts from the alerts service (ALERTS_URL), fetched server-side."""
+    async def alerts(caller: Caller, request: Request) -> DashboardAlerts:
+        """Pending and firing alerts from the alerts service (ALERTS_URL), fetched server-side
+        with the caller's own token (the two services share API_TOKENS)."""
         caller.require_read_all()
         if settings.alerts_url is None:
             return DashboardAlerts(configured=False, reachable=False, alerts=[])
         url = f"{settings.alerts_url}/v1/alerts"
         try:
             async with httpx.AsyncClient(timeout=ALERTS_TIMEOUT_S) as client:
-                response = await client.get(url, params={"status": "active"})
+                response = await client.get(
+                    url,
+                    params={"status": "active"},
+                    headers={"Authorization": request.headers.get("Authorization", "")},
+                )
             response.raise_for_status()
             body = response.json()
             found = body.get("alerts") if isinstance(body, dict) else None
