@@ -42,6 +42,7 @@ from gpumeter.localstack import EmbeddedPostgres, TansuBroker, free_port
 from gpumeter.processes import STACK_ENV, stop_marked
 from schemas.topics import Topics
 from services.agent.spool import spooled_files
+from services.common.auth import MIN_TOKEN_CHARS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HKT = ZoneInfo("Asia/Hong_Kong")
@@ -855,10 +856,15 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 
 def load_tokens(path: Path) -> tuple[str, str]:
+    tokens: dict[str, str] = {}
     if path.exists():
         tokens = json.loads(path.read_text())
-    else:
-        tokens = {"admin": secrets.token_urlsafe(18), "billing": secrets.token_urlsafe(18)}
+        if min(len(tokens.get("admin", "")), len(tokens.get("billing", ""))) < MIN_TOKEN_CHARS:
+            say(f"{path}: tokens from an older run are too short for the services; new ones made")
+            path.unlink()
+            tokens = {}
+    if not tokens:
+        tokens = {"admin": secrets.token_urlsafe(32), "billing": secrets.token_urlsafe(32)}
         # Private from its creation: written first and restricted after, it was readable by
         # anyone on the host in between.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
 
-from pydantic import Field, field_validator
-from pydantic_settings import NoDecode, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
-from services.common.auth import Role, parse_api_tokens
-from services.common.settings import CommonSettings
+from services.common.settings import ApiTokenSettings, CommonSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class AlertsSettings(CommonSettings):
+class AlertsSettings(ApiTokenSettings):
+    # API_TOKENS (ApiTokenSettings): the same TOKEN=ROLE pairs as billing's: admin and billing read
+    # every alert, a project token only its project's (label `project`); none, 401 to everyone.
     model_config = SettingsConfigDict(**CommonSettings.model_config, populate_by_name=True)
 
     database_url: str
     http_port: int = 8082
-    # The same TOKEN=ROLE pairs as billing's: admin and billing read every alert, a project token
-    # only its project's (label `project`); none configured, the API answers 401 to everyone.
-    api_tokens: Annotated[dict[str, Role], NoDecode] = Field(default_factory=dict)
     rules_file: Path = Field(Path("deploy/alert-rules.yaml"), validation_alias="ALERT_RULES_FILE")
     # A cluster minute is evaluated once a minute this much later than its end has been seen.
     alert_minute_lateness_s: float = Field(60.0, ge=0)
@@ -80,8 +77,3 @@ class AlertsSettings(CommonSettings):
         """Receiver URLs and keys named in the rules file (`url_env`), read here like all config."""
         value = os.environ.get(name)
         return value if value else None
-
-    @field_validator("api_tokens", mode="before")
-    @classmethod
-    def _parse_tokens(cls, value: object) -> object:
-        return parse_api_tokens(value) if isinstance(value, str) else value

@@ -218,7 +218,9 @@ async def bench_ingest(dsn: str, updates: list[HourlyTotal]) -> None:
 
 
 async def bench_api(dsn: str, projects: int, requests: int) -> None:
-    settings = BillingSettings(database_url=dsn, api_tokens={"bench": "admin"}, http_port=0)
+    settings = BillingSettings(
+        database_url=dsn, api_tokens={"bench": "admin"}, allow_insecure_tokens=True, http_port=0
+    )
     store_ = await store.Store(dsn, 5).open()
     port = _free_port()
     server = uvicorn.Server(

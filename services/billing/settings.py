@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from pydantic import Field, field_validator
-from pydantic_settings import NoDecode
 
 from services.common.auth import (  # noqa: F401 - the billing API's names for them
     PROJECT_ROLE_PREFIX,
@@ -14,16 +11,12 @@ from services.common.auth import (  # noqa: F401 - the billing API's names for t
     Role,
     parse_api_tokens,
 )
-from services.common.settings import CommonSettings
+from services.common.settings import ApiTokenSettings
 
 
-class BillingSettings(CommonSettings):
+class BillingSettings(ApiTokenSettings):
     database_url: str = "postgresql://postgres@127.0.0.1:5432/gpumeter"
     http_port: int = Field(8080, ge=0, le=65535)
-    api_tokens: Annotated[dict[str, Role], NoDecode] = Field(
-        default_factory=dict,
-        description="TOKEN=ROLE pairs separated by commas; roles admin, billing, project:<id>",
-    )
     topic_partitions: int = Field(4, ge=1, description="partitions of topics billing creates")
     max_request_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="the largest request body taken (a catalog), else 413"
@@ -44,11 +37,6 @@ class BillingSettings(CommonSettings):
         description="base URL of the alerts service (its GET /v1/alerts feeds the dashboard's"
         " active alerts); unset: the dashboard says alerts are not configured",
     )
-
-    @field_validator("api_tokens", mode="before")
-    @classmethod
-    def _parse_tokens(cls, value: object) -> object:
-        return parse_api_tokens(value) if isinstance(value, str) else value
 
     @field_validator("alerts_url", mode="before")
     @classmethod

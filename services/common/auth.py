@@ -54,3 +54,34 @@ def role_of(tokens: dict[str, Role], offered: bytes) -> Role | None:
 def project_of(role: Role) -> str | None:
     """The project a `project:<id>` role is limited to; None for roles that read every project."""
     return role.removeprefix(PROJECT_ROLE_PREFIX) if role.startswith(PROJECT_ROLE_PREFIX) else None
+
+
+MIN_TOKEN_CHARS = 32
+# Tokens that ship in examples and defaults (compose's and k8s' placeholders among them).
+KNOWN_TOKENS = frozenset(
+    {
+        "change-me-admin",
+        "change-me-billing",
+        "change-me",
+        "changeme",
+        "admin",
+        "billing",
+        "secret",
+        "password",
+        "token",
+        "test",
+    }
+)
+
+
+def weak_tokens(tokens: dict[str, Role]) -> list[str]:
+    """Why each weak token is weak, naming its role and place, never the token itself."""
+    reasons = []
+    for index, (token, role) in enumerate(tokens.items(), start=1):
+        if token.lower() in KNOWN_TOKENS:
+            reasons.append(f"entry {index} ({role}) is a well-known default")
+        elif len(token) < MIN_TOKEN_CHARS:
+            reasons.append(
+                f"entry {index} ({role}) has {len(token)} characters (at least {MIN_TOKEN_CHARS})"
+            )
+    return reasons

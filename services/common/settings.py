@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.topics import Topics
+from services.common.auth import Role, parse_api_tokens, weak_tokens
 
 
 class CommonSettings(BaseSettings):
@@ -49,3 +50,32 @@ class CommonSettings(BaseSettings):
             "session_timeout_ms": self.kafka_session_timeout_ms,
             "heartbeat_interval_ms": self.kafka_heartbeat_interval_ms,
         }
+
+
+class ApiTokenSettings(CommonSettings):
+    """API_TOKENS for a service with an HTTP API (billing, alerts): the same list for both."""
+
+    api_tokens: Annotated[dict[str, Role], NoDecode] = Field(
+        default_factory=dict,
+        description="TOKEN=ROLE pairs separated by commas; roles admin, billing, project:<id>",
+    )
+    # A service refuses to start with a token under 32 characters or a well-known default unless
+    # this is set: for development and tests only.
+    allow_insecure_tokens: bool = False
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _parse_tokens(cls, value: object) -> object:
+        return parse_api_tokens(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _strong_tokens(self) -> ApiTokenSettings:
+        weak = weak_tokens(self.api_tokens)
+        if weak and not self.allow_insecure_tokens:
+            raise ValueError(
+                "API_TOKENS: "
+                + "; ".join(weak)
+                + ". Use long random tokens (python -c 'import secrets; print(secrets.token_urlsafe(32))'),"
+                " or ALLOW_INSECURE_TOKENS=true for development only"
+            )
+        return self

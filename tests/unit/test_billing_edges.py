@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ValidationError
 
 from schemas.invoice import Invoice, InvoiceLine
+from services.alerts.settings import AlertsSettings
 from services.billing import api
 from services.billing.consumer import BadHourlyRecord, decode_hourly
 from services.billing.export import invoices_csv
@@ -144,3 +145,29 @@ def test_csv_has_one_row_per_line_then_the_totals() -> None:
         "INV-2026-11-p,p,2026-11,draft,subsidy,,,,,18.20,",
         "INV-2026-11-p,p,2026-11,draft,net,,,,,7.80,",
     ]
+
+
+@pytest.mark.parametrize("settings_class", [BillingSettings, AlertsSettings])
+def test_a_service_refuses_short_or_default_tokens_unless_development_says_so(
+    settings_class: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://db/gpumeter")
+    monkeypatch.delenv("ALLOW_INSECURE_TOKENS", raising=False)
+    strong = secrets.token_urlsafe(32)
+
+    # A short token and a well-known default are refused, named by place and role only
+    monkeypatch.setenv("API_TOKENS", f"{strong}=admin,short-tok=billing,change-me-admin=admin")
+    with pytest.raises(ValidationError) as caught:
+        settings_class()
+    message = str(caught.value)
+    assert "entry 2 (billing) has 9 characters (at least 32)" in message
+    assert "entry 3 (admin) is a well-known default" in message
+    assert "ALLOW_INSECURE_TOKENS=true" in message
+    assert strong not in message and "short-tok" not in message
+
+    # Long random tokens start; so do weak ones where development says so
+    monkeypatch.setenv("API_TOKENS", f"{strong}=admin")
+    assert settings_class().api_tokens == {strong: "admin"}
+    monkeypatch.setenv("API_TOKENS", "short-tok=billing")
+    monkeypatch.setenv("ALLOW_INSECURE_TOKENS", "true")
+    assert settings_class().api_tokens == {"short-tok": "billing"}
