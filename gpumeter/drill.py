@@ -53,6 +53,7 @@ import asyncpg
 import httpx
 import yaml
 from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from gpumeter.proxy import KafkaProxyGroup
@@ -230,6 +231,11 @@ class Drill:
         self.shutdown(keep=self.options.keep or not passed)
         self.report(passed)
         return 0 if passed else 1
+
+    @property
+    def groups(self) -> list[str]:
+        """The consumer groups of the pipeline after the agents: metering's and billing's."""
+        return [f"{self.topics.prefix}gpumeter-metering", f"{self.topics.prefix}billing"]
 
     @property
     def cluster_faults(self) -> bool:
@@ -795,16 +801,25 @@ class Drill:
             now = time.monotonic()
             if not mismatches:
                 break
-            if lag == 0 and now - stable_since >= self.options.stable_s:
-                self.progress(f"numbers unchanged for {self.options.stable_s:g} s with lag 0")
+            # Unchanged numbers mean a drained pipeline only when every stage has committed all
+            # it has read: metering's inner stages (partials, sums) and billing can stand still
+            # for tens of seconds after a broker fault (a commit waiting out a request timeout)
+            # with the usage partitions' lag already 0. (Tansu cannot say: None, as before.)
+            behind = asyncio.run(groups_lag(stack.env["KAFKA_BOOTSTRAP_SERVERS"], self.groups))
+            if lag == 0 and not behind and now - stable_since >= self.options.stable_s:
+                self.progress(
+                    f"numbers unchanged for {self.options.stable_s:g} s with lag 0"
+                    + ("" if behind is None else " and every metering and billing offset committed")
+                )
                 break
             if now >= deadline:
                 self.progress("drain timeout reached")
                 break
             if now >= next_progress:
                 self.progress(
-                    f"metering lag {lag if lag is not None else '-'}; {len(served)} invoices "
-                    f"served, {len(mismatches)} differ from the samples so far"
+                    f"metering lag {lag if lag is not None else '-'}; metering and billing "
+                    f"groups behind by {behind if behind is not None else '-'}; "
+                    f"{len(served)} invoices served, {len(mismatches)} differ from the samples so far"
                 )
                 next_progress += self.options.progress_s
             time.sleep(1)
@@ -1122,6 +1137,30 @@ async def busiest_partition(
         return tp.topic, tp.partition, int(leader), int(ends[tp])
     finally:
         await consumer.stop()
+
+
+async def groups_lag(bootstrap: str, groups: list[str]) -> int | None:
+    """Messages the consumer groups have not committed yet, over every partition they committed
+    on; None when the broker cannot say (Tansu answers OffsetFetch in a form aiokafka's admin
+    client cannot read)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    try:
+        await admin.start()
+        await consumer.start()
+        behind = 0
+        for group in groups:
+            committed = await admin.list_consumer_group_offsets(group)
+            ends = await consumer.end_offsets(list(committed))
+            behind += sum(
+                max(0, ends[tp] - meta.offset) for tp, meta in committed.items() if meta.offset >= 0
+            )
+        return behind
+    except Exception:  # noqa: BLE001 - a broker that cannot answer now: not drained
+        return None
+    finally:
+        await consumer.stop()
+        await admin.close()
 
 
 async def partition_leader(bootstrap: str, topic: str, partition: int) -> int | None:
