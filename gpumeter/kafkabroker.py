@@ -268,7 +268,9 @@ class KafkaCluster:
             _ip("-n", node.namespace, "link", "set", "eth0", "up")
             _ip("-n", node.namespace, "link", "set", "lo", "up")
 
-    def _remove_network(self) -> None:
+    def remove_network(self) -> None:
+        """Delete the namespaces and the bridge (`stop` does; so does the local stack, whose
+        guardian stops the node processes itself)."""
         for node in self.nodes:
             if node.namespace is not None:
                 subprocess.run(["ip", "netns", "del", node.namespace], capture_output=True)
@@ -283,7 +285,7 @@ class KafkaCluster:
             try:
                 self._make_network()
             except (RuntimeError, OSError):
-                self._remove_network()
+                self.remove_network()
                 raise
         cluster_id = self._cluster_id()
         for node in self.nodes:
@@ -369,7 +371,7 @@ class KafkaCluster:
         for node in running:
             assert node.process is not None
             stop_process(node.process, timeout_s=30.0)
-        self._remove_network()
+        self.remove_network()
 
 
 def _ip(*args: str) -> None:

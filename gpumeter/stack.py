@@ -624,6 +624,8 @@ class Stack:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.postgres.process.wait(5)
         left = stop_marked(str(self.options.data_dir), grace_s=5.0)
+        if self.kafka is not None:
+            self.kafka.remove_network()  # its nodes' namespaces and bridge, once they are gone
         self.guardian = None
         if left:
             say(f"stopped: {len(left)} processes needed a second try ({left})")
