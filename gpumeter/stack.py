@@ -450,7 +450,10 @@ class Stack:
         say(
             f"try:          curl -H 'Authorization: Bearer {self.billing_token}' '{api}/v1/invoices?period={period}'"
         )
-        say(f"alerts API    http://127.0.0.1:{self.ports['alerts']}/v1/alerts")
+        say(
+            f"alerts API    http://127.0.0.1:{self.ports['alerts']}/v1/alerts   (the same tokens:"
+            f" curl -H 'Authorization: Bearer {self.billing_token}' ...)"
+        )
         say(f"metrics       /metrics on every service; logs in {self.logs}")
         say("Ctrl-C stops everything.")
         say("")
