@@ -9,6 +9,18 @@ from pathlib import Path
 BILLING_COMMANDS = {"catalog", "invoices", "periods"}
 
 
+def kafka_node_count(text: str) -> int:
+    """--kafka-nodes: 1 to 9 (a KRaft quorum on one machine), refused here rather than deep in
+    the broker's or a service's start-up."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= count <= 9:
+        raise argparse.ArgumentTypeError(f"{count} nodes: give 1 to 9")
+    return count
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in BILLING_COMMANDS:
@@ -45,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         "are fetched from Maven Central once)",
     )
     up.add_argument(
-        "--kafka-nodes", type=int, default=1, help="Apache Kafka nodes (3: replication factor 3)"
+        "--kafka-nodes",
+        type=kafka_node_count,
+        default=1,
+        help="Apache Kafka nodes (3: replication factor 3)",
     )
     up.add_argument(
         "--duration", type=float, default=None, help="stop by itself after this many seconds"

@@ -56,6 +56,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from gpumeter.cli import kafka_node_count
 from gpumeter.proxy import KafkaProxyGroup
 from gpumeter.stack import REPO_ROOT, Stack, StackOptions, create_database, scrape
 from schemas.codec import InvalidUsage, decode_usage_message
@@ -1391,7 +1392,7 @@ def parse_args(argv: list[str] | None) -> DrillOptions:
     )
     parser.add_argument(
         "--kafka-nodes",
-        type=int,
+        type=kafka_node_count,
         default=1,
         help="Kafka nodes; 3 adds the broker faults: the leaders of the busiest usage partition "
         "and of a changelog partition killed, one node isolated",
@@ -1400,6 +1401,8 @@ def parse_args(argv: list[str] | None) -> DrillOptions:
         "--isolate-s", type=float, default=60.0, help="how long one Kafka node is isolated"
     )
     args = parser.parse_args(argv)
+    if args.isolate_s <= 0:
+        parser.error(f"--isolate-s {args.isolate_s:g}: give a positive number of seconds")
     return DrillOptions(
         nodes=args.nodes,
         speed=args.speed,
