@@ -182,7 +182,9 @@ class AlertsService:
             for name, receiver in self.config.receivers.items()
         }
         senders: dict[str, Sender] = {
-            KAFKA_RECEIVER: KafkaSender(producer, topics.alerts),
+            KAFKA_RECEIVER: KafkaSender(
+                producer, topics.alerts, bootstrap_servers=settings.kafka_bootstrap_servers
+            ),
             **http_senders,
         }
         notifier = Notifier(

@@ -96,20 +96,146 @@ class HttpSender:
         await self.post(url, body, idempotency_key=f"{row.fingerprint}-{row.seq}")
 
 
-class KafkaSender:
-    """alerts.v1: the AlertEvent JSON, keyed by fingerprint."""
+# Each alerts.v1 record carries its outbox row in this header, so that a restart can tell which
+# rows it sent before it could mark them delivered.
+OUTBOX_HEADER = "gpumeter-outbox"
+# How far before a row's creation a send of it may be stamped by the broker (clocks differ).
+RECONCILE_CLOCK_SKEW = timedelta(minutes=5)
+# A partition read for the reconciliation gives up after this long without a record.
+RECONCILE_IDLE_S = 2.0
 
-    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+
+def outbox_id(row: OutboxRow) -> bytes:
+    return f"{row.fingerprint}/{row.status}/{row.seq}".encode()
+
+
+class KafkaSender:
+    """alerts.v1: the AlertEvent JSON, keyed by fingerprint; each alert change once.
+
+    A row is marked delivered after the broker acknowledged it; a process killed between the two,
+    a send that timed out after the broker wrote it, or a mark that failed would otherwise send it
+    again. So each record carries its row's id in a header, and before the first send of a process
+    (and after any failed send) the sender reads alerts.v1 back from shortly before the oldest
+    undelivered row was created, and skips the rows it finds there: they are marked delivered
+    without a second send. Kafka's idempotent producer does not cover this (a restart is a new
+    producer id) and transactions are not available on every broker (Tansu has none)."""
+
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        *,
+        bootstrap_servers: str | None = None,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
         self.producer = producer
         self.topic = topic
+        self.bootstrap_servers = bootstrap_servers
+        self.client_options = client_options or {}
+        self._reconciled = False
+        self._seen: dict[bytes, None] = {}  # ids known to be on the topic, oldest first
+
+    def _remember(self, key: bytes) -> None:
+        self._seen[key] = None
+        while len(self._seen) > 100_000:
+            del self._seen[next(iter(self._seen))]
 
     async def send(self, row: OutboxRow) -> None:
+        key = outbox_id(row)
+        if not self._reconciled and self.bootstrap_servers is not None:
+            try:
+                await self.reconcile(row.created_at)
+            except KafkaError as exc:
+                raise DeliveryError(f"reading {self.topic} back: {exc}", retriable=True) from None
+        if key in self._seen:
+            log.info("alert change %s is on %s already: not sent again", key.decode(), self.topic)
+            return
         try:
             await self.producer.send_and_wait(
-                self.topic, key=row.fingerprint.encode(), value=row.event.model_dump_json().encode()
+                self.topic,
+                key=row.fingerprint.encode(),
+                value=row.event.model_dump_json().encode(),
+                headers=[(OUTBOX_HEADER, key)],
             )
         except KafkaError as exc:
+            self._reconciled = False  # it may have been written all the same
             raise DeliveryError(f"{type(exc).__name__}: {exc}", retriable=True) from None
+        self._remember(key)
+
+    async def reconcile(self, since: datetime | None) -> int:
+        """Read the topic from shortly before `since` to its end; remember each outbox id on it."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            **self.client_options,
+        )
+        await consumer.start()
+        found = 0
+        try:
+            partitions = [
+                TopicPartition(self.topic, p)
+                for p in sorted(await self.producer.partitions_for(self.topic) or ())
+            ]
+            if not partitions:
+                self._reconciled = True
+                log.info("%s has no partitions yet: no alert change to skip", self.topic)
+                return 0
+            consumer.assign(partitions)
+            starts: dict[Any, int | None] = {tp: None for tp in partitions}
+            if since is not None:
+                stamp = int((since - RECONCILE_CLOCK_SKEW).timestamp() * 1000)
+                try:
+                    found_offsets = await consumer.offsets_for_times(
+                        {tp: stamp for tp in partitions}
+                    )
+                    for tp, offset in found_offsets.items():
+                        starts[tp] = offset.offset if offset is not None else -1
+                except (KafkaError, ValueError, TypeError) as exc:
+                    log.info(
+                        "no offsets by time on %s (%s): reading it from its start", self.topic, exc
+                    )
+            ends = await consumer.end_offsets(partitions)
+            pending = []
+            for tp in partitions:
+                start = starts[tp]
+                if start == -1:  # nothing written since: nothing to read
+                    continue
+                if start is None:
+                    await consumer.seek_to_beginning(tp)
+                else:
+                    consumer.seek(tp, start)
+                pending.append(tp)
+            if not pending:
+                self._reconciled = True
+                log.info("nothing on %s since %s: no alert change to skip", self.topic, since)
+                return 0
+            consumer.pause(*[tp for tp in partitions if tp not in pending])
+            # Read to the end: past the listed end offset (Tansu's can be short), until a fetch
+            # comes back empty.
+            while pending:
+                batches = await consumer.getmany(*pending, timeout_ms=int(RECONCILE_IDLE_S * 1000))
+                for records in batches.values():
+                    for record in records:
+                        for name, value in record.headers or ():
+                            if name == OUTBOX_HEADER:
+                                self._remember(bytes(value))
+                                found += 1
+                done = [
+                    tp
+                    for tp in pending
+                    if tp not in batches and await consumer.position(tp) >= ends[tp]
+                ]
+                pending = [tp for tp in pending if tp not in done]
+                if not batches and not done:
+                    break  # nothing more arrives: the listed end is not reachable
+        finally:
+            await consumer.stop()
+        self._reconciled = True
+        log.info("read %s back: %d alert changes already on it", self.topic, found)
+        return found
 
 
 class Notifier:

@@ -41,6 +41,7 @@ class OutboxRow:
     status: str
     event: AlertEvent
     attempts: int
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,7 @@ class Store:
     async def undelivered(self, receiver: str, limit: int = 50) -> list[OutboxRow]:
         rows = await self.pool.fetch(
             """
-            SELECT seq, receiver, fingerprint, status, event, attempts FROM alert_outbox
+            SELECT seq, receiver, fingerprint, status, event, attempts, created_at FROM alert_outbox
             WHERE receiver = $1 AND delivered_at IS NULL AND rejected_at IS NULL
             ORDER BY seq LIMIT $2
             """,
@@ -289,6 +290,7 @@ class Store:
                 r["status"],
                 AlertEvent.model_validate(r["event"]),
                 r["attempts"],
+                r["created_at"],
             )
             for r in rows
         ]

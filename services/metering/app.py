@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import types
 import weakref
@@ -482,6 +483,41 @@ def seek_on_thread(thread: Any, partition: Any, offset: int) -> None:
     thread.seek(partition, offset)
 
 
+class RecoveryClock:
+    """How long the worker has been rebalancing or recovering tables, from plain observations."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def observe(self, recovering: bool, now: float) -> float | None:
+        if not recovering:
+            self.since = None
+            return None
+        if self.since is None:
+            self.since = now
+        return now - self.since
+
+
+# The exit status of a worker that left a rebalance it could not finish (sysexits' EX_SOFTWARE).
+STUCK_EXIT_STATUS = 70
+
+
+def exit_stuck(recovering_s: float) -> None:
+    """Leave at once: a rebalance waiting for good on a commit to a partitioned broker (seen on
+    Apache Kafka, Faust's `Timer commit is overlapping`) counts nothing, and a clean stop would
+    wait on the same commit. Like a SIGKILL, which metering survives exactly (offsets are
+    committed after outputs): the supervisor, docker-compose or Kubernetes starts it again, and the
+    new member joins a fresh rebalance."""
+    log.critical(
+        "rebalancing or recovering tables for %.0f s (RECOVERY_UNHEALTHY_S): exiting with status "
+        "%d to be restarted",
+        recovering_s,
+        STUCK_EXIT_STATUS,
+    )
+    logging.shutdown()
+    os._exit(STUCK_EXIT_STATUS)
+
+
 def expire_sums(table: Any, newest_epoch: int, retention_s: int, epoch_of: Any) -> None:
     """Forget the sums of keys older than `retention_s` before the newest, with a tombstone each.
 
@@ -543,6 +579,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
         broker_rebalance_timeout=rebalance_s,
         broker_max_poll_interval=max(rebalance_s, 10.0),
         broker_session_timeout=settings.kafka_session_timeout_ms / 1000,
+        broker_request_timeout=settings.kafka_request_timeout_ms / 1000,
         broker_heartbeat_interval=settings.kafka_heartbeat_interval_ms / 1000,
         broker_commit_interval=1.0,
         producer_acks=-1,
@@ -1043,7 +1080,10 @@ def create_app(settings: MeteringSettings) -> faust.App:
         to process next and nothing has reached the stream for STALL_S (see STALL_S)."""
         consumer = app.consumer
         flowing = getattr(consumer, "flow_active", True)
-        if app.rebalancing or getattr(app, "in_recovery", False) or not flowing:
+        recovering_s = recovering_for()
+        if recovering_s is not None and recovering_s >= settings.recovery_unhealthy_s:
+            exit_stuck(recovering_s)
+        if recovering_s is not None or not flowing:
             stalls.clear()
             return
         read_unsought_again()  # a partition that went quiet after its early messages
@@ -1203,6 +1243,15 @@ def create_app(settings: MeteringSettings) -> faust.App:
             log.info("forgot %d nodes silent for longer than the retention", changed)
             await sender.send()
 
+    recovery = RecoveryClock()
+
+    def recovering_for() -> float | None:
+        """Seconds since a rebalance or a table recovery began (None: none under way). Observed
+        every second by the stall timer and at each /healthz."""
+        return recovery.observe(
+            bool(app.rebalancing or getattr(app, "in_recovery", False)), time.monotonic()
+        )
+
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
         report: dict[str, Any] = {
@@ -1211,7 +1260,17 @@ def create_app(settings: MeteringSettings) -> faust.App:
             "app_id": settings.faust_id,
         }
         idle_s = time.monotonic() - progress["at"]
-        recovering = app.rebalancing or getattr(app, "in_recovery", False)
+        recovering_s = recovering_for()
+        if recovering_s is not None and recovering_s >= settings.recovery_unhealthy_s:
+            # A rebalance that never ends (seen on Apache Kafka after a broker was partitioned off:
+            # Faust's rebalance waited on a commit for good) must not read as healthy, or no
+            # liveness probe restarts the worker.
+            report.update(
+                status="stuck",
+                detail=f"rebalancing or recovering tables for {recovering_s:.0f} s",
+            )
+            return web.json(report, status=503)
+        recovering = recovering_s is not None
         if idle_s >= settings.stall_unhealthy_s and not recovering:
             try:
                 lag = await measure_lag()

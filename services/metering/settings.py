@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.common.settings import CommonSettings
 
@@ -39,6 +39,13 @@ class MeteringSettings(CommonSettings):
     fetch_max_wait_ms: int = 50
     # /healthz answers 503 when usage partitions have had lag this long with nothing processed.
     stall_unhealthy_s: float = Field(60.0, gt=0)
+    # /healthz answers 503 when a rebalance or a table recovery has lasted this long: a worker
+    # stuck in one counts nothing and must be restarted (by the supervisor or a liveness probe).
+    recovery_unhealthy_s: float = Field(300.0, gt=0)
+    # How long one request to a broker may take (Faust's default is 90 s). A request to a broker
+    # cut off by a partition holds whatever waits on it (a commit, and a rebalance behind it) this
+    # long. Not below KAFKA_SESSION_TIMEOUT_MS (Faust refuses it).
+    kafka_request_timeout_ms: int = Field(30000, ge=1000)
     hour_retention_s: int = 6 * 3600  # how late a node's sample may be, relative to its newest one
     minute_retention_s: int = 15 * 60
     # Bounds on one node's state (see services/metering/domain.py): beyond them, dead letters.
@@ -47,6 +54,15 @@ class MeteringSettings(CommonSettings):
     node_expiry_check_s: float = Field(60.0, gt=0)
     max_hour_keys_per_node: int = Field(1024, ge=1)
     table_retention_s: int = 35 * 24 * 3600  # cross-node sums kept for late updates
+
+    @model_validator(mode="after")
+    def _request_outlasts_session(self) -> MeteringSettings:
+        if self.kafka_request_timeout_ms < self.kafka_session_timeout_ms:
+            raise ValueError(
+                f"KAFKA_REQUEST_TIMEOUT_MS ({self.kafka_request_timeout_ms}) must not be below "
+                f"KAFKA_SESSION_TIMEOUT_MS ({self.kafka_session_timeout_ms})"
+            )
+        return self
 
     @property
     def node_completeness_topic(self) -> str:

@@ -1,0 +1,47 @@
+"""A metering worker stuck in a rebalance says so and leaves, instead of reading healthy for good
+(seen on Apache Kafka in the three-node drill: Faust's rebalance waited on a commit to a
+partitioned broker, and /healthz skipped its stall check all the while)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from services.metering.app import STUCK_EXIT_STATUS, RecoveryClock
+from services.metering.settings import MeteringSettings
+
+
+def test_the_clock_runs_from_the_first_observation_of_a_rebalance_and_resets_after_it() -> None:
+    clock = RecoveryClock()
+    assert clock.observe(False, 10.0) is None
+    assert clock.observe(True, 11.0) == 0.0
+    assert clock.observe(True, 311.5) == 300.5
+    # A rebalance that ended and a new one that began: counted from the new one
+    assert clock.observe(False, 312.0) is None
+    assert clock.observe(True, 400.0) == 0.0
+    assert clock.observe(True, 401.0) == 1.0
+
+
+def test_a_stuck_worker_exits_with_its_own_status_and_says_why() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", "from services.metering.app import exit_stuck; exit_stuck(301.4)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == STUCK_EXIT_STATUS == 70
+    assert "rebalancing or recovering tables for 301 s" in done.stderr
+
+
+def test_the_request_timeout_is_bounded_and_not_below_the_session_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert MeteringSettings().kafka_request_timeout_ms == 30000  # Faust's own default is 90 s
+    monkeypatch.setenv("KAFKA_SESSION_TIMEOUT_MS", "45000")
+    with pytest.raises(ValidationError, match="KAFKA_REQUEST_TIMEOUT_MS .* must not be below"):
+        MeteringSettings()
+    monkeypatch.setenv("KAFKA_REQUEST_TIMEOUT_MS", "45000")
+    assert MeteringSettings().kafka_request_timeout_ms == 45000
