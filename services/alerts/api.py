@@ -1,6 +1,7 @@
 """Read side over HTTP: GET /v1/alerts, /v1/notifications/rejected, /healthz, /metrics.
 
-The two /v1 routes need a bearer token from API_TOKENS (services/common/auth.py): admin and
+The two /v1 routes need a bearer token: one from API_TOKENS, or a JWT from the centre's OIDC
+provider (services/common/auth.py, services/common/oidc.py). Admin and
 billing tokens read every alert, a project token only those labelled with its project (subsidy
 alerts carry a project's used and approved HKD). /healthz and /metrics are open. Errors are JSON.
 """
@@ -22,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.alerts.metrics import AlertsMetrics
 from services.alerts.store import Store
-from services.common.auth import Role, project_of, role_of
+from services.common.auth import Authenticator, Role, project_of
+from services.common.oidc import AuthError
 
 STATUS_FILTERS: dict[str, list[str]] = {
     "active": ["pending", "firing"],
@@ -87,25 +89,23 @@ class ErrorBody(BaseModel):
 # Request validation answers 400 with an error body (not FastAPI's 422 shape).
 BAD_REQUEST: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "a query parameter out of its rule"},
-    401: {"model": ErrorBody, "description": "no bearer token, or an unknown one"},
+    401: {"model": ErrorBody, "description": "no bearer token, or one that is not valid"},
+    403: {"model": ErrorBody, "description": "a valid OIDC token whose groups give no role"},
+    503: {"model": ErrorBody, "description": "the identity provider's keys are unavailable"},
 }
-BEARER = HTTPBearer(auto_error=False, description="TOKEN from API_TOKENS")
+BEARER = HTTPBearer(
+    auto_error=False, description="a TOKEN from API_TOKENS, or a JWT from the OIDC provider"
+)
 
 
-class Unauthorized(Exception):
-    pass
-
-
-def caller_project(
+async def caller_project(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
 ) -> str | None:
-    """The project a caller may read (None: every project); 401 without a known token."""
-    tokens: dict[str, Role] = request.app.state.api_tokens
-    role = role_of(tokens, credentials.credentials.encode()) if credentials else None
-    if role is None:
-        raise Unauthorized
-    return project_of(role)
+    """The project a caller may read (None: every project); 401 without a valid token."""
+    authenticator: Authenticator = request.app.state.authenticator
+    who = await authenticator.identify(request.headers.get("authorization"))
+    return project_of(who.role)
 
 
 CallerProject = Annotated[str | None, Depends(caller_project)]
@@ -117,17 +117,20 @@ def create_api(
     *,
     recent_s: float,
     health: Callable[[], dict[str, Any]],
-    tokens: dict[str, Role],
+    tokens: dict[str, Role] | None = None,
+    authenticator: Authenticator | None = None,
 ) -> FastAPI:
     api = FastAPI(title="gpumeter alerts", version="1")
-    api.state.api_tokens = dict(tokens)
+    api.state.authenticator = authenticator or Authenticator(tokens or {})
 
-    @api.exception_handler(Unauthorized)
-    async def unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
+    @api.exception_handler(AuthError)
+    async def unauthorized(_: Request, exc: AuthError) -> JSONResponse:
+        names = {401: "unauthorized", 403: "forbidden"}
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {"Retry-After": "5"}
         return JSONResponse(
-            {"error": "unauthorized", "detail": "send Authorization: Bearer TOKEN"},
-            status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
+            {"error": names.get(exc.status, "unavailable"), "detail": exc.detail},
+            status_code=exc.status,
+            headers=headers if exc.status != 403 else None,
         )
 
     @api.exception_handler(StarletteHTTPException)

@@ -226,7 +226,7 @@ class AlertsService:
             self.metrics,
             recent_s=settings.alert_recent_s,
             health=self.health,
-            tokens=settings.api_tokens,
+            authenticator=settings.authenticator(),
         )
         server = _Server(
             uvicorn.Config(

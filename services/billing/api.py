@@ -31,7 +31,8 @@ from services.billing.settings import (
     ROLE_BILLING,
     BillingSettings,
 )
-from services.common.auth import role_of
+from services.common.auth import Authenticator
+from services.common.oidc import AuthError
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +276,9 @@ InvoiceIdPath = Annotated[
 
 
 class Principal:
-    def __init__(self, role: str) -> None:
+    def __init__(self, role: str, subject: str = "") -> None:
         self.role = role
+        self.subject = subject  # token:<n> or oidc:<sub>, for the audit trail
 
     @property
     def reads_all(self) -> bool:
@@ -299,21 +301,30 @@ class Principal:
             raise ApiError(403, "forbidden", f"this token may not read project {project_id!r}")
 
 
-BEARER = HTTPBearer(auto_error=False, description="TOKEN from API_TOKENS")
+BEARER = HTTPBearer(
+    auto_error=False, description="a TOKEN from API_TOKENS, or a JWT from the OIDC provider"
+)
 
 
-def principal(
+def auth_error(exc: AuthError) -> ApiError:
+    if exc.status == 401:
+        return ApiError(401, "unauthorized", exc.detail, {"WWW-Authenticate": "Bearer"})
+    if exc.status == 403:
+        return ApiError(403, "forbidden", exc.detail)
+    return ApiError(exc.status, "unavailable", exc.detail, {"Retry-After": "5"})
+
+
+async def principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
 ) -> Principal:
     """The caller's role from its bearer token: 401 without one or with an unknown one."""
-    challenge = {"WWW-Authenticate": "Bearer"}
-    if credentials is None:
-        raise ApiError(401, "unauthorized", "send Authorization: Bearer TOKEN", challenge)
-    found = role_of(request.app.state.api_tokens, credentials.credentials.encode())
-    if found is None:
-        raise ApiError(401, "unauthorized", "unknown token", challenge)
-    return Principal(found)
+    authenticator: Authenticator = request.app.state.authenticator
+    try:
+        who = await authenticator.identify(request.headers.get("authorization"))
+    except AuthError as exc:
+        raise auth_error(exc) from None
+    return Principal(who.role, who.subject)
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -330,22 +341,21 @@ class GuardBodies:
     body exceeds `max_bytes` 413, from its Content-Length or, without one, as the body streams
     in. FastAPI reads and parses a body before the route's dependencies (the token check) run."""
 
-    def __init__(self, app: Any, tokens: dict[str, str], max_bytes: int) -> None:
-        self.app, self.tokens, self.max_bytes = app, tokens, max_bytes
+    def __init__(self, app: Any, authenticator: Authenticator, max_bytes: int) -> None:
+        self.app, self.authenticator, self.max_bytes = app, authenticator, max_bytes
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        scheme, _, offered = headers.get(b"authorization", b"").partition(b" ")
-        if scheme.lower() != b"bearer" or role_of(self.tokens, offered.strip()) is None:
-            await error_response(
-                401,
-                "unauthorized",
-                "send Authorization: Bearer TOKEN",
-                {"WWW-Authenticate": "Bearer"},
-            )(scope, receive, send)
+        try:
+            await self.authenticator.identify(headers.get(b"authorization"))
+        except AuthError as exc:
+            error = auth_error(exc)
+            await error_response(error.status, error.error, error.detail, error.headers)(
+                scope, receive, send
+            )
             return
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
@@ -383,9 +393,9 @@ def create_api(
         version="1.0.0",
         description="Invoices with AISS subsidy for GPU usage (CONTRACTS §4-5). Money is HKD text.",
     )
-    app.state.api_tokens = dict(settings.api_tokens)
+    app.state.authenticator = settings.authenticator()
     app.add_middleware(
-        GuardBodies, tokens=app.state.api_tokens, max_bytes=settings.max_request_bytes
+        GuardBodies, authenticator=app.state.authenticator, max_bytes=settings.max_request_bytes
     )
 
     @app.exception_handler(ApiError)

@@ -7,6 +7,11 @@ API_TOKENS holds `TOKEN=ROLE` pairs separated by commas; roles are `admin`, `bil
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.common.oidc import OidcVerifier
 
 Role = str  # "admin", "billing" or "project:<id>"
 ROLE_ADMIN = "admin"
@@ -49,6 +54,45 @@ def role_of(tokens: dict[str, Role], offered: bytes) -> Role | None:
         if secrets.compare_digest(token.encode(), offered) and found is None:
             found = role
     return found
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who called: their role, and a subject for the audit trail (`token:<n>` for the n-th entry
+    of API_TOKENS, which names no person; `oidc:<sub>` for a signed-in person)."""
+
+    role: Role
+    subject: str
+
+
+class Authenticator:
+    """One bearer check for every HTTP service: API_TOKENS first (every entry compared in constant
+    time), then, where OIDC is configured, a JWT from the identity provider. Raises AuthError."""
+
+    def __init__(self, tokens: dict[str, Role], oidc: OidcVerifier | None = None) -> None:
+        self.tokens = dict(tokens)
+        self.oidc = oidc
+        self._subjects = {token: f"token:{n}" for n, token in enumerate(tokens, start=1)}
+
+    async def identify(self, authorization: bytes | str | None) -> Identity:
+        from services.common.oidc import AuthError
+
+        if isinstance(authorization, str):
+            authorization = authorization.encode("latin-1", "replace")
+        scheme, _, offered = (authorization or b"").partition(b" ")
+        offered = offered.strip()
+        if scheme.lower() != b"bearer" or not offered:
+            raise AuthError(401, "send Authorization: Bearer TOKEN")
+        token = None
+        for candidate in self.tokens:  # the whole list, whatever matches first
+            if secrets.compare_digest(candidate.encode(), offered) and token is None:
+                token = candidate
+        if token is not None:
+            return Identity(self.tokens[token], self._subjects[token])
+        if self.oidc is not None and offered.count(b".") == 2:
+            verified = await self.oidc.verify(offered.decode("ascii", "replace"))
+            return Identity(verified.role, verified.subject)
+        raise AuthError(401, "unknown token")
 
 
 def project_of(role: Role) -> str | None:

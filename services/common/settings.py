@@ -8,7 +8,16 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.topics import Topics
-from services.common.auth import Role, parse_api_tokens, weak_tokens
+from services.common.auth import Authenticator, Role, parse_api_tokens, weak_tokens
+
+
+def _https_or_local(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.scheme == "https" or (
+        parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1")
+    )
 
 
 class CommonSettings(BaseSettings):
@@ -62,6 +71,81 @@ class ApiTokenSettings(CommonSettings):
     # A service refuses to start with a token under 32 characters or a well-known default unless
     # this is set: for development and tests only.
     allow_insecure_tokens: bool = False
+    # OpenID Connect (services/common/oidc.py): JWTs from the centre's identity provider are
+    # accepted beside API_TOKENS when OIDC_ISSUER is set.
+    oidc_issuer: str = ""
+    oidc_audience: str = ""
+    # Where the provider's signing keys are; default: `jwks_uri` of the issuer's
+    # /.well-known/openid-configuration, read at the first token.
+    oidc_jwks_url: str = ""
+    oidc_roles_claim: str = "groups"
+    oidc_role_map: Annotated[dict[str, Role], NoDecode] = Field(
+        default_factory=dict,
+        description="GROUP=ROLE pairs; a GROUP ending in * matches by prefix, project:* takes the rest",
+    )
+    oidc_algorithms: Annotated[tuple[str, ...], NoDecode] = ("RS256", "ES256")
+    oidc_leeway_s: float = Field(30.0, ge=0, le=300)
+    oidc_jwks_refresh_min_s: float = Field(30.0, ge=0)
+    oidc_jwks_max_age_s: float = Field(3600.0, gt=0)
+
+    @field_validator("oidc_role_map", mode="before")
+    @classmethod
+    def _parse_role_map(cls, value: object) -> object:
+        from services.common.oidc import parse_role_map
+
+        return parse_role_map(value) if isinstance(value, str) else value
+
+    @field_validator("oidc_algorithms", mode="before")
+    @classmethod
+    def _parse_algorithms(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(a.strip() for a in value.split(",") if a.strip())
+        from services.common.oidc import ASYMMETRIC_ALGORITHMS
+
+        bad = (
+            [a for a in value if a not in ASYMMETRIC_ALGORITHMS] if isinstance(value, tuple) else []
+        )
+        if bad:
+            raise ValueError(
+                f"OIDC_ALGORITHMS: {', '.join(bad)} not accepted; asymmetric only "
+                f"({', '.join(ASYMMETRIC_ALGORITHMS)})"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> ApiTokenSettings:
+        if not self.oidc_issuer:
+            return self
+        if not self.oidc_audience:
+            raise ValueError("OIDC_AUDIENCE: required with OIDC_ISSUER (this service's client id)")
+        if not self.oidc_role_map:
+            raise ValueError(
+                "OIDC_ROLE_MAP: required with OIDC_ISSUER (which groups get which role)"
+            )
+        for name, url in (("OIDC_ISSUER", self.oidc_issuer), ("OIDC_JWKS_URL", self.oidc_jwks_url)):
+            if url and not _https_or_local(url) and not self.allow_insecure_tokens:
+                raise ValueError(f"{name}: https:// required (http only to localhost)")
+        return self
+
+    def authenticator(self) -> Authenticator:
+        from services.common.oidc import OidcConfig, OidcVerifier
+
+        oidc = None
+        if self.oidc_issuer:
+            oidc = OidcVerifier(
+                OidcConfig(
+                    issuer=self.oidc_issuer,
+                    audience=self.oidc_audience,
+                    jwks_url=self.oidc_jwks_url,
+                    roles_claim=self.oidc_roles_claim,
+                    role_map=dict(self.oidc_role_map),
+                    algorithms=tuple(self.oidc_algorithms),
+                    leeway_s=self.oidc_leeway_s,
+                    jwks_refresh_min_s=self.oidc_jwks_refresh_min_s,
+                    jwks_max_age_s=self.oidc_jwks_max_age_s,
+                )
+            )
+        return Authenticator(self.api_tokens, oidc)
 
     @field_validator("api_tokens", mode="before")
     @classmethod

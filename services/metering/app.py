@@ -483,6 +483,20 @@ def seek_on_thread(thread: Any, partition: Any, offset: int) -> None:
     thread.seek(partition, offset)
 
 
+def left_inactive(
+    assigned: Any, active: Any, topic: str, since: dict[Any, float], now: float, after_s: float
+) -> list[Any]:
+    """Partitions of `topic` assigned but not fetched (not in Faust's active set) for `after_s`;
+    `since` holds when each was first seen so and is kept current."""
+    inactive = {tp for tp in assigned if tp.topic == topic and tp not in active}
+    for tp in list(since):
+        if tp not in inactive:
+            del since[tp]
+    for tp in inactive:
+        since.setdefault(tp, now)
+    return sorted((tp for tp in inactive if now - since[tp] >= after_s), key=lambda tp: tp[1])
+
+
 class RecoveryClock:
     """How long the worker has been rebalancing or recovering tables, from plain observations."""
 
@@ -1062,6 +1076,35 @@ def create_app(settings: MeteringSettings) -> faust.App:
             await sender.send()  # this batch's partials and signals, before its offsets are acked
             await perform_seeks()
 
+    inactive_since: dict[Any, float] = {}
+
+    def resume_forgotten_partitions(consumer: Any, now: float) -> None:
+        """Fetch again a usage partition that Faust left out of its fetches (its "active"
+        partitions) with no rebalance or recovery under way: seen on Apache Kafka after a
+        broker fault, a partition whose lag grew for minutes while the others were counted.
+        Faust pauses partitions for a rebalance, a table recovery or a full stream buffer and
+        resumes them after; one it failed to resume is never fetched again."""
+        active = getattr(consumer, "_active_partitions", None)
+        if active is None:
+            return
+        for tp in left_inactive(
+            consumer.assignment(), active, topics.usage, inactive_since, now, 2 * STALL_S
+        ):
+            paused = tp in getattr(consumer, "_paused_partitions", ())
+            buffered = tp in getattr(consumer, "_buffered_partitions", ())
+            log.warning(
+                "usage partition %d: not fetched for %.0f s with no rebalance under way "
+                "(paused: %s, buffer full: %s); fetching it again",
+                tp.partition,
+                now - inactive_since[tp],
+                paused,
+                buffered,
+            )
+            metrics.stalls.inc()
+            getattr(consumer, "_buffered_partitions", set()).discard(tp)
+            consumer.resume_partitions({tp})
+            inactive_since.pop(tp, None)
+
     async def perform_seeks() -> None:
         while seeks_due:
             tp, offset = seeks_due.pop(0)
@@ -1088,6 +1131,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
             return
         read_unsought_again()  # a partition that went quiet after its early messages
         now = time.monotonic()
+        resume_forgotten_partitions(consumer, now)
         for tp in consumer.assignment():
             if tp.topic != topics.usage:
                 continue

@@ -45,3 +45,27 @@ def test_the_request_timeout_is_bounded_and_not_below_the_session_timeout(
         MeteringSettings()
     monkeypatch.setenv("KAFKA_REQUEST_TIMEOUT_MS", "45000")
     assert MeteringSettings().kafka_request_timeout_ms == 45000
+
+
+def test_a_usage_partition_left_unfetched_is_named_after_the_wait_and_only_then() -> None:
+    from collections import namedtuple
+
+    from services.metering.app import left_inactive
+
+    TP = namedtuple("TP", "topic partition")
+    usage = [TP("gpu.usage.v1", p) for p in range(3)]
+    other = TP("metering.internal.node-hourly.v2", 0)
+    since: dict = {}
+    assigned = {*usage, other}
+    # Partition 1 and an internal partition left out of the fetches: only usage ones are watched
+    active = {usage[0], usage[2]}
+    assert left_inactive(assigned, active, "gpu.usage.v1", since, 100.0, 10.0) == []
+    assert left_inactive(assigned, active, "gpu.usage.v1", since, 109.9, 10.0) == []
+    assert left_inactive(assigned, active, "gpu.usage.v1", since, 110.0, 10.0) == [usage[1]]
+    # Fetched again in between: the wait starts over
+    assert left_inactive(assigned, set(usage), "gpu.usage.v1", since, 111.0, 10.0) == []
+    assert left_inactive(assigned, active, "gpu.usage.v1", since, 112.0, 10.0) == []
+    assert left_inactive(assigned, active, "gpu.usage.v1", since, 122.0, 10.0) == [usage[1]]
+    # Revoked: forgotten
+    assert left_inactive({usage[0]}, {usage[0]}, "gpu.usage.v1", since, 130.0, 10.0) == []
+    assert since == {}
