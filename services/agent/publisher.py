@@ -97,7 +97,10 @@ class Producer(Protocol):
 
 
 def kafka_producer_factory(
-    bootstrap_servers: str, timeout_ms: int, compression: str | None = "gzip"
+    bootstrap_servers: str,
+    timeout_ms: int,
+    compression: str | None = "gzip",
+    security: dict[str, Any] | None = None,
 ) -> Callable[[], Producer]:
     """An idempotent, acks=all producer whose every wait is bounded by `timeout_ms`.
 
@@ -119,6 +122,7 @@ def kafka_producer_factory(
             max_block_ms=timeout_ms,
             bootstrap_timeout_ms=timeout_ms,
             reconnect_backoff_max_ms=1000,
+            **(security or {}),  # TLS and SASL: KafkaSecurity.kafka_python()
         )
         return producer
 

@@ -58,11 +58,18 @@ class EndOffsets:
     letters themselves (up to megabytes each) are never read. A missing topic counts as 0.
     """
 
-    def __init__(self, bootstrap_servers: str, metadata_max_age_ms: int, topics: list[str]) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        metadata_max_age_ms: int,
+        topics: list[str],
+        security: dict[str, Any] | None = None,
+    ) -> None:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers,
             enable_auto_commit=False,
             metadata_max_age_ms=metadata_max_age_ms,
+            **(security or {}),
         )
         self.topics = topics
 
@@ -148,7 +155,8 @@ class AlertsService:
             log.info("applied migrations %s", ", ".join(applied))
         await ensure_topics(
             settings.kafka_bootstrap_servers,
-            {
+            security=settings.kafka_security.aiokafka(),
+            topics={
                 topics.cluster_minutely: CLUSTER_MINUTELY_PARTITIONS,
                 topics.node_signals: NODE_SIGNALS_PARTITIONS,
                 topics.alerts: ALERTS_PARTITIONS,
@@ -173,7 +181,7 @@ class AlertsService:
             watermark=loaded.watermark,
             nodes=loaded.nodes,
         )
-        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all")
+        producer = AIOKafkaProducer(**settings.kafka_options(), acks="all")
         await producer.start()
         client = httpx.AsyncClient(timeout=settings.alert_notify_timeout_s)
         ttl = timedelta(seconds=4 * settings.alertmanager_resend_interval_s)
@@ -183,7 +191,10 @@ class AlertsService:
         }
         senders: dict[str, Sender] = {
             KAFKA_RECEIVER: KafkaSender(
-                producer, topics.alerts, bootstrap_servers=settings.kafka_bootstrap_servers
+                producer,
+                topics.alerts,
+                bootstrap_servers=settings.kafka_bootstrap_servers,
+                client_options=settings.kafka_security.aiokafka(),
             ),
             **http_senders,
         }
@@ -207,6 +218,7 @@ class AlertsService:
             settings.kafka_bootstrap_servers,
             metadata_max_age_ms=int(max(1.0, 4 * settings.alert_pipeline_check_interval_s) * 1000),
             topics=[topics.usage, topics.usage_dlq, topics.billing_dlq],
+            security=settings.kafka_security.aiokafka(),
         )
         await offsets.start()
         dead_letters = DeadLetterReader(
@@ -218,6 +230,7 @@ class AlertsService:
                 source, reason, at, now, detail
             ),
             self.metrics,
+            security=settings.kafka_security.aiokafka(),
         )
         await dead_letters.start()
         self.dead_letters = dead_letters

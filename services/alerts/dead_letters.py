@@ -17,6 +17,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
@@ -61,6 +62,7 @@ class DeadLetterReader:
         partitions_for: Callable[[str], set[int] | None],
         on_letter: OnLetter,
         metrics: AlertsMetrics,
+        security: Mapping[str, Any] | None = None,
     ) -> None:
         self.sources = dict(sources)
         self.window = window
@@ -74,6 +76,7 @@ class DeadLetterReader:
             group_id=None,
             enable_auto_commit=False,
             fetch_max_bytes=FETCH_MAX_BYTES,
+            **(security or {}),
         )
         self.assigned: set[TopicPartition] = set()
         self._targets: dict[TopicPartition, int] = {}  # where a partition ended when found

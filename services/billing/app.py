@@ -47,6 +47,7 @@ async def ensure_billing_topics(settings: BillingSettings) -> None:
             settings.topics.completeness,
         },
         replication_factor=settings.kafka_replication_factor,
+        security=settings.kafka_security.aiokafka(),
     )
 
 

@@ -113,9 +113,7 @@ class HourlyConsumer(BackgroundLoop):
             group_id=self.settings.consumer_group,
             **self.settings.consumer_kwargs(),
         )
-        self.dead_letters = AIOKafkaProducer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers, acks="all"
-        )
+        self.dead_letters = AIOKafkaProducer(**self.settings.kafka_options(), acks="all")
         await self.dead_letters.start()
         try:
             await consumer.start()

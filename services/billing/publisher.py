@@ -33,9 +33,7 @@ class InvoicePublisher(BackgroundLoop):
         super().__init__()
 
     async def run(self) -> None:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers, acks="all"
-        )
+        producer = AIOKafkaProducer(**self.settings.kafka_options(), acks="all")
         await producer.start()
         topic = self.settings.topics.invoices
         signals_topic = self.settings.topics.billing_signals

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import struct
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -24,11 +25,12 @@ async def ensure_topics(
     attempts: int = 30,
     configs: dict[str, dict[str, str]] | None = None,
     replication_factor: int = 1,
+    security: Mapping[str, Any] | None = None,
 ) -> None:
     """Create each missing topic with its partition count and `replication_factor` copies
     (KAFKA_REPLICATION_FACTOR: 3 on a production cluster). Existing topics are left as they are."""
     for attempt in range(attempts):
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **(security or {}))
         try:
             await admin.start()
             existing = set(await admin.list_topics())
@@ -60,7 +62,10 @@ async def ensure_topics(
 
 
 async def fetched_end_offsets(
-    bootstrap_servers: str, listed: Mapping[TopicPartition, int | None], timeout_s: float = 10.0
+    bootstrap_servers: str,
+    listed: Mapping[TopicPartition, int | None],
+    timeout_s: float = 10.0,
+    security: Mapping[str, Any] | None = None,
 ) -> dict[TopicPartition, int | None]:
     """End offsets as a fetch reports them, given those ListOffsets reported.
 
@@ -74,7 +79,10 @@ async def fetched_end_offsets(
     if not wanted:
         return result
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers, enable_auto_commit=False, group_id=None
+        bootstrap_servers=bootstrap_servers,
+        enable_auto_commit=False,
+        group_id=None,
+        **(security or {}),
     )
     await consumer.start()
     try:
@@ -106,27 +114,38 @@ BrokerKind = Literal["kafka", "other"]
 _APACHE_KAFKA_KEYS = frozenset({23, 37})
 
 
-async def broker_kind(bootstrap_servers: str, timeout_s: float = 10.0) -> BrokerKind:
+async def broker_kind(
+    bootstrap_servers: str, timeout_s: float = 10.0, ssl_context: ssl.SSLContext | None = None
+) -> BrokerKind:
     """`kafka` when the first reachable bootstrap broker answers ApiVersions as Apache Kafka does,
     `other` otherwise (Tansu, or a broker this cannot tell): callers keep their broker
     workarounds on for `other`, since each is also right on Kafka, only slower.
 
     A plain ApiVersions v0 request on a socket of its own: the versions aiokafka negotiates are
-    not public."""
+    not public. Over TLS where the broker requires it (`ssl_context`); ApiVersions is answered
+    before SASL authentication."""
     last: Exception | None = None
     for server in bootstrap_servers.split(","):
         host, _, port = server.strip().rpartition(":")
         try:
-            keys = await asyncio.wait_for(_api_keys(host or "127.0.0.1", int(port)), timeout_s)
-        except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError) as exc:
+            keys = await asyncio.wait_for(
+                _api_keys(host or "127.0.0.1", int(port), ssl_context), timeout_s
+            )
+        except (
+            TimeoutError,
+            OSError,
+            ValueError,
+            asyncio.IncompleteReadError,
+            ssl.SSLError,
+        ) as exc:
             last = exc
             continue
         return "kafka" if keys >= _APACHE_KAFKA_KEYS else "other"
     raise ConnectionError(f"no broker of {bootstrap_servers!r} answered ApiVersions: {last!r}")
 
 
-async def _api_keys(host: str, port: int) -> set[int]:
-    reader, writer = await asyncio.open_connection(host, port)
+async def _api_keys(host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> set[int]:
+    reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context)
     try:
         client_id = b"gpumeter-probe"
         # Request header v1: api_key, api_version, correlation_id, client_id; ApiVersions v0 has no body.

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.topics import Topics
 from services.common.auth import Authenticator, Role, parse_api_tokens, weak_tokens
+from services.common.kafka_security import KafkaSecurity
 
 
 def _https_or_local(url: str) -> bool:
@@ -41,6 +42,51 @@ class CommonSettings(BaseSettings):
     kafka_replication_factor: int = Field(1, ge=1)
     http_host: str = "127.0.0.1"
     log_level: str = "INFO"
+    # How every Kafka client connects (services/common/kafka_security.py): PLAINTEXT locally;
+    # SSL or SASL_SSL (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512) on a production cluster.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+    kafka_ssl_password: SecretStr | None = None
+    kafka_ssl_check_hostname: bool = True
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _kafka_security_complete(self) -> CommonSettings:
+        security = self.kafka_security
+        problems = security.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        security.ssl_context()  # the CA and key files are read now, not at the first connection
+        return self
+
+    @property
+    def kafka_security(self) -> KafkaSecurity:
+        return KafkaSecurity(
+            protocol=self.kafka_security_protocol,
+            cafile=self.kafka_ssl_cafile,
+            certfile=self.kafka_ssl_certfile,
+            keyfile=self.kafka_ssl_keyfile,
+            key_password=(
+                self.kafka_ssl_password.get_secret_value() if self.kafka_ssl_password else None
+            ),
+            check_hostname=self.kafka_ssl_check_hostname,
+            mechanism=self.kafka_sasl_mechanism,
+            username=self.kafka_sasl_username,
+            password=(
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+            ),
+        )
+
+    def kafka_options(self) -> dict[str, Any]:
+        """The broker and its security, as keyword arguments of any aiokafka client."""
+        return {
+            "bootstrap_servers": self.kafka_bootstrap_servers,
+            **self.kafka_security.aiokafka(),
+        }
 
     @property
     def topics(self) -> Topics:
@@ -52,7 +98,7 @@ class CommonSettings(BaseSettings):
     def consumer_kwargs(self) -> dict[str, Any]:
         """aiokafka consumer options for a group member (offsets committed by the caller)."""
         return {
-            "bootstrap_servers": self.kafka_bootstrap_servers,
+            **self.kafka_options(),
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
             "rebalance_timeout_ms": self.kafka_rebalance_timeout_ms,

@@ -39,6 +39,7 @@ def main() -> None:
                 settings.topics.usage_dlq: {"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)},
             },
             replication_factor=settings.kafka_replication_factor,
+            security=settings.kafka_security.aiokafka(),
         )
     )
     if settings.worker_processes > 1:

@@ -347,9 +347,10 @@ class ListedEndOffsets:
     KAFKA_BROKER is `auto`; a broker that cannot be told keeps the correction, which is right on
     both (one extra fetch per table recovery)."""
 
-    def __init__(self, bootstrap_servers: str, broker: str) -> None:
+    def __init__(self, bootstrap_servers: str, broker: str, security: Any = None) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.broker = broker
+        self.security = security  # services.common.kafka_security.KafkaSecurity, or None
         self._exact: bool | None = {"kafka": True, "tansu": False}.get(broker)
         self._lock = asyncio.Lock()
 
@@ -358,7 +359,10 @@ class ListedEndOffsets:
             async with self._lock:
                 if self._exact is None:
                     try:
-                        kind = await broker_kind(self.bootstrap_servers)
+                        kind = await broker_kind(
+                            self.bootstrap_servers,
+                            ssl_context=self.security.ssl_context() if self.security else None,
+                        )
                     except ConnectionError as exc:
                         log.warning("broker kind unknown (%s): correcting its end offsets", exc)
                         return False  # asked again next time
@@ -392,7 +396,11 @@ def _make_highwaters_exact() -> None:
         policy = END_OFFSETS.get(self.consumer.app)
         if self.consumer.in_transaction or policy is None or await policy.exact():
             return listed
-        return await fetched_end_offsets(policy.bootstrap_servers, listed)
+        return await fetched_end_offsets(
+            policy.bootstrap_servers,
+            listed,
+            security=policy.security.aiokafka() if policy.security else None,
+        )
 
     AIOKafkaConsumerThread._highwaters = exact_highwaters  # type: ignore[method-assign]
     AIOKafkaConsumerThread._gpumeter_exact_highwaters = True  # type: ignore[attr-defined]
@@ -594,6 +602,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
         broker_max_poll_interval=max(rebalance_s, 10.0),
         broker_session_timeout=settings.kafka_session_timeout_ms / 1000,
         broker_request_timeout=settings.kafka_request_timeout_ms / 1000,
+        broker_credentials=settings.kafka_security.faust_credentials(),
         broker_heartbeat_interval=settings.kafka_heartbeat_interval_ms / 1000,
         broker_commit_interval=1.0,
         producer_acks=-1,
@@ -614,7 +623,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
     )
     metrics = MeteringMetrics()
     end_offsets = END_OFFSETS[app] = ListedEndOffsets(
-        settings.kafka_bootstrap_servers, settings.kafka_broker
+        settings.kafka_bootstrap_servers, settings.kafka_broker, settings.kafka_security
     )
     app.gpumeter_metrics = metrics  # type: ignore[attr-defined]
     # Only /healthz and /metrics (below) are served: none of Faust's own pages, which serve any
