@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import secrets
 from types import SimpleNamespace
 
@@ -65,7 +67,13 @@ def test_every_configured_token_is_compared_whichever_matches(
 ) -> None:
     # Given three tokens, and a caller presenting the first
     tokens = {"token-one": "admin", "token-two": "billing", "token-three": "project:p"}
-    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(api_tokens=tokens)))
+
+    def request(token: str) -> SimpleNamespace:
+        return SimpleNamespace(
+            app=SimpleNamespace(state=SimpleNamespace(authenticator=auth.Authenticator(tokens))),
+            headers={"authorization": f"Bearer {token}"},
+        )
+
     compared: list[bytes] = []
     real = secrets.compare_digest
 
@@ -77,10 +85,10 @@ def test_every_configured_token_is_compared_whichever_matches(
     offered = HTTPAuthorizationCredentials(scheme="Bearer", credentials="token-one")
 
     # Then its role comes back after all three were compared, not only the first
-    assert api.principal(request, offered).role == "admin"
+    assert asyncio.run(api.principal(request("token-one"), offered)).role == "admin"  # type: ignore[arg-type]
     assert compared == [b"token-one", b"token-two", b"token-three"]
     with pytest.raises(api.ApiError):
-        api.principal(request, HTTPAuthorizationCredentials(scheme="Bearer", credentials="x"))
+        asyncio.run(api.principal(request("x"), offered))  # type: ignore[arg-type]
 
 
 def test_hourly_records_are_decoded_to_utc_hours() -> None:
