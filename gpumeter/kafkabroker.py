@@ -126,12 +126,27 @@ def ensure_kafka_jars(build_dir: Path | None = None) -> Path:
     return lib
 
 
+@dataclass(frozen=True)
+class SecureListeners:
+    """TLS and SASL listeners beside each node's PLAINTEXT one (which stays for the brokers' own
+    traffic): SSL on `ssl_port` and SASL_SSL on `sasl_port`, with PLAIN, SCRAM-SHA-256 and
+    SCRAM-SHA-512 for `users` (name -> password; the SCRAM credentials are written when the
+    storage is formatted). `keystore` is a PEM file holding the node's private key and
+    certificate; `truststore` the CA's certificate (PEM)."""
+
+    keystore: Path
+    truststore: Path
+    users: dict[str, str]
+
+
 @dataclass
 class KafkaNode:
     node_id: int
     data_dir: Path
     port: int = field(default_factory=free_port)
     controller_port: int = field(default_factory=free_port)
+    ssl_port: int = field(default_factory=free_port)
+    sasl_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     host: str = "127.0.0.1"
     namespace: str | None = None  # its network namespace, and the host side of its veth pair
@@ -156,6 +171,7 @@ class KafkaCluster:
     on_spawn: Callable[[subprocess.Popen], None] | None = None
     bridge: str | None = None
     isolated: set[int] = field(default_factory=set)
+    secure: SecureListeners | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -167,6 +183,13 @@ class KafkaCluster:
     @property
     def bootstrap_servers(self) -> str:
         return ",".join(f"{node.host}:{node.port}" for node in self.nodes)
+
+    def secure_bootstrap_servers(self, protocol: str) -> str:
+        """The nodes' SSL or SASL_SSL listeners (with `secure` set)."""
+        if self.secure is None:
+            raise RuntimeError("this cluster has no secure listeners")
+        port = {"SSL": "ssl_port", "SASL_SSL": "sasl_port"}[protocol]
+        return ",".join(f"{node.host}:{getattr(node, port)}" for node in self.nodes)
 
     def node(self, node_id: int) -> KafkaNode:
         return next(node for node in self.nodes if node.node_id == node_id)
@@ -202,7 +225,45 @@ class KafkaCluster:
             "auto.create.topics.enable": "false",
             "log.retention.hours": "-1",
         }
+        if self.secure is not None:
+            config.update(self._secure_config(node, self.secure))
         return "".join(f"{key}={value}\n" for key, value in config.items())
+
+    @staticmethod
+    def _secure_config(node: KafkaNode, secure: SecureListeners) -> dict[str, str]:
+        plain_users = " ".join(
+            f'user_{name}="{password}"' for name, password in secure.users.items()
+        )
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        return {
+            "listeners": (
+                f"PLAINTEXT://{node.host}:{node.port},"
+                f"SSL://{node.host}:{node.ssl_port},"
+                f"SASL_SSL://{node.host}:{node.sasl_port},"
+                f"CONTROLLER://{node.host}:{node.controller_port}"
+            ),
+            "advertised.listeners": (
+                f"PLAINTEXT://{node.host}:{node.port},"
+                f"SSL://{node.host}:{node.ssl_port},"
+                f"SASL_SSL://{node.host}:{node.sasl_port}"
+            ),
+            "listener.security.protocol.map": (
+                "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL"
+            ),
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(secure.keystore),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(secure.truststore),
+            "ssl.client.auth": "none",
+            "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
+            "listener.name.sasl_ssl.plain.sasl.jaas.config": (
+                "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                + plain_users
+                + ";"
+            ),
+            "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config": scram,
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": scram,
+        }
 
     def _format(self, node: KafkaNode, lib: Path, cluster_id: str) -> None:
         if (node.data_dir / "data" / "meta.properties").is_file():
@@ -217,6 +278,11 @@ class KafkaCluster:
                 "--ignore-formatted",
                 f"--cluster-id={cluster_id}",  # an id may start with "-"
                 f"--config={node.data_dir / 'server.properties'}",
+                *(
+                    f"--add-scram={mechanism}=[name={name},password={password}]"
+                    for name, password in (self.secure.users.items() if self.secure else ())
+                    for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512")
+                ),
             ],
             capture_output=True,
             text=True,

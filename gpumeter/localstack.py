@@ -69,6 +69,8 @@ class TansuBroker:
     log_path: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    # More `broker` arguments (tests/integration/test_tansu_security.py: `--authentication`).
+    extra_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.log_path = Path(self.log_path).resolve()
@@ -85,7 +87,15 @@ class TansuBroker:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         self.process = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [
+                binary,
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                *self.extra_args,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
