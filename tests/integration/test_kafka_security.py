@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,28 +16,12 @@ from aiokafka.errors import KafkaError
 from kafka.errors import KafkaError as KafkaPythonError
 from pydantic import ValidationError
 
-from gpumeter.kafkabroker import KafkaCluster, SecureListeners
+from gpumeter.kafkabroker import KafkaCluster
 from services.agent.publisher import kafka_producer_factory
 from services.common.kafka_admin import broker_kind, ensure_topics
 from services.common.settings import CommonSettings
+from tests.fixtures.secure_kafka import USERS
 from tests.fixtures.tls import TestCA
-
-USERS = {"metering": "metering-secret-0123456789", "billing": "billing-secret-0123456789"}
-
-
-@pytest.fixture(scope="module")
-def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KafkaCluster, TestCA]]:
-    root = tmp_path_factory.mktemp("secure-kafka")
-    ca = TestCA(root / "ca")
-    issued = ca.issue("kafka")
-    keystore = root / "kafka-keystore.pem"
-    keystore.write_bytes(issued.key.read_bytes() + issued.cert.read_bytes())
-    keystore.chmod(0o600)
-    cluster = KafkaCluster(
-        root / "kafka", secure=SecureListeners(keystore, ca.cert_path, USERS)
-    ).start()
-    yield cluster, ca
-    cluster.stop()
 
 
 def settings(cluster: KafkaCluster, ca: TestCA, protocol: str, **env: str) -> CommonSettings:
