@@ -82,3 +82,31 @@ def test_prometheus_and_alertmanager_examples_parse() -> None:
     assert yaml.safe_load((DEPLOY / "alertmanager-route.example.yml").read_text())["route"][
         "receiver"
     ]
+
+
+def test_every_workload_reaches_kafka_over_sasl_ssl_with_a_user_of_its_own() -> None:
+    config = next(d for d in documents() if d["kind"] == "ConfigMap")["data"]
+    assert config["KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert config["KAFKA_SASL_MECHANISM"].startswith("SCRAM-")
+    ca_dir = str(Path(config["KAFKA_SSL_CAFILE"]).parent)
+    users = set()
+    for workload in (d for d in documents() if d["kind"] in ("Deployment", "DaemonSet")):
+        spec = workload["spec"]["template"]["spec"]
+        [container] = spec["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        users.add(env["KAFKA_SASL_USERNAME"]["value"])
+        assert env["KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "gpumeter-secrets"
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert mounts["kafka-ca"] == ca_dir
+        assert volumes["kafka-ca"]["secret"]["secretName"] == "gpumeter-kafka-ca"
+    assert len(users) == 4  # one Kafka user per workload
+
+
+def test_no_secret_has_a_value_in_the_repository() -> None:
+    [secret] = [d for d in documents() if d["kind"] == "Secret"]
+    assert all(value == "" for value in secret["stringData"].values())
+    compose = (DEPLOY.parent / "docker-compose.yml").read_text()
+    assert "${POSTGRES_PASSWORD:?" in compose and "${API_TOKENS:?" in compose
+    assert not re.search(r"POSTGRES_PASSWORD:\s*\w", compose)
+    assert not re.search(r"postgresql://\w+:\w+@", compose)
