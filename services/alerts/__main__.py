@@ -20,6 +20,7 @@ async def main() -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    settings.warn_if_insecure(logging.getLogger("services.alerts"))
     service = AlertsService(settings, config.load(settings.rules_path, settings.receiver_env))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -119,6 +119,7 @@ def create_api(
     health: Callable[[], dict[str, Any]],
     tokens: dict[str, Role] | None = None,
     authenticator: Authenticator | None = None,
+    metrics_require_token: bool = False,
 ) -> FastAPI:
     api = FastAPI(title="gpumeter alerts", version="1")
     api.state.authenticator = authenticator or Authenticator(tokens or {})
@@ -208,8 +209,10 @@ def create_api(
         report = health()
         return JSONResponse(report, status_code=200 if report.get("status") == "ok" else 503)
 
-    @api.get("/metrics", response_class=PlainTextResponse)
-    async def prometheus_metrics() -> Response:
+    @api.get("/metrics", response_class=PlainTextResponse, responses=BAD_REQUEST)
+    async def prometheus_metrics(request: Request) -> Response:
+        if metrics_require_token:
+            await api.state.authenticator.identify(request.headers.get("authorization"))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return api

@@ -240,6 +240,7 @@ class AlertsService:
             recent_s=settings.alert_recent_s,
             health=self.health,
             authenticator=settings.authenticator(),
+            metrics_require_token=settings.metrics_require_token,
         )
         server = _Server(
             uvicorn.Config(

@@ -26,6 +26,7 @@ def main(argv: list[str]) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    settings.warn_if_insecure(logging.getLogger("services.billing"))
     asyncio.run(run(settings))
     return 0
 

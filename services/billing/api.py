@@ -478,8 +478,13 @@ def create_api(
             report["status"] = "degraded"
         return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
 
-    @app.get("/metrics", tags=["ops"], response_class=Response)
-    async def prometheus_metrics() -> Response:
+    @app.get("/metrics", tags=["ops"], response_class=Response, responses=ERRORS)
+    async def prometheus_metrics(request: Request) -> Response:
+        if settings.metrics_require_token:
+            try:
+                await app.state.authenticator.identify(request.headers.get("authorization"))
+            except AuthError as exc:
+                raise auth_error(exc) from None
         try:
             async with store_.acquire() as conn:
                 metrics.UNPRICED_DRAFTS.set(await store.count_unpriced_drafts(conn))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -117,6 +118,9 @@ class ApiTokenSettings(CommonSettings):
     # A service refuses to start with a token under 32 characters or a well-known default unless
     # this is set: for development and tests only.
     allow_insecure_tokens: bool = False
+    # /metrics answers only a valid bearer token (any role) when set; /healthz stays open for
+    # probes. Prometheus sends one with `authorization: {credentials: ...}` in its scrape config.
+    metrics_require_token: bool = False
     # OpenID Connect (services/common/oidc.py): JWTs from the centre's identity provider are
     # accepted beside API_TOKENS when OIDC_ISSUER is set.
     oidc_issuer: str = ""
@@ -172,6 +176,17 @@ class ApiTokenSettings(CommonSettings):
             if url and not _https_or_local(url) and not self.allow_insecure_tokens:
                 raise ValueError(f"{name}: https:// required (http only to localhost)")
         return self
+
+    def warn_if_insecure(self, log: logging.Logger) -> None:
+        """Say so at start-up when ALLOW_INSECURE_TOKENS let weak tokens or an http:// identity
+        provider through: a development switch must not go unnoticed in production."""
+        if not self.allow_insecure_tokens:
+            return
+        weak = weak_tokens(self.api_tokens)
+        log.warning(
+            "ALLOW_INSECURE_TOKENS is set (development only)%s",
+            f": accepting {len(weak)} weak token(s): " + "; ".join(weak) if weak else "",
+        )
 
     def authenticator(self) -> Authenticator:
         from services.common.oidc import OidcConfig, OidcVerifier

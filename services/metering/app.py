@@ -1361,8 +1361,25 @@ def create_app(settings: MeteringSettings) -> faust.App:
                 metrics.consumer_lag.labels(str(tp.partition)).set(lag[tp.partition])
         return lag
 
+    authenticator = settings.authenticator() if settings.metrics_require_token else None
+
     @app.page("/metrics")
     async def prometheus(web: Any, request: Any) -> Any:
+        if authenticator is not None:
+            from services.common.oidc import AuthError
+
+            try:
+                await authenticator.identify(request.headers.get("Authorization"))
+            except AuthError as exc:
+                headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+                return web.json(
+                    {
+                        "error": "unauthorized" if exc.status == 401 else "forbidden",
+                        "detail": exc.detail,
+                    },
+                    status=exc.status,
+                    headers=headers,
+                )
         metrics.samples_per_second.set(metrics.counted_rate())
         try:
             await measure_lag()

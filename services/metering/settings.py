@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from services.common.settings import CommonSettings
+from services.common.settings import ApiTokenSettings
 
 # Producer and DLQ topic limit: a dead letter of a 1 MiB+ message, base64'd, fits.
 DEAD_LETTER_MAX_BYTES = 3 * 1024 * 1024
@@ -15,7 +15,10 @@ DEAD_LETTER_MAX_BYTES = 3 * 1024 * 1024
 USAGE_TOPIC_MAX_BYTES = 2 * 1024 * 1024
 
 
-class MeteringSettings(CommonSettings):
+class MeteringSettings(ApiTokenSettings):
+    """API_TOKENS and OIDC_* matter to metering only with METRICS_REQUIRE_TOKEN: its only routes
+    are /healthz (always open, for probes) and /metrics."""
+
     app_id: str = "gpumeter-metering"
     http_port: int = 8081
     # Worker processes on this host, each using one core (see services/metering/supervisor.py).

@@ -178,3 +178,23 @@ def test_a_service_refuses_short_or_default_tokens_unless_development_says_so(
     monkeypatch.setenv("API_TOKENS", "short-tok=billing")
     monkeypatch.setenv("ALLOW_INSECURE_TOKENS", "true")
     assert settings_class().api_tokens == {"short-tok": "billing"}
+
+
+def test_the_development_switch_is_announced_without_the_tokens_it_let_through(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    monkeypatch.setenv("ALLOW_INSECURE_TOKENS", "true")
+    monkeypatch.setenv("API_TOKENS", "short-one=admin," + "x" * 40 + "=billing")
+    settings = BillingSettings()
+    with caplog.at_level(logging.WARNING):
+        settings.warn_if_insecure(logging.getLogger("test"))
+    assert "ALLOW_INSECURE_TOKENS is set (development only)" in caplog.text
+    assert "entry 1 (admin) has 9 characters" in caplog.text
+    assert "short-one" not in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("ALLOW_INSECURE_TOKENS", "false")
+    monkeypatch.setenv("API_TOKENS", "x" * 40 + "=billing")
+    BillingSettings().warn_if_insecure(logging.getLogger("test"))
+    assert caplog.text == ""
