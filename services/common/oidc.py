@@ -150,16 +150,44 @@ class OidcVerifier:
         self._fetched_at: float | None = None
         self._lock = asyncio.Lock()
         self._jwks_url = config.jwks_url
+        self._discovery: dict[str, Any] | None = None
         self.fetches = 0
+
+    async def _discovery_document(self, client: httpx.AsyncClient) -> dict[str, Any]:
+        if self._discovery is None:
+            url = self.config.issuer.rstrip("/") + "/.well-known/openid-configuration"
+            response = await client.get(url)
+            response.raise_for_status()
+            document = response.json()
+            if not isinstance(document, dict) or document.get("issuer") != self.config.issuer:
+                raise ValueError(f"{url} names another issuer")
+            self._discovery = document
+        return self._discovery
+
+    async def sign_in_endpoints(self) -> dict[str, str]:
+        """The provider's authorization and token endpoints, for the dashboard's sign-in."""
+        client = self._client or httpx.AsyncClient(timeout=self.config.fetch_timeout_s)
+        try:
+            document = await self._discovery_document(client)
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("identity provider discovery failed (%s): %s", self.config.issuer, exc)
+            raise AuthError(503, "the identity provider cannot be reached") from None
+        finally:
+            if self._client is None:
+                await client.aclose()
+        endpoints = {
+            key: document[key]
+            for key in ("authorization_endpoint", "token_endpoint", "end_session_endpoint")
+            if isinstance(document.get(key), str)
+        }
+        if "authorization_endpoint" not in endpoints or "token_endpoint" not in endpoints:
+            raise AuthError(503, "the identity provider names no authorization or token endpoint")
+        return endpoints
 
     async def _discover(self, client: httpx.AsyncClient) -> str:
         """The issuer's `jwks_uri`, from its OpenID configuration document."""
+        document = await self._discovery_document(client)
         url = self.config.issuer.rstrip("/") + "/.well-known/openid-configuration"
-        response = await client.get(url)
-        response.raise_for_status()
-        document = response.json()
-        if not isinstance(document, dict) or document.get("issuer") != self.config.issuer:
-            raise ValueError(f"{url} names another issuer")
         jwks_uri = document.get("jwks_uri")
         if not isinstance(jwks_uri, str) or not jwks_uri:
             raise ValueError(f"{url} has no jwks_uri")

@@ -129,6 +129,10 @@ class ApiTokenSettings(CommonSettings):
     # /.well-known/openid-configuration, read at the first token.
     oidc_jwks_url: str = ""
     oidc_roles_claim: str = "groups"
+    # The dashboard's "Sign in" (authorization code with PKCE, a public client): its client id at
+    # the provider (default OIDC_AUDIENCE) and the scopes it asks for.
+    oidc_client_id: str = ""
+    oidc_scopes: str = "openid profile"
     oidc_role_map: Annotated[dict[str, Role], NoDecode] = Field(
         default_factory=dict,
         description="GROUP=ROLE pairs; a GROUP ending in * matches by prefix, project:* takes the rest",

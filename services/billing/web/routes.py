@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
 from services.billing import store
@@ -35,6 +35,7 @@ from services.billing.export import safe_file_name
 from services.billing.pdf import invoice_pdf
 from services.billing.settings import BillingSettings
 from services.billing.web import queries
+from services.common.oidc import AuthError
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,31 @@ def create_router(settings: BillingSettings, store_: store.Store) -> APIRouter:
             raise ApiError(404, "not_found", f"no asset {name!r}")
         return FileResponse(
             STATIC_DIR / name, media_type=media_type, headers={"Cache-Control": "no-cache"}
+        )
+
+    @router.get("/dashboard/api/sign-in", include_in_schema=False)
+    async def sign_in(request: Request) -> JSONResponse:
+        """How the dashboard signs a person in with the centre's identity provider (public: it
+        holds no data, only the provider's endpoints and this deployment's client id)."""
+        oidc = request.app.state.authenticator.oidc
+        if oidc is None:
+            return JSONResponse({"enabled": False})
+        try:
+            endpoints = await oidc.sign_in_endpoints()
+        except AuthError as exc:
+            return JSONResponse(
+                {"enabled": True, "error": exc.detail},
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
+        return JSONResponse(
+            {
+                "enabled": True,
+                "client_id": settings.oidc_client_id or settings.oidc_audience,
+                "scope": settings.oidc_scopes,
+                **endpoints,
+            },
+            headers={"Cache-Control": "no-store"},
         )
 
     @router.get(

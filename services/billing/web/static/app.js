@@ -117,7 +117,9 @@ async function api(path) {
 
 function problem(result) {
   if (result.status === 403) return "This token may not see this (it needs a billing or admin token).";
-  if (result.status === 401) return "Paste an API token above to see this.";
+  if (result.status === 401 && state.token.split(".").length === 3)
+    return "Your sign-in has expired or is not accepted here: sign in again.";
+  if (result.status === 401) return "Paste an API token above, or sign in, to see this.";
   if (result.status === 0) return "The billing service cannot be reached.";
   const detail = result.body && result.body.detail;
   return `Error ${result.status}: ${(result.body && result.body.error) || "unknown"}${
@@ -213,7 +215,7 @@ function choosePeriod(info) {
 
 function renderSignedOut(result) {
   setStatus(problem(result), true);
-  const message = state.token ? problem(result) : "Paste an API token above to see invoices.";
+  const message = state.token ? problem(result) : "Paste an API token above, or sign in, to see invoices.";
   $("invoice-rows").replaceChildren();
   $("cap-rows").replaceChildren();
   $("alert-list").replaceChildren();
@@ -611,10 +613,104 @@ function renderCompleteness(result, invoices) {
   }
 }
 
+// --- single sign-on: OpenID Connect authorization code with PKCE (a public client) ---------------
+
+const SIGN_IN_KEY = "gpumeter.sign-in"; // sessionStorage: the verifier and state of a sign-in under way
+
+function base64url(bytes) {
+  return btoa(String.fromCharCode(...new Uint8Array(bytes)))
+    .replace(/\+/g, "-")
+    .replace(/\//g, "_")
+    .replace(/=+$/, "");
+}
+
+function randomText(bytes) {
+  return base64url(crypto.getRandomValues(new Uint8Array(bytes)));
+}
+
+function redirectUri() {
+  return `${location.origin}/dashboard`;
+}
+
+async function signInSettings() {
+  try {
+    const response = await fetch("/dashboard/api/sign-in");
+    const body = await response.json();
+    return body && body.enabled && response.ok ? body : null;
+  } catch (error) {
+    return null;
+  }
+}
+
+async function beginSignIn(sso) {
+  const verifier = randomText(48);
+  const challenge = base64url(await crypto.subtle.digest("SHA-256", new TextEncoder().encode(verifier)));
+  const stateText = randomText(16);
+  sessionStorage.setItem(SIGN_IN_KEY, JSON.stringify({ verifier, state: stateText, period: state.period }));
+  const query = new URLSearchParams({
+    response_type: "code",
+    client_id: sso.client_id,
+    redirect_uri: redirectUri(),
+    scope: sso.scope,
+    state: stateText,
+    code_challenge: challenge,
+    code_challenge_method: "S256",
+  });
+  location.assign(`${sso.authorization_endpoint}?${query}`);
+}
+
+// Back from the provider with ?code=...&state=...: trade the code for a token, keep the token
+// like a pasted one, and take the code out of the address bar. Returns a problem, or "".
+async function finishSignIn(sso) {
+  const params = new URLSearchParams(location.search);
+  const code = params.get("code");
+  const error = params.get("error");
+  if (!code && !error) return "";
+  const pending = JSON.parse(sessionStorage.getItem(SIGN_IN_KEY) || "null");
+  sessionStorage.removeItem(SIGN_IN_KEY);
+  history.replaceState(null, "", location.pathname + location.hash);
+  if (error) return `Sign-in refused by the identity provider: ${error}`;
+  if (!pending || pending.state !== params.get("state")) return "Sign-in failed: its state does not match; try again.";
+  if (!sso) return "Sign-in failed: single sign-on is not configured.";
+  if (pending.period) state.period = pending.period;
+  let response;
+  try {
+    response = await fetch(sso.token_endpoint, {
+      method: "POST",
+      headers: { "Content-Type": "application/x-www-form-urlencoded" },
+      body: new URLSearchParams({
+        grant_type: "authorization_code",
+        code,
+        redirect_uri: redirectUri(),
+        client_id: sso.client_id,
+        code_verifier: pending.verifier,
+      }),
+    });
+  } catch (err) {
+    return `Sign-in failed: the identity provider cannot be reached (${err})`;
+  }
+  const body = await response.json().catch(() => ({}));
+  const token = body.access_token || body.id_token;
+  if (!response.ok || !token) return `Sign-in failed: ${body.error || "HTTP " + response.status}`;
+  state.token = token;
+  localStorage.setItem(TOKEN_KEY, token);
+  return "";
+}
+
 // --- start ----------------------------------------------------------------------------------------
 
-function start() {
+async function start() {
   readHash();
+  const sso = await signInSettings();
+  const signInProblem = await finishSignIn(sso);
+  if (sso) {
+    $("sign-in").hidden = false;
+    $("sign-in").addEventListener("click", () => beginSignIn(sso));
+    if (!state.token && new URLSearchParams(location.search).get("login") === "sso") {
+      await beginSignIn(sso); // a link that signs in at once: /dashboard?login=sso
+      return;
+    }
+  }
   $("token").value = state.token ? "********" : "";
   $("token-form").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -646,7 +742,8 @@ function start() {
   setInterval(() => {
     if (document.visibilityState === "visible") load();
   }, REFRESH_MS);
-  load();
+  await load();
+  if (signInProblem) setStatus(signInProblem, true);
 }
 
 start();

@@ -1,0 +1,153 @@
+"""Signing in to the dashboard with the centre's identity provider, in headless Chromium: the
+authorization code flow with PKCE against a stand-in provider over HTTP, the token it returns used
+for every request, and a project's person shown only their project."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.billing import cli
+from services.common.kafka_admin import ensure_topics
+from tests.e2e.test_dashboard import DomParser, Element, chromium
+from tests.fixtures.browser import Browser
+from tests.fixtures.oidc import IdentityProvider
+from tests.fixtures.processes import ServiceProcess, wait_until
+from tests.integration.test_billing_api import SAMPLE_CATALOG, hourly, produce
+
+PERIOD = "2026-11"
+
+
+def signed_in_dom(url: str, profile: Path) -> tuple[Element, str]:
+    """The dashboard's DOM once it has loaded its data (after any trip to the provider and back),
+    and the address it ended on."""
+    browser = Browser(chromium(), profile)
+    try:
+        browser.open(url)
+        browser.wait_for(
+            "location.pathname === '/dashboard' && !location.search"
+            " && document.body.getAttribute('data-loaded') === 'true'"
+            " && !document.getElementById('status').textContent.startsWith('Loading')"
+        )
+        html = browser.evaluate("document.documentElement.outerHTML")
+        address = browser.evaluate("location.href")
+    finally:
+        browser.close()
+    parser = DomParser()
+    parser.feed(html)
+    [body] = [e for e in parser.root.children[0].children if e.tag == "body"]
+    return body, address
+
+
+@pytest.fixture
+def idp() -> Iterator[IdentityProvider]:
+    provider = IdentityProvider()
+    yield provider
+    provider.close()
+
+
+@pytest.fixture
+def billing(
+    idp: IdentityProvider,
+    database_url: str,
+    bootstrap_servers: str,
+    topic_prefix: str,
+    http_port: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[int]:
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
+        "DATABASE_URL": database_url,
+        "TOPIC_PREFIX": topic_prefix,
+        "HTTP_PORT": str(http_port),
+        "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
+        "API_TOKENS": "",
+        "PUBLISH_INTERVAL_S": "0.5",
+        **idp.env(OIDC_CLIENT_ID="gpumeter-dashboard", OIDC_AUDIENCE="gpumeter"),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["catalog", "apply", str(SAMPLE_CATALOG)]) == 0
+    hourly_topic = f"{topic_prefix}metering.usage.hourly.v1"
+    asyncio.run(ensure_topics(bootstrap_servers, {hourly_topic: 4}))
+    service = ServiceProcess("services.billing", env, tmp_path / "billing.log", http_port).start()
+    hour = dt.datetime(2026, 11, 12, 1, tzinfo=dt.UTC)
+    produce(
+        bootstrap_servers,
+        hourly_topic,
+        [hourly("hkgai-llm", hour, "3600", 1), hourly("hku-vision-lab", hour, "1800", 1, "H100")],
+    )
+    yield http_port
+    service.stop()
+
+
+def test_a_person_signs_in_with_sso_and_sees_what_their_groups_allow(
+    billing: int, idp: IdentityProvider, tmp_path: Path
+) -> None:
+    base = f"http://127.0.0.1:{billing}"
+    finance = {"Authorization": f"Bearer {idp.token(['aisc-finance'])}"}
+    wait_until(
+        lambda: (
+            len(
+                httpx.get(f"{base}/v1/invoices", params={"period": PERIOD}, headers=finance)
+                .json()
+                .get("invoices", [])
+            )
+            == 2
+        ),
+        60,
+        what="two draft invoices",
+    )
+    # The sign-in settings are public and hold no data
+    settings = httpx.get(f"{base}/dashboard/api/sign-in").json()
+    assert settings["client_id"] == "gpumeter-dashboard"
+    assert settings["authorization_endpoint"] == idp.issuer + "/authorize"
+
+    # When a finance person opens the sign-in link
+    idp.person = (["aisc-finance"], "dave")
+    dom, address = signed_in_dom(f"{base}/dashboard?login=sso#period={PERIOD}", tmp_path / "a")
+    # Then the provider was asked with PKCE, once, and the dashboard shows every project's invoice
+    [request] = idp.token_requests
+    assert request["grant_type"] == "authorization_code"
+    assert request["client_id"] == "gpumeter-dashboard"
+    assert request["redirect_uri"] == f"{base}/dashboard"
+    assert len(request["code_verifier"]) >= 43
+    rows = {row.attrs["data-project"] for row in dom.find("invoice-row")}
+    assert rows == {"hkgai-llm", "hku-vision-lab"}
+    # and the code is gone from the address bar
+    assert address == f"{base}/dashboard#period={PERIOD}"
+    assert not dom.one("sign-in").attrs.get("hidden")
+
+    # When a project's person signs in, in another browser
+    idp.person = (["aisc-project-hkgai-llm"], "erin")
+    dom, _ = signed_in_dom(f"{base}/dashboard?login=sso#period={PERIOD}", tmp_path / "b")
+    # Then only that project's invoice is shown
+    assert {row.attrs["data-project"] for row in dom.find("invoice-row")} == {"hkgai-llm"}
+
+    # And a second visit in the first browser needs no new sign-in: the token was kept
+    dom, _ = signed_in_dom(f"{base}/dashboard#period={PERIOD}", tmp_path / "a")
+    assert len(idp.token_requests) == 2
+    assert {row.attrs["data-project"] for row in dom.find("invoice-row")} == {
+        "hkgai-llm",
+        "hku-vision-lab",
+    }
+
+
+def test_without_sso_configured_there_is_no_sign_in_button(tmp_path: Path) -> None:
+    """The sign-in settings say so when OIDC is off (a billing API without a database is enough
+    for this public route)."""
+    from fastapi.testclient import TestClient
+
+    from services.billing.api import create_api
+    from services.billing.settings import BillingSettings
+    from services.billing.store import Store
+
+    settings = BillingSettings(database_url="postgresql://unused/x", api_tokens={})
+    with TestClient(create_api(settings, Store(settings.database_url))) as client:
+        assert client.get("/dashboard/api/sign-in").json() == {"enabled": False}
