@@ -98,7 +98,7 @@ class WebhookInbox:
         inbox = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 inbox.idempotency_keys.append(self.headers.get("Idempotency-Key"))
                 try:
@@ -915,7 +915,7 @@ def run(options: StackOptions) -> int:
     except SystemExit as exc:
         say(f"error: {exc.code}")
         status = 1
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the stack's last word: said, then it stops
         say(f"error: {type(exc).__name__}: {exc}")
         import traceback
 

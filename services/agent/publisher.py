@@ -281,7 +281,7 @@ class Delivery:
                 continue
             try:
                 sent = self._send(records)
-            except Exception as exc:  # noqa: BLE001 - the sender must outlive the unforeseen
+            except Exception as exc:  # the sender must outlive the unforeseen (logged in full)
                 log.exception("sending failed unexpectedly; retrying from the spool")
                 self._failed(exc)
                 sent = False

@@ -29,7 +29,7 @@ def serve_health_and_metrics(
     exposition = metrics or (lambda: generate_latest(registry))
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             if self.path == "/metrics":
                 body, ctype, status = exposition(), CONTENT_TYPE_LATEST, 200
             elif self.path == "/healthz":

@@ -412,7 +412,7 @@ def _resumed(coro: Any, yielded: Any) -> Any:
     while True:
         try:
             value = yield yielded
-        except BaseException as exc:  # thrown in by the task driving us: handed on to `coro`
+        except BaseException as exc:  # noqa: BLE001 - thrown in by the task driving us: handed on to `coro`
             try:
                 yielded = coro.throw(exc)
             except StopIteration as stop:

@@ -137,7 +137,7 @@ class Supervisor:
         worker.process = subprocess.Popen(
             [sys.executable, "-m", "services.metering"],
             env=env,
-            preexec_fn=_die_with(os.getpid()) if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=_die_with(os.getpid()) if sys.platform == "linux" else None,
         )
         worker.started_at = time.monotonic()
         log.info(

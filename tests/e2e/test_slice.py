@@ -49,7 +49,7 @@ class Inbox:
         inbox = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 inbox.bodies.append(
                     json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 )
