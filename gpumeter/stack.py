@@ -932,7 +932,3 @@ def resolve_start(text: str) -> str:
     from services.agent.__main__ import parse_when
 
     return parse_when(text, datetime.now(UTC)).isoformat()
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)

@@ -311,11 +311,6 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def encode_usage_batch(events: list[UsageEvent]) -> bytes:
-    """CloudEvents batch format (application/cloudevents-batch+json)."""
-    return ("[" + ",".join(e.model_dump_json(exclude_none=False) for e in events) + "]").encode()
-
-
 def dead_letter(
     error: InvalidUsage | str,
     *,

@@ -147,25 +147,6 @@ async def recompute_projects(
     return plans, changed
 
 
-async def recompute_project(
-    conn: Connection,
-    project_id: str,
-    from_period: str | None,
-    pricing: Pricing,
-    finalized: frozenset[str],
-    per_hour: bool = False,
-) -> tuple[dict[str, list[UsageHour]], list[ComputedInvoice]]:
-    """Rebuild the project's draft invoices of `from_period` and later (all when None).
-
-    Returns the usage plan (invoice period -> hours it carries; days unless `per_hour`, which
-    finalization needs to record what it billed) and the invoices that changed.
-    """
-    plans, changed = await recompute_projects(
-        conn, {project_id: from_period}, pricing, finalized, per_hour
-    )
-    return plans[project_id], changed
-
-
 async def ingest_hourly_batch(conn: Connection, totals: Sequence[HourlyTotal]) -> int:
     """Upsert hourly totals into the ledger and its daily sums and mark the projects whose drafts
     they change as dirty (with the earliest usage period changed), atomically; returns the hours

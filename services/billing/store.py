@@ -617,56 +617,11 @@ async def load_invoice(conn: Connection, invoice_id: str) -> ComputedInvoice | N
     return found[0] if found else None
 
 
-async def save_draft_invoice(conn: Connection, invoice: ComputedInvoice) -> bool:
-    """Write a draft when it differs from the stored one; returns whether anything changed."""
-    stored = await load_invoice(conn, invoice.invoice_id)
-    if stored == invoice:
-        return False
-    if stored is not None and stored.status == "finalized":
-        raise RuntimeError(f"invoice {invoice.invoice_id} is finalized")  # caller bug
-    await conn.execute(
-        "INSERT INTO invoices (invoice_id, project_id, period, status, gross_hkd, subsidy_hkd,"
-        " net_hkd, subsidy_cap_remaining_hkd, flags, has_unpriced_usage)"
-        " VALUES ($1, $2, $3, 'draft', $4, $5, $6, $7, $8, $9)"
-        " ON CONFLICT (invoice_id) DO UPDATE SET gross_hkd = EXCLUDED.gross_hkd,"
-        " subsidy_hkd = EXCLUDED.subsidy_hkd, net_hkd = EXCLUDED.net_hkd,"
-        " subsidy_cap_remaining_hkd = EXCLUDED.subsidy_cap_remaining_hkd, flags = EXCLUDED.flags,"
-        " has_unpriced_usage = EXCLUDED.has_unpriced_usage, updated_at = now()",
-        invoice.invoice_id,
-        invoice.project_id,
-        invoice.period,
-        invoice.gross_hkd,
-        invoice.subsidy_hkd,
-        invoice.net_hkd,
-        invoice.subsidy_cap_remaining_hkd,
-        list(invoice.flags),
-        invoice.has_unpriced_usage,
-    )
-    await conn.execute("DELETE FROM invoice_lines WHERE invoice_id = $1", invoice.invoice_id)
-    await conn.executemany(
-        "INSERT INTO invoice_lines (invoice_id, line_no, gpu_model, gpu_seconds, rate_hkd,"
-        " subsidised, amount_hkd, adjustment_for_period) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        [
-            (
-                invoice.invoice_id,
-                line_no,
-                line.gpu_model,
-                line.gpu_seconds,
-                line.rate_hkd,
-                line.subsidised,
-                line.amount_hkd,
-                line.adjustment_for_period,
-            )
-            for line_no, line in enumerate(invoice.lines, start=1)
-        ],
-    )
-    return True
-
-
 async def save_draft_invoices(
     conn: Connection, invoices: Sequence[ComputedInvoice]
 ) -> list[ComputedInvoice]:
-    """save_draft_invoice() for many drafts with a few statements; returns those that changed."""
+    """Write each draft that differs from the stored one, with a few statements; returns those
+    that changed. A finalized invoice is never overwritten."""
     if not invoices:
         return []
     stored = {
