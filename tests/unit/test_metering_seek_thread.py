@@ -11,7 +11,7 @@ from typing import Any
 
 from faust.transport.consumer import ThreadDelegateConsumer
 
-from services.metering.app import _make_seeks_run_on_the_consumer_thread
+from services.metering.faust_fixes import _make_seeks_run_on_the_consumer_thread
 
 
 class ConsumerThread:

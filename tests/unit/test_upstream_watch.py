@@ -119,7 +119,7 @@ def test_the_installed_versions_are_the_ones_the_fixes_were_checked_against(pack
     wanted = VERSIONS[package]
     assert installed == wanted or (wanted.endswith(".") and installed.startswith(wanted)), (
         f"{package} {importlib.metadata.version(package)} is installed; the fixes in "
-        f"services/metering/app.py were checked against {VERSIONS[package]}"
+        f"services/metering/faust_fixes.py were checked against {VERSIONS[package]}"
     )
 
 
