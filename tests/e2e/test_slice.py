@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from gpumeter.localstack import free_port
-from services.agent.simulator import usage_event
+from tests.fixtures.factories import usage
 from tests.fixtures.kafka import produce
 from tests.fixtures.processes import REPO_ROOT, ServiceProcess, wait_until
 
@@ -120,20 +120,17 @@ def test_known_samples_become_exact_invoices_either_side_of_hk_midnight_and_a_fu
     for i in range(1, 49):
         at = start + timedelta(seconds=10 * i)
         batch = [
-            usage_event(
-                node="node-001",
+            usage(
+                "node-001",
+                g,
+                at,
                 gpu_uuid=f"GPU-{g}",
-                gpu_index=g,
-                gpu_model="H800",
-                at=at,
-                interval_s=10.0,
                 project_id="e2e-lab",
                 job_id="slurm:7",
                 util_pct=80.0,
                 mem_used_mib=50000,
                 power_w=500.0,
                 temp_c=60,
-                xid_errors=0,
             )
             for g in range(8)
         ]

@@ -18,7 +18,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from gpumeter.localstack import free_port
-from services.agent.simulator import usage_event
+from tests.fixtures.factories import usage
 from tests.fixtures.hostile import hostile_messages
 from tests.fixtures.kafka import latest_json_by_key, produce, read_topic
 from tests.fixtures.processes import ServiceProcess, wait_until
@@ -29,20 +29,14 @@ HOUR = datetime(2026, 11, 28, 1, 0, tzinfo=UTC)
 def sample(
     node: str, gpu: int, at: datetime, project: str | None = "hkgai-llm", util: float = 50.0
 ) -> dict:
-    return usage_event(
-        node=node,
-        gpu_uuid=f"GPU-{node}-{gpu}",
-        gpu_index=gpu,
-        gpu_model="H800",
-        at=at,
-        interval_s=10.0,
+    return usage(
+        node,
+        gpu,
+        at,
         project_id=project,
         job_id="slurm:1" if project else None,
         util_pct=util,
-        mem_used_mib=1000,
         power_w=360.0,
-        temp_c=50,
-        xid_errors=0,
     )
 
 

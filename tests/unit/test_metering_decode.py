@@ -11,29 +11,25 @@ from typing import Any
 import pytest
 
 from schemas.codec import InvalidUsage, decode_usage_message
-from services.agent.simulator import usage_event
 from services.metering.domain import SampleView
 from services.metering.fast_decode import decode_samples
+from tests.fixtures.factories import usage
 
 NOW = datetime(2026, 11, 28, 3, 0, tzinfo=UTC)
 
 
 def good(gpu: int = 0, **data: Any) -> dict:
-    event = usage_event(
-        node="node-1",
+    event = usage(
+        "node-1",
+        gpu,
+        NOW - timedelta(minutes=5),
         gpu_uuid=f"GPU-{gpu}",
-        gpu_index=gpu,
-        gpu_model="H800",
-        at=NOW - timedelta(minutes=5),
-        interval_s=10.0,
         project_id="p1",
-        job_id="slurm:1",
         util_pct=55.5,
         mem_used_mib=1,
         mem_total_mib=2,
         power_w=300.25,
         temp_c=40,
-        xid_errors=0,
     )
     event["data"].update(data)
     return event

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.codec import decode_usage_event
-from services.agent.simulator import usage_event
 from services.metering import domain
+from tests.fixtures.factories import usage
 
 RETENTION = 6 * 3600
 
@@ -26,12 +26,11 @@ def view(
     project: str | None = "p1",
     util: float = 50.0,
 ) -> domain.SampleView:
-    event = usage_event(
-        node=node,
+    event = usage(
+        node,
+        0,
+        at,
         gpu_uuid=gpu,
-        gpu_index=0,
-        gpu_model="H800",
-        at=at,
         interval_s=interval,
         project_id=project,
         job_id="j" if project else None,
@@ -39,7 +38,6 @@ def view(
         mem_used_mib=1,
         power_w=100.0,
         temp_c=40,
-        xid_errors=0,
     )
     return domain.SampleView.of(decode_usage_event(event, now=at + timedelta(days=1)))
 

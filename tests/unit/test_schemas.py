@@ -9,26 +9,21 @@ import pytest
 
 from schemas import codec
 from schemas.jsonschema import SCHEMA_DIR, render
-from services.agent.simulator import usage_event
+from tests.fixtures.factories import usage
 
 NOW = datetime(2026, 11, 28, 2, 0, 30, tzinfo=UTC)
 
 
 def sample(**data_overrides: object) -> dict:
-    event = usage_event(
-        node="node-017",
+    event = usage(
+        "node-017",
+        3,
+        datetime(2026, 11, 28, 2, 0, 10, tzinfo=UTC),
         gpu_uuid="GPU-1",
-        gpu_index=3,
-        gpu_model="H800",
-        at=datetime(2026, 11, 28, 2, 0, 10, tzinfo=UTC),
-        interval_s=10.0,
-        project_id="hkgai-llm",
-        job_id="slurm:1",
         util_pct=87.5,
         mem_used_mib=61234,
         power_w=512.3,
         temp_c=61,
-        xid_errors=0,
     )
     event["data"].update(data_overrides)
     return event
