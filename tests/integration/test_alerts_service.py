@@ -23,7 +23,8 @@ import pytest
 from gpumeter.localstack import EmbeddedPostgres, free_port
 from gpumeter.stack import create_database
 from schemas.metering import ClusterMinute, NodeSignal
-from tests.fixtures.alerts import API_TOKENS, ONCALL, PROJECT_TOKEN
+from tests.fixtures.alerts import ONCALL, PROJECT_TOKEN
+from tests.fixtures.alerts import alerts_env as shared_env
 from tests.fixtures.kafka import produce_json, read_topic
 from tests.fixtures.processes import REPO_ROOT, ServiceProcess, wait_until
 
@@ -92,20 +93,16 @@ def receiver() -> Iterator[Receiver]:
 def alerts_env(
     bootstrap_servers: str, database_url: str, topic_prefix: str, http_port: int
 ) -> dict[str, str]:
-    return {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "DATABASE_URL": database_url,
-        "TOPIC_PREFIX": topic_prefix,
-        "HTTP_PORT": str(http_port),
-        "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
-        "KAFKA_SESSION_TIMEOUT_MS": "3000",
-        "API_TOKENS": API_TOKENS,
-        "ALERT_RULES_FILE": str(DEFAULT_RULES),
-        "ALERT_NOTIFY_BACKOFF_INITIAL_S": "0.1",
-        "ALERT_NOTIFY_BACKOFF_MAX_S": "0.5",
-        "ALERT_OUTBOX_POLL_INTERVAL_S": "0.2",
-        "ALERT_ABSENCE_CHECK_INTERVAL_S": "0.2",
-    }
+    return shared_env(
+        bootstrap_servers,
+        database_url,
+        topic_prefix,
+        http_port,
+        ALERT_NOTIFY_BACKOFF_INITIAL_S="0.1",
+        ALERT_NOTIFY_BACKOFF_MAX_S="0.5",
+        ALERT_OUTBOX_POLL_INTERVAL_S="0.2",
+        ALERT_ABSENCE_CHECK_INTERVAL_S="0.2",
+    )
 
 
 def service(env: dict[str, str], tmp_path: Path, http_port: int) -> ServiceProcess:

@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaProducer
 from schemas.billing import SubsidyUsage, UnpricedUsage
 from schemas.metering import ClusterMinute
 from tests.fixtures.alertmanager import Alertmanager, running_alertmanager
+from tests.fixtures.alerts import alerts_env as shared_env
 from tests.fixtures.kafka import produce, produce_json
 from tests.fixtures.processes import wait_until
 from tests.integration.test_alerts_service import DEFAULT_RULES, Receiver, service
@@ -47,20 +48,17 @@ def alertmanager(tmp_path: Path) -> Iterator[Alertmanager]:
 def alerts_env(
     bootstrap_servers: str, database_url: str, topic_prefix: str, http_port: int
 ) -> dict[str, str]:
-    return {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "DATABASE_URL": database_url,
-        "TOPIC_PREFIX": topic_prefix,
-        "HTTP_PORT": str(http_port),
-        "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
-        "KAFKA_SESSION_TIMEOUT_MS": "3000",
-        "ALERT_RULES_FILE": str(DEFAULT_RULES),
-        "ALERT_NOTIFY_BACKOFF_INITIAL_S": "0.1",
-        "ALERT_NOTIFY_BACKOFF_MAX_S": "0.5",
-        "ALERT_OUTBOX_POLL_INTERVAL_S": "0.2",
-        "ALERT_ABSENCE_CHECK_INTERVAL_S": "0.2",
-        "ALERT_PIPELINE_CHECK_INTERVAL_S": "0.2",
-    }
+    return shared_env(
+        bootstrap_servers,
+        database_url,
+        topic_prefix,
+        http_port,
+        ALERT_NOTIFY_BACKOFF_INITIAL_S="0.1",
+        ALERT_NOTIFY_BACKOFF_MAX_S="0.5",
+        ALERT_OUTBOX_POLL_INTERVAL_S="0.2",
+        ALERT_ABSENCE_CHECK_INTERVAL_S="0.2",
+        ALERT_PIPELINE_CHECK_INTERVAL_S="0.2",
+    )
 
 
 def rules_with(tmp_path: Path, changes: dict[str, dict[str, Any]]) -> Path:
