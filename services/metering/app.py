@@ -29,6 +29,7 @@ from services.metering.faust_fixes import (
     ListedEndOffsets,
     apply_faust_fixes,
 )
+from services.metering.offsets import UsageOffsets
 from services.metering.sender import DirectSender
 from services.metering.settings import DEAD_LETTER_MAX_BYTES, MeteringSettings
 
@@ -37,9 +38,6 @@ log = logging.getLogger(__name__)
 MAX_DEAD_LETTER_RAW = 2 * 1024 * 1024
 RATE_WINDOW_S = 10.0
 SIGNAL_EVERY_S = 5
-# How long a held partition waits for the skipped message before it is reported lost (a message
-# deleted by retention never comes back) and commits go on.
-RESEEK_GIVE_UP_S = 30.0
 # Outcomes of applying a sample that are dead-lettered (a duplicate is only counted in a metric).
 DEAD_LETTER_OUTCOMES = frozenset(
     {
@@ -405,41 +403,20 @@ def create_app(settings: MeteringSettings) -> faust.App:
             return True
         return False
 
-    # The next usage offset each partition should deliver, to notice messages skipped over.
-    next_offset: dict[int, int] = {}
-    # Partitions read again from their committed offset: (that offset, when to give up).
-    reseeking: dict[int, tuple[int, float]] = {}
-    seeks_due: list[tuple[Any, int]] = []
+    # Which usage messages are counted around rebalances and restarts (services/metering/offsets.py).
+    offsets = UsageOffsets(
+        HELD_PARTITIONS,
+        SOUGHT_AT_ASSIGNMENT,
+        EARLIEST_STARTS,
+        committed_of=lambda tp: getattr(app.consumer, "_committed_offset", {}).get(tp),
+        on_read_again=metrics.reseeks.inc,
+    )
     # Per usage partition: (the offset due next, since when) while the consumer is past it.
     stalls: dict[int, tuple[int, float]] = {}
-    # Usage partitions with messages that arrived before the assignment's seek: (the first such
-    # offset, since when). Those messages are not counted; the partition is read again from where
-    # the seek started it, once that is known (see `read_unsought_again`).
-    unsought: dict[Any, tuple[int, float]] = {}
-
-    def read_again(tp: Any, offset: int) -> None:
-        """Hold the partition at `offset` and have it read again from there: messages past it
-        that arrive before the seek takes effect are skipped (they come again after it)."""
-        metrics.reseeks.inc()
-        HELD_PARTITIONS.add(tp)
-        previous = reseeking.get(tp.partition)
-        give_up_at = (
-            previous[1]  # read again for the same offset: the first deadline holds
-            if previous is not None and previous[0] == offset
-            else time.monotonic() + RESEEK_GIVE_UP_S
-        )
-        reseeking[tp.partition] = (offset, give_up_at)
-        seeks_due.append((tp, offset))
 
     async def on_assigned(app_: Any, assigned: Any, **kwargs: Any) -> None:
         metrics.usage_partitions.set(sum(1 for tp in assigned if tp.topic == topics.usage))
-        next_offset.clear()  # the stream restarts from the committed offsets
-        reseeking.clear()
-        seeks_due.clear()
-        HELD_PARTITIONS.clear()
-        EARLIEST_STARTS.clear()
-        SOUGHT_AT_ASSIGNMENT.clear()
-        unsought.clear()
+        offsets.reset()  # the streams restart from the committed offsets
         stalls.clear()
         # Queue the dirty states and drop the live ones in one step, then send: a batch applied
         # while the states were being sent would otherwise be dropped with live_states unwritten.
@@ -543,119 +520,23 @@ def create_app(settings: MeteringSettings) -> faust.App:
         ),
     }
 
-    def assignment_start(tp: Any) -> int | None:
-        """The offset the stream of a usage partition must deliver first since the assignment,
-        or None while Faust has not sought it there yet.
-
-        That is the committed offset Faust's seek returned (SOUGHT_AT_ASSIGNMENT), or for a
-        partition never committed its earliest offset (EARLIEST_STARTS, see
-        `_make_uncommitted_partitions_start_at_earliest`). Faust drops what it fetches around an
-        assignment, so the first message can lie past this offset."""
-        sought = SOUGHT_AT_ASSIGNMENT.get(tp)
-        earliest = EARLIEST_STARTS.get(tp)
-        if earliest is not None and (sought is None or sought < earliest):
-            return earliest
-        return sought
-
-    def read_unsought_again() -> None:
-        for tp, (first, since) in list(unsought.items()):
-            start = assignment_start(tp)
-            if start is None and time.monotonic() - since < RESEEK_GIVE_UP_S:
-                continue
-            del unsought[tp]
-            if start is None:  # the seek failed or never came: read from what arrived first
-                committed = getattr(app.consumer, "_committed_offset", {}).get(tp)
-                start = min(first, committed) if isinstance(committed, int) else first
-                log.warning(
-                    "usage partition %d: no seek since the assignment in %.0f s; reading it "
-                    "again from %d",
-                    tp.partition,
-                    RESEEK_GIVE_UP_S,
-                    start,
-                )
-            else:
-                log.info(
-                    "usage partition %d: sought to %d by the assignment; reading it again from "
-                    "there (offset %d had arrived first)",
-                    tp.partition,
-                    start,
-                    first,
-                )
-            read_again(tp, start)
-
     def process_usage(events: list[Any]) -> None:
         started = time.perf_counter()
         progress["at"] = time.monotonic()
         if resend["pending"] and resend["recovered"]:
             resend_all()
-        read_unsought_again()
+        offsets.read_unsought_again()
         now = datetime.now(UTC)
         by_node: dict[str, list[tuple[domain.SampleView, Any]]] = defaultdict(list)
         failed: set[int] = set()  # events already dead-lettered as internal_error
         metrics.messages.inc(len(events))
         for event in events:
             message = event.message
-            partition = message.partition
-            expected = next_offset.get(partition)
-            restart_at = None
-            if partition in reseeking:
-                target, give_up_at = reseeking[partition]
-                if message.offset > target and time.monotonic() < give_up_at:
-                    continue  # read before the seek took effect: it comes again after `target`
-                del reseeking[partition]
-                HELD_PARTITIONS.discard(message.tp)
-                expected = target
-            elif expected is None:
-                # The first message since the assignment: it should be where the assignment
-                # started the partition (see `assignment_start`).
-                committed = assignment_start(message.tp)
-                if committed is None:  # arrived before the seek: read again once it is done
-                    if message.tp not in unsought:
-                        unsought[message.tp] = (message.offset, time.monotonic())
-                        HELD_PARTITIONS.add(message.tp)
-                        log.info(
-                            "usage partition %d: offset %d arrived before the assignment's "
-                            "seek; reading the partition again once it is done",
-                            partition,
-                            message.offset,
-                        )
-                    continue
-                log.info(
-                    "usage partition %d: first message since the assignment at offset %d "
-                    "(committed %s)",
-                    partition,
-                    message.offset,
-                    committed,
-                )
-                if isinstance(committed, int) and message.offset > committed:
-                    restart_at = committed
-            elif message.offset > expected:
-                # The broker's offsets are contiguous on this topic: a jump means the stream did
-                # not hand us messages that were read (Faust drops what it fetches for a
-                # partition paused around a rebalance, and its commits then pass over them).
-                restart_at = expected
-            if restart_at is not None:
-                log.warning(
-                    "usage partition %d: offset %d arrived where %d was due; reading it again "
-                    "from %d",
-                    partition,
-                    message.offset,
-                    restart_at,
-                    restart_at,
-                )
-                read_again(message.tp, restart_at)
-                continue
-            if expected is not None and message.offset > expected:
-                # Read again and still not there after RESEEK_GIVE_UP_S (deleted by retention):
-                # counted and logged, as that is a loss.
-                metrics.offset_gaps.inc(message.offset - expected)
-                log.warning(
-                    "usage partition %d: offsets %d..%d never reached the stream",
-                    message.partition,
-                    expected,
-                    message.offset - 1,
-                )
-            next_offset[partition] = message.offset + 1
+            admitted = offsets.admit(message.tp, message.offset)
+            if admitted is None:
+                continue  # it comes again after a seek
+            if admitted.lost_from is not None:
+                metrics.offset_gaps.inc(message.offset - admitted.lost_from)
             try:
                 value = message.value
                 if message.headers:  # binary content mode: the event rebuilt from its headers
@@ -783,16 +664,9 @@ def create_app(settings: MeteringSettings) -> faust.App:
             inactive_since.pop(tp, None)
 
     async def perform_seeks() -> None:
-        while seeks_due:
-            tp, offset = seeks_due.pop(0)
+        while offsets.seeks_due:
+            tp, offset = offsets.seeks_due.pop(0)
             await app.consumer.seek(tp, offset)
-
-    def offset_due(tp: Any) -> int | None:
-        """The next offset of a usage partition metering has to process, if it can tell."""
-        if tp.partition in reseeking:
-            return reseeking[tp.partition][0]
-        due = next_offset.get(tp.partition)
-        return assignment_start(tp) if due is None else due
 
     @app.timer(1.0)
     async def notice_stalled_partitions() -> None:
@@ -806,15 +680,15 @@ def create_app(settings: MeteringSettings) -> faust.App:
         if recovering_s is not None or not flowing:
             stalls.clear()
             return
-        read_unsought_again()  # a partition that went quiet after its early messages
+        offsets.read_unsought_again()  # a partition that went quiet after its early messages
         now = time.monotonic()
         resume_forgotten_partitions(consumer, now)
         for tp in consumer.assignment():
             if tp.topic != topics.usage:
                 continue
-            if tp.partition in reseeking and now >= reseeking[tp.partition][1]:
+            if offsets.given_up(tp):
                 continue  # given up on: the next message reports the gap (process_usage)
-            due = offset_due(tp)
+            due = offsets.offset_due(tp)
             try:
                 position = await asyncio.wait_for(consumer.position(tp), 2.0)
             except Exception as error:  # noqa: BLE001 - checked again in a second
@@ -838,7 +712,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
                 )
                 metrics.stalls.inc()
                 stalls[tp.partition] = (due, now)
-                read_again(tp, due)
+                offsets.read_again(tp, due)
         await perform_seeks()
 
     @app.agent(node_hourly_topic)
