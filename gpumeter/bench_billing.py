@@ -1,4 +1,4 @@
-"""Billing benchmark: `python -m services.billing.bench [--projects N] [--db-projects N]`.
+"""Billing benchmark: `python -m gpumeter.bench_billing [--projects N] [--db-projects N]`.
 
 Prints (never asserts) the invoice engine's time for N projects x 31 days x 24 hours x 3 GPU models,
 the bulk recompute of those drafts from PostgreSQL, the ledger's upsert rate alone, the consumer's

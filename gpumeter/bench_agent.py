@@ -1,7 +1,7 @@
 """What the agent costs on a node, and how fast it replays a backlog.
 
-    python -m services.agent.bench [--seconds 20] [--bootstrap HOST:PORT]
-    python -m services.agent.bench --replay [--nodes 8] [--rounds 3200] [--compression none|gzip]
+    python -m gpumeter.bench_agent [--seconds 20] [--bootstrap HOST:PORT]
+    python -m gpumeter.bench_agent --replay [--nodes 8] [--rounds 3200] [--compression none|gzip]
 
 The first: one agent process, 8 simulated GPUs sampled at 1 Hz, sent to a broker through the spool;
 prints the CPU share of one core and the peak resident memory.
@@ -92,7 +92,7 @@ def replay(bootstrap: str, work: Path, nodes: int, rounds: int, compression: str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m services.agent.bench",
+        prog="python -m gpumeter.bench_agent",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

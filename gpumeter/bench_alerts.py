@@ -1,6 +1,6 @@
 """Alert latency end to end: usage samples -> metering -> cluster minutes -> alerts -> a webhook.
 
-    python -m services.alerts.bench [--nodes 1875] [--gpus 8] [--crossings 3]
+    python -m gpumeter.bench_alerts [--nodes 1875] [--gpus 8] [--crossings 3]
 
 Starts a Tansu broker and an embedded PostgreSQL (or uses KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL),
 the metering service and the alerts service with one allocation rule (>= 0.90, clears below 0.85,
@@ -286,7 +286,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.alerts.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m gpumeter.bench_alerts", description=__doc__)
     parser.add_argument("--nodes", type=int, default=1875)
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--crossings", type=int, default=3)
