@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 
@@ -36,7 +36,8 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 MIGRATION_LOCK_ID = 0x6270_6D01  # pg advisory lock: one migrator at a time
 WRITE_LOCK_ID = 0x6270_6D02  # serializes ledger, invoice and finalization writes
 
-Connection = Any  # asyncpg.Connection or a pool's proxy of one
+# A connection of its own or one lent by the pool (asyncpg hands out a proxy of the connection).
+Connection: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]"
 
 
 # --- migrations ----------------------------------------------------------------------------------
