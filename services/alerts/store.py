@@ -24,7 +24,7 @@ from services.alerts.domain import (
     StateChange,
     Watermark,
 )
-from services.common.db import RETRYABLE_DB_ERRORS
+from services.common.db import RETRYABLE_DB_ERRORS, apply_migrations
 
 # What the outbox loops wait out: the above, and any error PostgreSQL itself reports.
 DB_ERRORS: tuple[type[Exception], ...] = (asyncpg.PostgresError, *RETRYABLE_DB_ERRORS)
@@ -87,30 +87,10 @@ class Store:
 
     async def migrate(self) -> list[str]:
         """Apply the versioned SQL files not applied yet, in name order; returns what it applied."""
-        applied = []
         async with self.pool.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
-            try:
-                await conn.execute(
-                    "CREATE TABLE IF NOT EXISTS alerts_schema_migrations ("
-                    " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-                )
-                done = {
-                    r["version"]
-                    for r in await conn.fetch("SELECT version FROM alerts_schema_migrations")
-                }
-                for path in sorted(MIGRATIONS.glob("*.sql")):
-                    if path.stem in done:
-                        continue
-                    async with conn.transaction():
-                        await conn.execute(path.read_text())
-                        await conn.execute(
-                            "INSERT INTO alerts_schema_migrations (version) VALUES ($1)", path.stem
-                        )
-                    applied.append(path.stem)
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
-        return applied
+            return await apply_migrations(
+                conn, MIGRATIONS, "alerts_schema_migrations", MIGRATION_LOCK, "alerts"
+            )
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")

@@ -29,6 +29,7 @@ from services.billing.domain import (
     period_bounds,
 )
 from services.common.db import RETRYABLE_DB_ERRORS as RETRYABLE_DB_ERRORS  # store.RETRYABLE_...
+from services.common.db import apply_migrations
 
 log = logging.getLogger(__name__)
 
@@ -52,29 +53,9 @@ async def migrate(dsn: str) -> list[str]:
     """Apply the migrations not yet recorded in schema_migrations; returns the versions applied."""
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
-        try:
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            done = {
-                row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")
-            }
-            applied = []
-            for version, sql in migration_files():
-                if version in done:
-                    continue
-                async with conn.transaction():
-                    await conn.execute(sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version) VALUES ($1)", version
-                    )
-                log.info("applied migration %s", version)
-                applied.append(version)
-            return applied
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+        return await apply_migrations(
+            conn, MIGRATIONS_DIR, "schema_migrations", MIGRATION_LOCK_ID, "billing"
+        )
     finally:
         await conn.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import asyncpg
@@ -51,3 +52,31 @@ async def retry_db(
             log.warning("%s: database unavailable (%r); retrying in %.1f s", what, exc, backoff_s)
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, max_backoff_s)
+
+
+async def apply_migrations(
+    conn: asyncpg.Connection, folder: Path, table: str, lock_id: int, log_as: str
+) -> list[str]:
+    """Apply the `*.sql` files of `folder` not yet recorded in `table`, in name order, each in a
+    transaction with its record; returns the versions (file stems) applied. An advisory lock
+    (`lock_id`) keeps two starting processes from applying the same file twice. One runner for
+    billing and alerts; each keeps its own table and lock."""
+    await conn.execute("SELECT pg_advisory_lock($1)", lock_id)
+    try:
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {table} ("
+            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row["version"] for row in await conn.fetch(f"SELECT version FROM {table}")}
+        applied = []
+        for path in sorted(folder.glob("[0-9]*.sql")):
+            if path.stem in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(path.read_text())
+                await conn.execute(f"INSERT INTO {table} (version) VALUES ($1)", path.stem)
+            log.info("%s: applied migration %s", log_as, path.stem)
+            applied.append(path.stem)
+        return applied
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", lock_id)
