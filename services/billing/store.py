@@ -30,6 +30,7 @@ from services.billing.domain import (
 )
 from services.common.db import RETRYABLE_DB_ERRORS as RETRYABLE_DB_ERRORS  # store.RETRYABLE_...
 from services.common.db import apply_migrations
+from services.common.retry import retry
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +63,14 @@ async def migrate(dsn: str) -> list[str]:
 
 async def migrate_with_retry(dsn: str, attempts: int = 60, delay_s: float = 1.0) -> list[str]:
     """migrate(), waiting for a database that is still starting."""
-    for attempt in range(attempts):
-        try:
-            return await migrate(dsn)
-        except RETRYABLE_DB_ERRORS as exc:
-            if attempt == attempts - 1:
-                raise
-            log.warning("database not ready (%s); retrying", exc)
-            await asyncio.sleep(delay_s)
-    raise AssertionError("unreachable")
+    return await retry(
+        lambda: migrate(dsn),
+        "migrations: database not ready",
+        RETRYABLE_DB_ERRORS,
+        attempts=attempts,
+        initial_s=delay_s,
+        factor=1.0,
+    )
 
 
 # --- connection pool -----------------------------------------------------------------------------

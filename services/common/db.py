@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 import asyncpg
+
+from services.common.retry import retry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,16 +43,14 @@ async def retry_db(
 ) -> T:
     """Await `call()` until it succeeds, waiting out RETRYABLE_DB_ERRORS with doubling backoff (a
     restarting PostgreSQL); anything else propagates. `call` must be safe to run again."""
-    backoff_s = initial_backoff_s
-    while True:
-        try:
-            return await call()
-        except RETRYABLE_DB_ERRORS as exc:
-            if on_retry is not None:
-                on_retry(exc)
-            log.warning("%s: database unavailable (%r); retrying in %.1f s", what, exc, backoff_s)
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, max_backoff_s)
+    return await retry(
+        call,
+        f"{what}: database unavailable",
+        RETRYABLE_DB_ERRORS,
+        initial_s=initial_backoff_s,
+        max_s=max_backoff_s,
+        on_retry=on_retry,
+    )
 
 
 async def apply_migrations(

@@ -15,6 +15,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
+from services.common.retry import retry
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,8 @@ async def ensure_topics(
 ) -> None:
     """Create each missing topic with its partition count and `replication_factor` copies
     (KAFKA_REPLICATION_FACTOR: 3 on a production cluster). Existing topics are left as they are."""
-    for attempt in range(attempts):
+
+    async def attempt() -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **(security or {}))
         try:
             await admin.start()
@@ -51,14 +54,17 @@ async def ensure_topics(
                 with contextlib.suppress(TopicAlreadyExistsError):  # another service was first
                     await admin.create_topics(missing)
                 log.info("created topics %s", ", ".join(t.name for t in missing))
-            return
-        except (KafkaConnectionError, OSError) as exc:
-            if attempt == attempts - 1:
-                raise
-            log.warning("broker %s not reachable yet (%s); retrying", bootstrap_servers, exc)
-            await asyncio.sleep(1.0)
         finally:
             await admin.close()
+
+    await retry(
+        attempt,
+        f"broker {bootstrap_servers} not reachable yet",
+        (KafkaConnectionError, OSError),
+        attempts=attempts,
+        initial_s=1.0,
+        factor=1.0,
+    )
 
 
 async def fetched_end_offsets(
