@@ -28,6 +28,10 @@ from services.metering.faust_fixes import (
     STREAM_TOPICS,
     ListedEndOffsets,
     apply_faust_fixes,
+    committed_offset,
+    fetch_again,
+    fetched_partitions,
+    why_not_fetched,
 )
 from services.metering.offsets import UsageOffsets
 from services.metering.sender import DirectSender
@@ -408,7 +412,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
         HELD_PARTITIONS,
         SOUGHT_AT_ASSIGNMENT,
         EARLIEST_STARTS,
-        committed_of=lambda tp: getattr(app.consumer, "_committed_offset", {}).get(tp),
+        committed_of=lambda tp: committed_offset(app.consumer, tp),
         on_read_again=metrics.reseeks.inc,
     )
     # Per usage partition: (the offset due next, since when) while the consumer is past it.
@@ -642,25 +646,21 @@ def create_app(settings: MeteringSettings) -> faust.App:
         broker fault, a partition whose lag grew for minutes while the others were counted.
         Faust pauses partitions for a rebalance, a table recovery or a full stream buffer and
         resumes them after; one it failed to resume is never fetched again."""
-        active = getattr(consumer, "_active_partitions", None)
+        active = fetched_partitions(consumer)
         if active is None:
             return
         for tp in left_inactive(
             consumer.assignment(), active, topics.usage, inactive_since, now, 2 * STALL_S
         ):
-            paused = tp in getattr(consumer, "_paused_partitions", ())
-            buffered = tp in getattr(consumer, "_buffered_partitions", ())
             log.warning(
                 "usage partition %d: not fetched for %.0f s with no rebalance under way "
-                "(paused: %s, buffer full: %s); fetching it again",
+                "(%s); fetching it again",
                 tp.partition,
                 now - inactive_since[tp],
-                paused,
-                buffered,
+                why_not_fetched(consumer, tp),
             )
             metrics.stalls.inc()
-            getattr(consumer, "_buffered_partitions", set()).discard(tp)
-            consumer.resume_partitions({tp})
+            fetch_again(consumer, tp)
             inactive_since.pop(tp, None)
 
     async def perform_seeks() -> None:
@@ -893,7 +893,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
         lag: dict[int, int] = {}
         for tp in partitions:
             # Faust keeps the offsets it committed, without a public getter.
-            committed = getattr(consumer, "_committed_offset", {}).get(tp)
+            committed = committed_offset(consumer, tp)
             if committed is None:
                 committed = await consumer.position(tp) or 0
             # The highwater of the last fetch: free, and right on Tansu too (its ListOffsets is not).

@@ -372,3 +372,33 @@ def apply_faust_fixes(fetch_max_wait_ms: int) -> None:
     _set_fetch_max_wait(fetch_max_wait_ms)
     _make_drain_skip_wait_first()
     _make_seeks_run_on_the_consumer_thread()
+
+
+# Faust's consumer state metering reads, without a public getter. Read directly, not through
+# getattr with a default: a rename must fail loudly, not turn a check off (Consumer.__init__,
+# which creates them, is watched by tests/unit/test_upstream_watch.py).
+
+
+def committed_offset(consumer: Any, tp: Any) -> int | None:
+    """The offset Faust last committed for `tp` in this process, if any."""
+    offset = consumer._committed_offset.get(tp)
+    return offset if isinstance(offset, int) else None
+
+
+def fetched_partitions(consumer: Any) -> set[Any] | None:
+    """The partitions Faust fetches now (its "active" ones); None before its first assignment."""
+    active = consumer._active_partitions
+    return None if active is None else set(active)
+
+
+def why_not_fetched(consumer: Any, tp: Any) -> str:
+    """Whether Faust has `tp` paused, its stream buffer full, both or neither."""
+    paused = tp in consumer._paused_partitions
+    buffered = tp in consumer._buffered_partitions
+    return f"paused: {paused}, buffer full: {buffered}"
+
+
+def fetch_again(consumer: Any, tp: Any) -> None:
+    """Put `tp` back among the partitions Faust fetches (see `resume_forgotten_partitions`)."""
+    consumer._buffered_partitions.discard(tp)
+    consumer.resume_partitions({tp})
