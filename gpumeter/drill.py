@@ -9,10 +9,10 @@ changelog partition and restarts each, then cuts one node off from clients and t
 quorum for `--isolate-s`, and reports what each fault did to metering's lag. Then the fleet stops,
 the pipeline drains, and the drill checks the outcome against what the samples imply:
 
-- every invoice (GET /v1/invoices) equals, to the cent, the invoice CONTRACTS §4 gives for the
-  distinct valid samples on gpu.usage.v1 and the catalog in the database (computed with billing's
-  own engine, services/billing/domain.py, so the drill checks the pipeline, not a second copy of
-  the arithmetic);
+- every invoice (GET /v1/invoices) equals, to the cent, the invoice docs/contracts.md §4 gives for
+  the distinct valid samples on gpu.usage.v1 and the catalog in the database (computed with
+  billing's own engine, services/billing/domain.py, so the drill checks the pipeline, not a second
+  copy of the arithmetic);
 - every sample the simulated fleet produced reached the broker (the fleet is seeded, so the drill
   regenerates it) and none is left in the agents' spool;
 - every alert state change (fingerprint, status, startsAt) reached the webhook exactly once and is
@@ -1233,8 +1233,8 @@ async def read_pricing(database_url: str) -> domain.Pricing:
 def expected_invoices(
     facts: UsageFacts, pricing: domain.Pricing
 ) -> dict[tuple[str, str], dict[str, Any]]:
-    """The invoices CONTRACTS §4 gives for these samples: billing's own engine, periods in order
-    so that each project's subsidy cap carries over."""
+    """The invoices docs/contracts.md §4 gives for these samples: billing's own engine, periods in
+    order so that each project's subsidy cap carries over."""
     usage: dict[str, dict[str, list[domain.UsageHour]]] = defaultdict(lambda: defaultdict(list))
     for (project_id, gpu_model, hour), seconds in facts.gpu_seconds.items():
         usage[project_id][domain.period_of(hour)].append(domain.UsageHour(gpu_model, hour, seconds))

@@ -1,1 +1,1 @@
-"""Contracts shared by every gpumeter service (see ../shared/CONTRACTS.md)."""
+"""Contracts shared by every gpumeter service (specified in docs/contracts.md)."""

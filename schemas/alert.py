@@ -1,4 +1,4 @@
-"""Alert state changes on alerts.v1 (CONTRACTS §6)."""
+"""Alert state changes on alerts.v1 (docs/contracts.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The catalog file (CONTRACTS §3): rate cards, projects, subsidy approvals."""
+"""The catalog file (docs/contracts.md §3): rate cards, projects, subsidy approvals."""
 
 from __future__ import annotations
 

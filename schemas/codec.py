@@ -1,4 +1,5 @@
-"""Bytes <-> models for usage samples, with one typed error per class of bad input (CONTRACTS §1)."""
+"""Bytes <-> models for usage samples, with one typed error per class of bad input
+(docs/contracts.md §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Dead letters on gpu.usage.dlq.v1 (CONTRACTS §1)."""
+"""Dead letters on gpu.usage.dlq.v1 (docs/contracts.md §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Invoice documents (CONTRACTS §5), as served by the API and published on billing.invoices.v1."""
+"""Invoice documents (docs/contracts.md §5), as served by the API and published on
+billing.invoices.v1."""
 
 from __future__ import annotations
 

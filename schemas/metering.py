@@ -1,4 +1,4 @@
-"""Metering outputs: hourly totals and cluster minutes (CONTRACTS §2)."""
+"""Metering outputs: hourly totals and cluster minutes (docs/contracts.md §2)."""
 
 from __future__ import annotations
 

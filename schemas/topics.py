@@ -1,4 +1,4 @@
-"""Topic names of CONTRACTS §2, in one place. A prefix isolates test runs or tenants."""
+"""Topic names of docs/contracts.md §2, in one place. A prefix isolates test runs or tenants."""
 
 from __future__ import annotations
 

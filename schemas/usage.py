@@ -1,4 +1,4 @@
-"""The usage sample CloudEvent of CONTRACTS §1."""
+"""The usage sample CloudEvent of docs/contracts.md §1."""
 
 from __future__ import annotations
 

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 # already; metering recognises a re-delivery among each GPU's newest 32 ids
 # (RECENT_IDS_PER_GPU in services/metering/domain.py), so one batch never repeats more.
 BATCH_ROUNDS = 32
-# Half of what metering accepts as one message (1 MiB, CONTRACTS §1) and of the broker's default
-# message.max.bytes, measured before compression.
+# Half of what metering accepts as one message (1 MiB, docs/contracts.md §1) and of the broker's
+# default message.max.bytes, measured before compression.
 MAX_MESSAGE_BYTES = USAGE_MAX_MESSAGE_BYTES // 2
 # Spool bytes read per send: bounds the agent's memory; under kafka-python 2.x's default 32 MiB
 # buffer_memory, so send() never waits for space there (3.x has no such bound).

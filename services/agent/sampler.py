@@ -1,4 +1,5 @@
-"""One real node's sampling round: GPU readings + job allocation -> usage CloudEvents (CONTRACTS §1)."""
+"""One real node's sampling round: GPU readings + job allocation -> usage CloudEvents
+(docs/contracts.md §1)."""
 
 from __future__ import annotations
 

@@ -193,7 +193,8 @@ def usage_event(
     xid_errors: int,
     mem_total_mib: int = MEM_TOTAL_MIB,
 ) -> dict:
-    """A usage CloudEvent (CONTRACTS §1) as a JSON-ready dict; its id is stable across retries."""
+    """A usage CloudEvent (docs/contracts.md §1) as a JSON-ready dict; its id is stable across
+    retries."""
     return {
         "specversion": "1.0",
         "id": usage_event_id(node, gpu_uuid, at),

@@ -1,4 +1,4 @@
-"""Alert rule evaluation: pure functions over plain values (CONTRACTS §6).
+"""Alert rule evaluation: pure functions over plain values (docs/contracts.md §6).
 
 Stream rules run on event time: a cluster minute is evaluated once it is complete (a minute at least
 `lateness` later has been seen), so replaying the same minutes gives the same state changes.

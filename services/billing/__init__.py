@@ -1,1 +1,2 @@
-"""Billing: hourly usage ledger, invoices with AISS subsidy, finalization, read API (CONTRACTS §3-5)."""
+"""Billing: hourly usage ledger, invoices with AISS subsidy, finalization, read API
+(docs/contracts.md §3-5)."""

@@ -1,4 +1,5 @@
-"""Billing HTTP API (CONTRACTS §5): invoices, finalization, usage, subsidy report, catalog."""
+"""Billing HTTP API (docs/contracts.md §5): invoices, finalization, usage, subsidy report,
+catalog."""
 
 from __future__ import annotations
 
@@ -391,7 +392,9 @@ def create_api(
     app = FastAPI(
         title="gpumeter billing",
         version="1.0.0",
-        description="Invoices with AISS subsidy for GPU usage (CONTRACTS §4-5). Money is HKD text.",
+        description=(
+            "Invoices with AISS subsidy for GPU usage (docs/contracts.md §4-5). Money is HKD text."
+        ),
     )
     app.state.authenticator = settings.authenticator()
     app.add_middleware(

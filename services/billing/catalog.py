@@ -1,4 +1,5 @@
-"""Catalog files (CONTRACTS §3): load with errors that name the bad field, apply idempotently."""
+"""Catalog files (docs/contracts.md §3): load with errors that name the bad field, apply
+idempotently."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Invoice arithmetic of CONTRACTS §4, as plain functions over plain values.
+"""Invoice arithmetic of docs/contracts.md §4, as plain functions over plain values.
 
 Imports only the standard library and schemas/: no I/O, no clock. Money is exact: products are taken
 as `Fraction`s and rounded half-up once, where each figure is defined.
@@ -145,7 +145,8 @@ def period_bounds(period: str) -> tuple[dt.datetime, dt.datetime]:
 
 
 def hour_of_sample(time: dt.datetime, interval_s: float | Decimal) -> dt.datetime:
-    """The UTC hour a sample belongs to: the hour containing `time - interval_s` (CONTRACTS §4)."""
+    """The UTC hour a sample belongs to: the hour containing `time - interval_s`
+    (docs/contracts.md §4)."""
     start = time.astimezone(dt.UTC) - dt.timedelta(seconds=float(interval_s))
     return start.replace(minute=0, second=0, microsecond=0)
 
@@ -315,7 +316,7 @@ def build_invoice(
     subsidy_used_before: Decimal,
     status: str = "draft",
 ) -> ComputedInvoice:
-    """One project's invoice for one period (CONTRACTS §4).
+    """One project's invoice for one period (docs/contracts.md §4).
 
     `usage` holds the hours invoiced here: hours of `period` itself, and late hours of finalized
     earlier periods, which become adjustment lines naming their own period.

@@ -1,8 +1,8 @@
 """Invoice documents as PDF, written by hand: PDF 1.4, the standard Helvetica fonts (no embedding),
 uncompressed content streams and a byte-exact cross-reference table. No dependency.
 
-Every amount is printed exactly as the JSON invoice carries it (CONTRACTS §4-5); nothing here does
-arithmetic on money, so the PDF can never disagree with the API.
+Every amount is printed exactly as the JSON invoice carries it (docs/contracts.md §4-5); nothing
+here does arithmetic on money, so the PDF can never disagree with the API.
 """
 
 from __future__ import annotations

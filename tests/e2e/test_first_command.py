@@ -1,6 +1,6 @@
 """The README's first command exactly as written, from the repository root, with its default data
 directory (./var): `make run`, given only a duration so that it ends by itself. Run twice: the
-second run on the same data directory keeps the first one's word (CONTRACTS §4: invoices are
+second run on the same data directory keeps the first one's word (docs/contracts.md §4: invoices are
 totals; §6: a notification is sent once per state change)."""
 
 from __future__ import annotations

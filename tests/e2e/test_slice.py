@@ -137,7 +137,7 @@ def test_known_samples_become_exact_invoices_either_side_of_hk_midnight_and_a_fu
         messages.append((b"node-001", json.dumps(batch).encode()))
     produce(bootstrap_servers, f"{topic_prefix}gpu.usage.v1", messages)
 
-    # Then each period's draft invoice holds exactly CONTRACTS §4's figures
+    # Then each period's draft invoice holds exactly docs/contracts.md §4's figures
     expected = {}
     for period, rounds in (("2026-10", 30), ("2026-11", 18)):
         gpu_seconds = Decimal(rounds * 8 * 10)

@@ -1,4 +1,5 @@
-"""The invoice engine (CONTRACTS §4) against a tiny reference written from the contract's words."""
+"""The invoice engine (docs/contracts.md §4) against a tiny reference written from the
+contract's words."""
 
 from __future__ import annotations
 

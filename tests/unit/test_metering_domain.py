@@ -47,7 +47,8 @@ def apply_all(state: domain.NodeState, samples: list[domain.SampleView]) -> list
 
 
 def test_a_sample_belongs_to_the_hour_in_which_its_interval_starts() -> None:
-    """CONTRACTS §4: 16:00:00Z (10 s) is the 15:00 hour (November HK), 16:00:10Z the 16:00 hour."""
+    """docs/contracts.md §4: 16:00:00Z (10 s) is the 15:00 hour (November HK), 16:00:10Z the
+    16:00 hour."""
     state = domain.NodeState()
     base = datetime(2026, 11, 30, 15, 59, 59, tzinfo=UTC)
     apply_all(

@@ -1,4 +1,4 @@
-"""The codec turns every class of bad input of CONTRACTS §1 into its own typed error."""
+"""The codec turns every class of bad input of docs/contracts.md §1 into its own typed error."""
 
 from __future__ import annotations
 

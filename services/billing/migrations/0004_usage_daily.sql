@@ -1,8 +1,8 @@
 -- The ledger summed per Asia/Hong_Kong day: what draft invoices are built from. Rate, subsidy and
--- period depend only on an hour's HK date (CONTRACTS §4), so invoices come out identical from 24
--- times fewer rows. The statement that upserts usage_hourly applies each changed hour's revision
--- delta (new minus old, read with RETURNING OLD) to its day, so a row always equals the sum of the
--- hourly rows it covers and replaying the hourly topic changes nothing.
+-- period depend only on an hour's HK date (docs/contracts.md §4), so invoices come out identical
+-- from 24 times fewer rows. The statement that upserts usage_hourly applies each changed hour's
+-- revision delta (new minus old, read with RETURNING OLD) to its day, so a row always equals the
+-- sum of the hourly rows it covers and replaying the hourly topic changes nothing.
 
 DO $$
 BEGIN
