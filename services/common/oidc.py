@@ -147,6 +147,7 @@ class OidcVerifier:
         self.config = config
         self._client = client
         self._keys: dict[str, jwt.PyJWK] = {}
+        self._declared_alg: dict[str, str] = {}  # kid -> the "alg" its JWK names, where it does
         self._fetched_at: float | None = None
         self._lock = asyncio.Lock()
         self._jwks_url = config.jwks_url
@@ -212,6 +213,7 @@ class OidcVerifier:
             if self._client is None:
                 await client.aclose()
         keys: dict[str, jwt.PyJWK] = {}
+        declared: dict[str, str] = {}
         for entry in document.get("keys", []) if isinstance(document, dict) else []:
             if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
                 continue
@@ -221,7 +223,10 @@ class OidcVerifier:
                 log.info("JWKS key %r skipped: %s", entry.get("kid"), exc)
                 continue
             keys[str(entry.get("kid", ""))] = key
+            if isinstance(entry.get("alg"), str):
+                declared[str(entry.get("kid", ""))] = entry["alg"]
         self._keys = keys
+        self._declared_alg = declared
         self._fetched_at = time.monotonic()
         self.fetches += 1
         log.info("identity provider keys fetched: %d (%s)", len(keys), ", ".join(sorted(keys)))
@@ -249,8 +254,10 @@ class OidcVerifier:
         alg = header.get("alg")
         if alg not in self.config.algorithms:
             raise AuthError(401, f"the token's algorithm {str(alg)[:16]!r} is not accepted")
-        key = await self._key(str(header.get("kid", "")))
-        if key.algorithm_name and key.algorithm_name != alg and key._jwk_data.get("alg"):
+        kid = str(header.get("kid", ""))
+        key = await self._key(kid)
+        declared = self._declared_alg.get(kid)
+        if declared is not None and declared != alg:
             raise AuthError(401, "the token's algorithm does not match its key")
         try:
             claims = jwt.decode(

@@ -227,3 +227,12 @@ def test_oidc_settings_are_checked_at_start_up(
     monkeypatch.setenv("OIDC_ISSUER", idp.issuer)  # http to 127.0.0.1 is fine
     auth = BillingSettings().authenticator()
     assert identify(auth, idp.token(["aisc-project-p9"])).role == "project:p9"
+
+
+def test_a_token_must_use_the_algorithm_its_key_declares(idp: IdentityProvider) -> None:
+    """A key published for RS256 does not verify an RS384 token, though both are allowed."""
+    idp.declared_alg["rsa-1"] = "RS256"
+    auth = Authenticator({}, verifier(idp, algorithms=("RS256", "RS384")))
+    assert identify(auth, idp.token(["aisc-admins"])).role == "admin"
+    error = refused(auth, idp.token(["aisc-admins"], alg="RS384"))
+    assert (error.status, error.detail) == (401, "the token's algorithm does not match its key")
