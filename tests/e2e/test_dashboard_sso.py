@@ -36,6 +36,7 @@ def signed_in_dom(url: str, profile: Path) -> tuple[Element, str]:
         )
         html = browser.evaluate("document.documentElement.outerHTML")
         address = browser.evaluate("location.href")
+        browser.screenshot(profile.with_suffix(".png"))  # kept beside the profile, to look at
     finally:
         browser.close()
     parser = DomParser()
@@ -127,8 +128,9 @@ def test_a_person_signs_in_with_sso_and_sees_what_their_groups_allow(
     # When a project's person signs in, in another browser
     idp.person = (["aisc-project-hkgai-llm"], "erin")
     dom, _ = signed_in_dom(f"{base}/dashboard?login=sso#period={PERIOD}", tmp_path / "b")
-    # Then only that project's invoice is shown
+    # Then only that project's invoice is shown, and whose session it is
     assert {row.attrs["data-project"] for row in dom.find("invoice-row")} == {"hkgai-llm"}
+    assert dom.one("who").text == "Signed in as erin"
 
     # And a second visit in the first browser needs no new sign-in: the token was kept
     dom, _ = signed_in_dom(f"{base}/dashboard#period={PERIOD}", tmp_path / "a")

@@ -697,6 +697,23 @@ async function finishSignIn(sso) {
   return "";
 }
 
+// Who a sign-on token names (read from its payload for display only: the server verifies it).
+function signedInAs(token) {
+  const parts = (token || "").split(".");
+  if (parts.length !== 3) return "";
+  try {
+    const claims = JSON.parse(atob(parts[1].replace(/-/g, "+").replace(/_/g, "/")));
+    return claims.name || claims.preferred_username || claims.email || claims.sub || "";
+  } catch (error) {
+    return "";
+  }
+}
+
+function showWho() {
+  const who = signedInAs(state.token);
+  $("who").textContent = who ? `Signed in as ${who}` : "";
+}
+
 // --- start ----------------------------------------------------------------------------------------
 
 async function start() {
@@ -720,12 +737,14 @@ async function start() {
       localStorage.setItem(TOKEN_KEY, value);
       $("token").value = "********";
     }
+    showWho();
     load();
   });
   $("forget-token").addEventListener("click", () => {
     localStorage.removeItem(TOKEN_KEY);
     state.token = "";
     $("token").value = "";
+    showWho();
     load();
   });
   $("period").addEventListener("change", (event) => {
@@ -742,6 +761,7 @@ async function start() {
   setInterval(() => {
     if (document.visibilityState === "visible") load();
   }, REFRESH_MS);
+  showWho();
   await load();
   if (signInProblem) setStatus(signInProblem, true);
 }
