@@ -15,6 +15,7 @@ import pytest
 
 from gpumeter.kafkabroker import KafkaCluster
 from gpumeter.localstack import EmbeddedPostgres, TansuBroker, free_port
+from tests.fixtures.oidc import idp  # noqa: F401 - a fixture, for every test
 from tests.fixtures.secure_kafka import secure_kafka  # noqa: F401 - a fixture, for every test
 
 # The tests' API tokens are short and readable; every service under test accepts them only because

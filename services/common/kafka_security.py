@@ -84,27 +84,23 @@ class KafkaSecurity:
 
     def aiokafka(self) -> dict[str, Any]:
         """Keyword arguments for aiokafka's clients (producer, consumer, admin)."""
-        if self.protocol == "PLAINTEXT":
-            return {}
-        options: dict[str, Any] = {"security_protocol": self.protocol}
-        if self.uses_tls:
-            options["ssl_context"] = self.ssl_context()
-        if self.uses_sasl:
-            options.update(
-                sasl_mechanism=self.mechanism,
-                sasl_plain_username=self.username,
-                sasl_plain_password=self.password,
-            )
-        return options
+        return self._client_options()
 
     def kafka_python(self) -> dict[str, Any]:
-        """Keyword arguments for kafka-python's KafkaProducer (the node agent)."""
+        """Keyword arguments for kafka-python's KafkaProducer (the node agent): the same names,
+        and its hostname check set apart from the context's."""
+        options = self._client_options()
+        if self.uses_tls:
+            options["ssl_check_hostname"] = self.check_hostname
+        return options
+
+    def _client_options(self) -> dict[str, Any]:
+        """The options both client libraries name alike."""
         if self.protocol == "PLAINTEXT":
             return {}
         options: dict[str, Any] = {"security_protocol": self.protocol}
         if self.uses_tls:
             options["ssl_context"] = self.ssl_context()
-            options["ssl_check_hostname"] = self.check_hostname
         if self.uses_sasl:
             options.update(
                 sasl_mechanism=self.mechanism,

@@ -4,7 +4,6 @@ for every request, and a project's person shown only their project."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,13 +11,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.billing import cli
-from services.common.kafka_admin import ensure_topics
 from tests.e2e.test_dashboard import DomParser, Element, chromium
+from tests.fixtures.billing import billing_process
 from tests.fixtures.browser import Browser
 from tests.fixtures.oidc import IdentityProvider
-from tests.fixtures.processes import ServiceProcess, wait_until
-from tests.integration.test_billing_api import SAMPLE_CATALOG, hourly, produce
+from tests.fixtures.processes import wait_until
+from tests.integration.test_billing_api import hourly, produce
 
 PERIOD = "2026-11"
 
@@ -46,13 +44,6 @@ def signed_in_dom(url: str, profile: Path) -> tuple[Element, str]:
 
 
 @pytest.fixture
-def idp() -> Iterator[IdentityProvider]:
-    provider = IdentityProvider()
-    yield provider
-    provider.close()
-
-
-@pytest.fixture
 def billing(
     idp: IdentityProvider,
     database_url: str,
@@ -62,22 +53,17 @@ def billing(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[int]:
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "DATABASE_URL": database_url,
-        "TOPIC_PREFIX": topic_prefix,
-        "HTTP_PORT": str(http_port),
-        "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
-        "API_TOKENS": "",
-        "PUBLISH_INTERVAL_S": "0.5",
+    service = billing_process(
+        bootstrap_servers,
+        database_url,
+        topic_prefix,
+        http_port,
+        tmp_path / "billing.log",
+        monkeypatch,
+        API_TOKENS="",
         **idp.env(OIDC_CLIENT_ID="gpumeter-dashboard", OIDC_AUDIENCE="gpumeter"),
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert cli.main(["catalog", "apply", str(SAMPLE_CATALOG)]) == 0
+    ).start()
     hourly_topic = f"{topic_prefix}metering.usage.hourly.v1"
-    asyncio.run(ensure_topics(bootstrap_servers, {hourly_topic: 4}))
-    service = ServiceProcess("services.billing", env, tmp_path / "billing.log", http_port).start()
     hour = dt.datetime(2026, 11, 12, 1, tzinfo=dt.UTC)
     produce(
         bootstrap_servers,

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import httpx
-import pytest
 
 from gpumeter.kafkabroker import KafkaCluster
 from gpumeter.localstack import free_port
@@ -25,13 +23,6 @@ from tests.fixtures.oidc import IdentityProvider
 from tests.fixtures.processes import REPO_ROOT, ServiceProcess, wait_until
 from tests.fixtures.secure_kafka import USERS
 from tests.fixtures.tls import TestCA
-
-
-@pytest.fixture
-def idp() -> Iterator[IdentityProvider]:
-    provider = IdentityProvider()
-    yield provider
-    provider.close()
 
 
 def test_samples_become_invoices_with_every_kafka_client_on_sasl_ssl(

@@ -4,7 +4,6 @@ their groups' role; a project's person reads nothing of another project's, which
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import time
 from collections.abc import Iterator
@@ -14,22 +13,14 @@ import httpx
 import pytest
 
 from gpumeter.localstack import free_port
-from services.billing import cli
-from services.common.kafka_admin import ensure_topics
 from tests.fixtures.alerts import alerts_env
+from tests.fixtures.billing import billing_process
 from tests.fixtures.oidc import IdentityProvider
 from tests.fixtures.processes import ServiceProcess, wait_until
-from tests.integration.test_billing_api import SAMPLE_CATALOG, hourly, produce
+from tests.integration.test_billing_api import hourly, produce
 
 UTC = dt.UTC
 STATIC = "static-admin-token-of-forty-characters-x"
-
-
-@pytest.fixture
-def idp() -> Iterator[IdentityProvider]:
-    provider = IdentityProvider()
-    yield provider
-    provider.close()
 
 
 @pytest.fixture
@@ -49,22 +40,17 @@ def services(
         tmp_path / "alerts.log",
         http_port=alerts_port,
     )
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "DATABASE_URL": database_url,
-        "TOPIC_PREFIX": topic_prefix,
-        "HTTP_PORT": str(http_port),
-        "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
-        "API_TOKENS": f"{STATIC}=admin",
-        "PUBLISH_INTERVAL_S": "0.5",
-        "ALERTS_URL": f"http://127.0.0.1:{alerts_port}",
+    billing = billing_process(
+        bootstrap_servers,
+        database_url,
+        topic_prefix,
+        http_port,
+        tmp_path / "billing.log",
+        monkeypatch,
+        API_TOKENS=f"{STATIC}=admin",
+        ALERTS_URL=f"http://127.0.0.1:{alerts_port}",
         **idp.env(),
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert cli.main(["catalog", "apply", str(SAMPLE_CATALOG)]) == 0
-    asyncio.run(ensure_topics(bootstrap_servers, {f"{topic_prefix}metering.usage.hourly.v1": 4}))
-    billing = ServiceProcess("services.billing", env, tmp_path / "billing.log", http_port)
+    )
     alerts.start()
     billing.start()
     yield http_port, alerts_port

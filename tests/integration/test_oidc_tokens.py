@@ -9,7 +9,6 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,13 +18,6 @@ from services.billing.settings import BillingSettings
 from services.common.auth import Authenticator, Identity
 from services.common.oidc import AuthError, OidcConfig, OidcVerifier, parse_role_map
 from tests.fixtures.oidc import AUDIENCE, ROLE_MAP, IdentityProvider
-
-
-@pytest.fixture
-def idp() -> Iterator[IdentityProvider]:
-    provider = IdentityProvider()
-    yield provider
-    provider.close()
 
 
 def verifier(idp: IdentityProvider, **overrides: Any) -> OidcVerifier:

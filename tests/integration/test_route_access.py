@@ -5,7 +5,6 @@ services serve, with the role each needs."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections.abc import Iterator
@@ -15,9 +14,8 @@ import httpx
 import pytest
 
 from gpumeter.localstack import free_port
-from services.billing import cli
-from services.common.kafka_admin import ensure_topics
 from tests.fixtures.alerts import alerts_env
+from tests.fixtures.billing import billing_process
 from tests.fixtures.oidc import IdentityProvider
 from tests.fixtures.processes import REPO_ROOT, ServiceProcess
 from tests.integration.test_metering import metering_process
@@ -44,13 +42,6 @@ def documented_routes() -> dict[tuple[str, str, str], str]:
 
 
 @pytest.fixture
-def idp() -> Iterator[IdentityProvider]:
-    provider = IdentityProvider()
-    yield provider
-    provider.close()
-
-
-@pytest.fixture
 def services(
     idp: IdentityProvider,
     database_url: str,
@@ -68,19 +59,15 @@ def services(
         tmp_path / "alerts.log",
         http_port=alerts_port,
     )
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "DATABASE_URL": database_url,
-        "TOPIC_PREFIX": topic_prefix,
-        "HTTP_PORT": str(http_port),
-        "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
+    billing = billing_process(
+        bootstrap_servers,
+        database_url,
+        topic_prefix,
+        http_port,
+        tmp_path / "billing.log",
+        monkeypatch,
         **closed,
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert cli.main(["catalog", "apply", str(SAMPLE_CATALOG)]) == 0
-    asyncio.run(ensure_topics(bootstrap_servers, {f"{topic_prefix}metering.usage.hourly.v1": 4}))
-    billing = ServiceProcess("services.billing", env, tmp_path / "billing.log", http_port)
+    )
     metering = metering_process(
         bootstrap_servers, topic_prefix, tmp_path / "metering.log", env=closed
     )
