@@ -285,6 +285,10 @@ class Notifier:
     async def _deliver(self, name: str) -> None:
         sender, wake = self.senders[name], self._wake[name]
         failures = 0
+        # Rows this process delivered but could not mark delivered (the database went away in
+        # between): marked on the next pass, never sent again. Seen as a webhook that got one
+        # firing twice when PostgreSQL shut down right after the send.
+        sent_not_marked: set[int] = set()
         while not self._stop.is_set():
             wake.clear()
             try:
@@ -300,7 +304,8 @@ class Notifier:
                 if self._stop.is_set():
                     return
                 try:
-                    await sender.send(row)
+                    if row.seq not in sent_not_marked:
+                        await sender.send(row)
                 except DeliveryError as exc:
                     with contextlib.suppress(*DB_ERRORS):
                         await self.store.mark_failed(
@@ -323,8 +328,15 @@ class Notifier:
                 try:
                     await self.store.mark_delivered(row.seq)
                 except DB_ERRORS as exc:
-                    log.warning("could not mark notification %s delivered: %s", row.seq, exc)
+                    sent_not_marked.add(row.seq)
+                    log.warning(
+                        "could not mark notification %s delivered (%s): marking it again, "
+                        "without sending it again",
+                        row.seq,
+                        exc,
+                    )
                     break
+                sent_not_marked.discard(row.seq)
                 failures = 0
                 self.metrics.notifications_sent.labels(name).inc()
 
