@@ -9,33 +9,25 @@ import os
 import time
 from collections import defaultdict, deque
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-import faust
 from faust.web.base import BlueprintManager
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from schemas.codec import InvalidUsage, dead_letter, from_binary_mode
 from services.metering import domain
 from services.metering.fast_decode import decode_samples
-from services.metering.faust_fixes import (
-    AFTER_FLUSH,
-    BEFORE_FLUSH,
-    EARLIEST_STARTS,
-    END_OFFSETS,
-    HELD_PARTITIONS,
-    SOUGHT_AT_ASSIGNMENT,
-    STREAM_TOPICS,
-    ListedEndOffsets,
-    apply_faust_fixes,
-    committed_offset,
-    fetch_again,
-    fetched_partitions,
-    why_not_fetched,
-)
 from services.metering.offsets import UsageOffsets
 from services.metering.sender import DirectSender
 from services.metering.settings import DEAD_LETTER_MAX_BYTES, MeteringSettings
+from services.metering.transport import (
+    Consumer,
+    FixState,
+    ListedEndOffsets,
+    MeteringApp,
+    broker_urls,
+    register,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,13 +247,18 @@ def expire_sums(table: Any, newest_epoch: int, retention_s: int, epoch_of: Any) 
             table.send_changelog(record.get("p"), key, None, value_serializer="raw")
 
 
-def create_app(settings: MeteringSettings) -> faust.App:
-    apply_faust_fixes(settings.fetch_max_wait_ms)
+def consumer_of(app: MeteringApp) -> Consumer:
+    """The app's consumer: metering's (services/metering/transport.py), chosen by the broker URL."""
+    return cast(Consumer, app.consumer)
+
+
+def create_app(settings: MeteringSettings) -> MeteringApp:
+    register()
     topics = settings.topics
     rebalance_s = settings.kafka_rebalance_timeout_ms / 1000
-    app = faust.App(
+    app = MeteringApp(
         settings.faust_id,
-        broker=[f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(",")],
+        broker=broker_urls(settings.kafka_bootstrap_servers),
         store="memory://",
         autodiscover=False,
         topic_partitions=settings.internal_partitions,
@@ -292,16 +289,17 @@ def create_app(settings: MeteringSettings) -> faust.App:
         producer_max_batch_size=1024 * 1024,
     )
     metrics = MeteringMetrics()
-    end_offsets = END_OFFSETS[app] = ListedEndOffsets(
+    end_offsets = ListedEndOffsets(
         settings.kafka_bootstrap_servers, settings.kafka_broker, settings.kafka_security
     )
+    fixes = app.fixes = FixState(end_offsets, settings.fetch_max_wait_ms)
     app.gpumeter_metrics = metrics  # type: ignore[attr-defined]
     # Only /healthz and /metrics (below) are served: none of Faust's own pages, which serve any
     # project's table contents (/table/...), route key look-ups (/router/...), the topology and
     # statistics. (Its settings turn most off, but a status page at "/" takes the statistics' place.)
     app.web.blueprints = BlueprintManager()
     sender = DirectSender(app)
-    AFTER_FLUSH.append(sender.check)
+    fixes.after_flush.append(sender.check)
 
     usage_topic = app.topic(
         topics.usage,
@@ -334,7 +332,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
     completeness_topic = app.topic(
         topics.completeness, value_serializer="raw", key_serializer="raw"
     )
-    STREAM_TOPICS.update(
+    fixes.stream_topics.update(
         topic.get_topic_name()
         for topic in (usage_topic, node_hourly_topic, node_minutely_topic, node_completeness_topic)
     )
@@ -389,7 +387,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
         queue_dirty_states()
         await sender.send()
 
-    BEFORE_FLUSH.append(write_dirty_states)
+    fixes.before_flush.append(write_dirty_states)
 
     # Node signals: sent when what alerts read changes (idle GPUs, XID), else every
     # SIGNAL_EVERY_S of event time, so a 1 Hz fleet does not send a signal per node and second.
@@ -409,10 +407,10 @@ def create_app(settings: MeteringSettings) -> faust.App:
 
     # Which usage messages are counted around rebalances and restarts (services/metering/offsets.py).
     offsets = UsageOffsets(
-        HELD_PARTITIONS,
-        SOUGHT_AT_ASSIGNMENT,
-        EARLIEST_STARTS,
-        committed_of=lambda tp: committed_offset(app.consumer, tp),
+        fixes.held,
+        fixes.sought_at_assignment,
+        fixes.earliest_starts,
+        committed_of=lambda tp: consumer_of(app).committed_offset(tp),
         on_read_again=metrics.reseeks.inc,
     )
     # Per usage partition: (the offset due next, since when) while the consumer is past it.
@@ -640,15 +638,13 @@ def create_app(settings: MeteringSettings) -> faust.App:
 
     inactive_since: dict[Any, float] = {}
 
-    def resume_forgotten_partitions(consumer: Any, now: float) -> None:
+    def resume_forgotten_partitions(consumer: Consumer, now: float) -> None:
         """Fetch again a usage partition that Faust left out of its fetches (its "active"
         partitions) with no rebalance or recovery under way: seen on Apache Kafka after a
         broker fault, a partition whose lag grew for minutes while the others were counted.
         Faust pauses partitions for a rebalance, a table recovery or a full stream buffer and
         resumes them after; one it failed to resume is never fetched again."""
-        active = fetched_partitions(consumer)
-        if active is None:
-            return
+        active = consumer.fetched_partitions()
         for tp in left_inactive(
             consumer.assignment(), active, topics.usage, inactive_since, now, 2 * STALL_S
         ):
@@ -657,10 +653,10 @@ def create_app(settings: MeteringSettings) -> faust.App:
                 "(%s); fetching it again",
                 tp.partition,
                 now - inactive_since[tp],
-                why_not_fetched(consumer, tp),
+                consumer.why_not_fetched(tp),
             )
             metrics.stalls.inc()
-            fetch_again(consumer, tp)
+            consumer.fetch_again(tp)
             inactive_since.pop(tp, None)
 
     async def perform_seeks() -> None:
@@ -672,7 +668,7 @@ def create_app(settings: MeteringSettings) -> faust.App:
     async def notice_stalled_partitions() -> None:
         """Read a usage partition again when its consumer has fetched past what metering is due
         to process next and nothing has reached the stream for STALL_S (see STALL_S)."""
-        consumer = app.consumer
+        consumer = consumer_of(app)
         flowing = getattr(consumer, "flow_active", True)
         recovering_s = recovering_for()
         if recovering_s is not None and recovering_s >= settings.recovery_unhealthy_s:
@@ -887,13 +883,13 @@ def create_app(settings: MeteringSettings) -> faust.App:
 
     async def measure_lag() -> dict[int, int]:
         """Uncommitted usage messages per assigned partition, also set on the lag gauge."""
-        consumer = app.consumer
+        consumer = consumer_of(app)
         partitions = [tp for tp in consumer.assignment() if tp.topic == topics.usage]
         metrics.consumer_lag.clear()
         lag: dict[int, int] = {}
         for tp in partitions:
             # Faust keeps the offsets it committed, without a public getter.
-            committed = committed_offset(consumer, tp)
+            committed = consumer.committed_offset(tp)
             if committed is None:
                 committed = await consumer.position(tp) or 0
             # The highwater of the last fetch: free, and right on Tansu too (its ListOffsets is not).

@@ -10,7 +10,7 @@ and its commits can pass over a skipped message. So:
   (the committed offset Faust sought it to, or the earliest offset of a partition never
   committed); one that arrives before that seek is known is held (not counted) until it is;
 - a message past the one due makes the partition be read again from the one due: it is held
-  (nothing committed past it, see `faust_fixes._make_commits_wait_for_held`) and messages past
+  (nothing committed past it, see `transport.Consumer._new_offset`) and messages past
   that offset are skipped until the seek takes effect;
 - after `give_up_s` without the message due (deleted by retention), the gap is counted as lost
   and logged, and counting goes on.

@@ -11,7 +11,7 @@ from typing import Any
 
 from faust.transport.consumer import ThreadDelegateConsumer
 
-from services.metering.faust_fixes import _make_seeks_run_on_the_consumer_thread
+from services.metering import transport
 
 
 class ConsumerThread:
@@ -23,7 +23,9 @@ class ConsumerThread:
         self.seeks: list[tuple[Any, int, int]] = []  # (partition, offset, thread ident)
 
     async def call_thread(self, fun: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fun, *args)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, lambda: asyncio.run(fun(*args))
+        )
 
     def seek(self, partition: Any, offset: int) -> None:
         self.seeks.append((partition, offset, threading.get_ident()))
@@ -44,19 +46,12 @@ def seek_with(seek: Any) -> tuple[ConsumerThread, int]:
 
 
 def test_faust_seeks_on_the_callers_thread_and_the_fix_on_the_consumer_thread() -> None:
-    original = ThreadDelegateConsumer._seek
-    if getattr(ThreadDelegateConsumer, "_gpumeter_seek_on_thread", False):
-        original = None  # already replaced in this process: the upstream half cannot be shown
-
     # Upstream: the aiokafka seek runs on the thread that called Consumer.seek (the app's)
-    if original is not None:
-        thread, caller = seek_with(original)
-        assert [(p, o) for p, o, _ in thread.seeks] == [("gpu.usage.v1-2", 120)]
-        assert thread.seeks[0][2] == caller
-
-    # With metering's fix: the same seek, on the consumer thread
-    _make_seeks_run_on_the_consumer_thread()
-    _make_seeks_run_on_the_consumer_thread()  # applying it twice changes nothing
     thread, caller = seek_with(ThreadDelegateConsumer._seek)
+    assert [(p, o) for p, o, _ in thread.seeks] == [("gpu.usage.v1-2", 120)]
+    assert thread.seeks[0][2] == caller
+
+    # Metering's transport: the same seek, on the consumer thread
+    thread, caller = seek_with(transport.Consumer._seek)
     assert [(p, o) for p, o, _ in thread.seeks] == [("gpu.usage.v1-2", 120)]
     assert thread.seeks[0][2] != caller

@@ -12,7 +12,7 @@ import pytest
 from mode import Service
 from mode.utils.locks import Event
 
-from services.metering.faust_fixes import wait_first_in_place
+from services.metering.transport import wait_first_in_place
 
 
 class Worker(Service):

@@ -25,71 +25,83 @@ VERSIONS = {"faust-streaming": "0.15.3", "mode-streaming": "0.7.", "aiokafka": "
 WATCHED = {
     ("faust.transport.producer", "ProducerBuffer", "_send_pending"): (
         "551d98f01c547d48",
-        "_make_producer_flush_complete",
+        "transport.CompleteFlushBuffer / transport.Producer.flush",
     ),
     ("faust.transport.producer", "ProducerBuffer", "flush"): (
         "97b9a044b51134e7",
-        "_make_producer_flush_complete",
+        "transport.CompleteFlushBuffer / transport.Producer.flush",
     ),
     ("faust.transport.drivers.aiokafka", "Producer", "flush"): (
         "38ff8817068ac7df",
-        "_make_producer_flush_complete",
+        "transport.CompleteFlushBuffer / transport.Producer.flush",
     ),
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread", "_highwaters"): (
         "d610b66ccfe6a82f",
-        "_make_highwaters_exact",
+        "transport.ConsumerThread._highwaters",
     ),
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread", "_create_worker_consumer"): (
         "684c167041ff0044",
-        "_set_fetch_max_wait",
+        "transport.ConsumerThread._create_worker_consumer",
     ),
     ("faust.transport.consumer", "Consumer", "__init__"): (
         "98de5b3b169c981e",
-        "_make_commits_wait_for_held (_ReadOffsets replaces _read_offset; _committed_offset read)",
+        "transport.Consumer.__init__ (_ReadOffsets replaces _read_offset) and committed_offset",
+    ),
+    ("faust.transport.consumer", "ThreadDelegateConsumer", "__init__"): (
+        "715814ce37c57592",
+        "transport.Consumer.__init__ (wraps _read_offset after it)",
     ),
     ("faust.transport.consumer", "Consumer", "_new_offset"): (
         "7524555f309a6493",
-        "_make_commits_wait_for_held",
+        "transport.Consumer._new_offset",
     ),
     ("faust.transport.consumer", "Consumer", "_drain_messages"): (
         "8308d11bc7a290dc",
-        "_ReadOffsets (binds _read_offset.__getitem__) and _make_drain_skip_wait_first",
+        "transport._ReadOffsets (binds _read_offset.__getitem__) and Consumer.wait_first",
     ),
     ("faust.transport.consumer", "Consumer", "on_buffer_full"): (
         "01644b5587f109ec",
-        "resume_forgotten_partitions (_active_partitions, _buffered_partitions)",
+        "transport.Consumer.fetched_partitions / fetch_again (_active_partitions, _buffered_partitions)",
     ),
     ("faust.transport.consumer", "Consumer", "on_buffer_drop"): (
         "2977cdf59ecbd492",
-        "resume_forgotten_partitions",
+        "transport.Consumer.fetch_again",
     ),
     ("faust.transport.consumer", "Consumer", "pause_partitions"): (
         "a51f7bdf316a0af1",
-        "resume_forgotten_partitions (_paused_partitions)",
+        "transport.Consumer.why_not_fetched (_paused_partitions)",
     ),
     ("faust.transport.consumer", "Consumer", "resume_partitions"): (
         "0ce68544cb09fe58",
-        "resume_forgotten_partitions",
+        "transport.Consumer.fetch_again",
     ),
     ("faust.transport.consumer", "ThreadDelegateConsumer", "seek_to_committed"): (
         "7bc5dc7eb96c9b34",
-        "_make_uncommitted_partitions_start_at_earliest",
+        "transport.Consumer.seek_to_committed",
     ),
     ("faust.transport.consumer", "ThreadDelegateConsumer", "_seek"): (
         "1f859c70f9d809e4",
-        "_make_seeks_run_on_the_consumer_thread",
+        "transport.Consumer._seek",
     ),
     ("mode.services", "Service", "wait_first"): (
         "79f98bfdf43f8ea8",
-        "_make_drain_skip_wait_first (wait_first_in_place falls back to it)",
+        "transport.Consumer.wait_first (wait_first_in_place falls back to it)",
+    ),
+    ("faust.transport.producer", "Producer", "__init__"): (
+        "298a3dca46c45360",
+        "transport.Producer.__init__ (replaces the ProducerBuffer made here)",
+    ),
+    ("faust.transport.drivers.aiokafka", "Consumer", "_new_consumer_thread"): (
+        "e3e2675bb60b2e9a",
+        "transport.Consumer._new_consumer_thread (metering's ConsumerThread instead)",
     ),
     ("aiokafka.consumer.fetcher", "Fetcher", "seek_to"): (
         "14c7d60bbd891b5a",
-        "_make_seeks_run_on_the_consumer_thread (the race it avoids)",
+        "transport.Consumer._seek (the race it avoids)",
     ),
     ("aiokafka.consumer.fetcher", "Fetcher", "fetched_records"): (
         "002f5b2f4ca34dee",
-        "_make_seeks_run_on_the_consumer_thread (the race it avoids)",
+        "transport.Consumer._seek (the race it avoids)",
     ),
 }
 
@@ -119,7 +131,7 @@ def test_the_installed_versions_are_the_ones_the_fixes_were_checked_against(pack
     wanted = VERSIONS[package]
     assert installed == wanted or (wanted.endswith(".") and installed.startswith(wanted)), (
         f"{package} {importlib.metadata.version(package)} is installed; the fixes in "
-        f"services/metering/faust_fixes.py were checked against {VERSIONS[package]}"
+        f"services/metering/transport.py were checked against {VERSIONS[package]}"
     )
 
 
@@ -134,3 +146,31 @@ def test_each_upstream_function_a_fix_depends_on_is_unchanged(
     assert actual == digest, (
         f"{'.'.join(where)} changed upstream (source hash {actual}, was {digest}): re-check {fix}"
     )
+
+
+def upstream_overrides() -> list[tuple[str, str, str]]:
+    """(module, class, method) of every upstream method a class of metering's transport
+    overrides: the upstream class nearest in the method resolution order that defines it."""
+    from services.metering import transport
+
+    found = []
+    for cls in (
+        transport.Consumer,
+        transport.ConsumerThread,
+        transport.Producer,
+        transport.CompleteFlushBuffer,
+    ):
+        for name, member in vars(cls).items():
+            if not callable(member) or name in {"__init_subclass__"}:
+                continue
+            for base in cls.__mro__[1:]:
+                if name in vars(base):
+                    found.append((base.__module__, base.__qualname__, name))
+                    break
+    return found
+
+
+def test_every_upstream_method_the_transport_overrides_is_watched() -> None:
+    overrides = upstream_overrides()
+    assert ("faust.transport.consumer", "Consumer", "_new_offset") in overrides  # the check works
+    assert [where for where in overrides if where not in WATCHED] == []
