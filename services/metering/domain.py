@@ -269,6 +269,64 @@ _MINUTE_SCALES = (S_IN, S_IN, S_UTIL, S_ENERGY)
 _MINUTE_NAMES = ("online_s", "alloc_s", "util_s", "energy_J")
 
 
+@dataclass(slots=True)
+class GpuCursor:
+    """Where one GPU's counting stands: its newest counted end, the digests of its recent sample
+    ids, and the stretches of time counted (see RECENT_IDS_PER_GPU)."""
+
+    end_n: int
+    ids: bytearray
+    runs: list[list[int]]  # [[start_n, end_n], ...], oldest first
+
+
+@dataclass(slots=True)
+class HourSums:
+    """One project/model/hour of one node: sums at the scales of _HOUR_SCALES, `extra` None or
+    the exact Decimal remainders (gpu_s, util_s, energy_J) of samples with more than 9 decimals."""
+
+    gpu_n: int = 0
+    util_n: int = 0
+    energy_n: int = 0
+    samples: int = 0
+    extra: list[Decimal] | None = None
+
+    def texts(self) -> list[str]:
+        """gpu_s, util_s, energy_J as exact decimal strings."""
+        return _sum_texts([self.gpu_n, self.util_n, self.energy_n], self.extra, _HOUR_SCALES)
+
+
+@dataclass(slots=True)
+class MinuteSums:
+    """One minute of one node: bitmasks of its GPUs online and allocated (bit = position in
+    NodeState.gpus), sums at the scales of _MINUTE_SCALES, XID errors, samples, and `extra` None
+    or the exact remainders (online_s, alloc_s, util_s, energy_J)."""
+
+    gpus: int = 0
+    alloc: int = 0
+    online_n: int = 0
+    alloc_n: int = 0
+    util_n: int = 0
+    energy_n: int = 0
+    xid: int = 0
+    samples: int = 0
+    extra: list[Decimal] | None = None
+
+    def texts(self) -> list[str]:
+        """online_s, alloc_s, util_s, energy_J as exact decimal strings."""
+        ints = [self.online_n, self.alloc_n, self.util_n, self.energy_n]
+        return _sum_texts(ints, self.extra, _MINUTE_SCALES)
+
+
+@dataclass(slots=True)
+class LastSample:
+    """A GPU's newest sample, as the node's signal (idle GPUs, XID) reads it."""
+
+    end_n: int
+    project_id: str | None
+    util_pct: float
+    xid: int
+
+
 def _load_sums(texts: list[str], scales: tuple[int, ...]) -> tuple[list[int], list[Decimal] | None]:
     ints: list[int] = []
     extra: list[Decimal] | None = None
@@ -298,37 +356,46 @@ class NodeState:
     minutes: minute_epoch(str) -> {"gpus": bitmask of GPUs online (bit = position in gpus),
              "alloc": bitmask of GPUs allocated, "online_s", "alloc_s", "util_s", "energy_J",
              "xid", "samples"}
-    In memory an hour is [gpu_n, util_n, energy_n, samples, extra] and a minute
-    [gpus, alloc, online_n, alloc_n, util_n, energy_n, xid, samples, extra]: integers at the scales
-    above, `extra` None or the Decimal remainders.
+    In memory: GpuCursor, HourSums and MinuteSums (integers at the scales above, exact remainders
+    beside them), and a LastSample per GPU.
     """
 
     def __init__(self, record: dict[str, Any] | None = None) -> None:
         record = record or {}
-        self.gpus: dict[str, list[Any]] = {
-            key: [
+        self.gpus: dict[str, GpuCursor] = {
+            key: GpuCursor(
                 split_decimal(cursor["t"], S_IN)[0],
                 bytearray(base64.b64decode(cursor["ids"])),
                 [
                     [split_decimal(start, S_IN)[0], split_decimal(end, S_IN)[0]]
                     for start, end in cursor.get("runs", ())
                 ],
-            ]
+            )
             for key, cursor in record.get("gpus", {}).items()
         }
         self.gpu_bits = {key: 1 << position for position, key in enumerate(self.gpus)}
-        self.hours: dict[str, list[Any]] = {}
+        self.hours: dict[str, HourSums] = {}
         for key, t in record.get("hours", {}).items():
             ints, extra = _load_sums(t[:3], _HOUR_SCALES)
-            self.hours[key] = [*ints, t[3], extra]
-        self.minutes: dict[str, list[Any]] = {}
+            self.hours[key] = HourSums(ints[0], ints[1], ints[2], t[3], extra)
+        self.minutes: dict[str, MinuteSums] = {}
         for key, m in record.get("minutes", {}).items():
             ints, extra = _load_sums([m[name] for name in _MINUTE_NAMES], _MINUTE_SCALES)
-            self.minutes[key] = [m["gpus"], m["alloc"], *ints, m["xid"], m["samples"], extra]
+            online_n, alloc_n, util_n, energy_n = ints
+            self.minutes[key] = MinuteSums(
+                m["gpus"],
+                m["alloc"],
+                online_n,
+                alloc_n,
+                util_n,
+                energy_n,
+                m["xid"],
+                m["samples"],
+                extra,
+            )
         self.max_end_n = split_decimal(record.get("max_end_s", "0"), S_IN)[0]
-        # gpu_uuid -> [end_n, project_id, util_pct, xid_errors] of its newest sample
-        self.last_samples: dict[str, list[Any]] = {
-            gpu: [split_decimal(end, S_IN)[0], project, float(util), xid]
+        self.last_samples: dict[str, LastSample] = {
+            gpu: LastSample(split_decimal(end, S_IN)[0], project, float(util), xid)
             for gpu, (end, project, util, xid) in record.get("last", {}).items()
         }
         # Completeness: hour epoch -> whether the node's newest sample has passed the hour's end.
@@ -354,9 +421,9 @@ class NodeState:
         return {
             "gpus": {
                 key: {
-                    "t": plain(c[0], S_IN),
-                    "ids": base64.b64encode(c[1]).decode(),
-                    "runs": [[plain(start, S_IN), plain(end, S_IN)] for start, end in c[2]],
+                    "t": plain(c.end_n, S_IN),
+                    "ids": base64.b64encode(c.ids).decode(),
+                    "runs": [[plain(start, S_IN), plain(end, S_IN)] for start, end in c.runs],
                 }
                 for key, c in self.gpus.items()
             },
@@ -364,8 +431,8 @@ class NodeState:
             "minutes": {key: self._minute_record(key) for key in self.minutes},
             "max_end_s": plain(self.max_end_n, S_IN),
             "last": {
-                gpu: [plain(end, S_IN), project, repr(util), xid]
-                for gpu, (end, project, util, xid) in self.last_samples.items()
+                gpu: [plain(last.end_n, S_IN), last.project_id, repr(last.util_pct), last.xid]
+                for gpu, last in self.last_samples.items()
             },
             "online_hours": {str(hour): through for hour, through in self.online_hours.items()},
             "counted": self.counted,
@@ -380,21 +447,20 @@ class NodeState:
     def _hour_record(self, key: str) -> list[Any]:
         record = self._hour_texts.get(key)
         if record is None:
-            t = self.hours[key]
-            record = self._hour_texts[key] = [*_sum_texts(t[:3], t[4], _HOUR_SCALES), t[3]]
+            sums = self.hours[key]
+            record = self._hour_texts[key] = [*sums.texts(), sums.samples]
         return record
 
     def _minute_record(self, key: str) -> dict[str, Any]:
         record = self._minute_texts.get(key)
         if record is None:
-            m = self.minutes[key]
-            texts = _sum_texts(m[2:6], m[8], _MINUTE_SCALES)
+            sums = self.minutes[key]
             record = self._minute_texts[key] = {
-                "gpus": m[0],
-                "alloc": m[1],
-                **dict(zip(_MINUTE_NAMES, texts, strict=True)),
-                "xid": m[6],
-                "samples": m[7],
+                "gpus": sums.gpus,
+                "alloc": sums.alloc,
+                **dict(zip(_MINUTE_NAMES, sums.texts(), strict=True)),
+                "xid": sums.xid,
+                "samples": sums.samples,
             }
         return record
 
@@ -413,11 +479,11 @@ class NodeState:
     ) -> Outcome:
         end_n = sample.end_n
         cursor = self.gpus.get(sample.gpu_key)
-        if cursor is not None and end_n <= cursor[0]:
-            if _holds_digest(cursor[1], id_digest(sample.event_id)):
+        if cursor is not None and end_n <= cursor.end_n:
+            if _holds_digest(cursor.ids, id_digest(sample.event_id)):
                 return Outcome.DUPLICATE
             start = sample.start_or_about()
-            for run_start, run_end in reversed(cursor[2]):
+            for run_start, run_end in reversed(cursor.runs):
                 if run_start <= start and end_n <= run_end:
                     return Outcome.DUPLICATE  # that time is counted: a redelivery
             return Outcome.OUT_OF_ORDER
@@ -443,9 +509,9 @@ class NodeState:
         if cursor is None:
             if len(self.gpus) >= max_gpus:
                 return Outcome.TOO_MANY_GPUS
-            cursor = self.gpus[sample.gpu_key] = [0, bytearray(), []]
+            cursor = self.gpus[sample.gpu_key] = GpuCursor(0, bytearray(), [])
             self.gpu_bits[sample.gpu_key] = 1 << (len(self.gpus) - 1)
-        runs = cursor[2]
+        runs = cursor.runs
         start = start_n if start_n is not None else sample.start_or_about()
         if runs and runs[-1][0] <= start <= runs[-1][1] + RUN_JOIN_S * _IN:
             runs[-1][1] = end_n
@@ -453,8 +519,8 @@ class NodeState:
             runs.append([start, end_n])
             if len(runs) > COVERED_RUNS_PER_GPU:
                 del runs[0]
-        cursor[0] = end_n
-        ids = cursor[1]
+        cursor.end_n = end_n
+        ids = cursor.ids
         ids += id_digest(sample.event_id)
         if len(ids) > RECENT_IDS_PER_GPU * ID_DIGEST_BYTES:
             del ids[:ID_DIGEST_BYTES]
@@ -467,7 +533,7 @@ class NodeState:
 
         interval = sample.interval_n
         fast = interval is not None
-        if fast:
+        if interval is not None:
             gpu_s = interval
             util_s = sample.util_n * interval  # type: ignore[operator]
             energy = sample.power_n * interval  # type: ignore[operator]
@@ -475,43 +541,47 @@ class NodeState:
             gpu_s = util_s = energy = 0
             exact = sample.contributions()
         if project_id is not None:
-            totals = self.hours.get(key)
-            if totals is None:
-                totals = self.hours[key] = [0, 0, 0, 0, None]
+            hour_sums = self.hours.get(key)
+            if hour_sums is None:
+                hour_sums = self.hours[key] = HourSums()
             self._hour_texts.pop(key, None)
-            totals[0] += gpu_s
-            totals[1] += util_s
-            totals[2] += energy
-            totals[3] += 1
+            hour_sums.gpu_n += gpu_s
+            hour_sums.util_n += util_s
+            hour_sums.energy_n += energy
+            hour_sums.samples += 1
             if not fast:
-                totals[4] = _add_extra(totals[4], exact)
+                hour_sums.extra = _add_extra(hour_sums.extra, exact)
             touched_hours.add(key)
 
         minute = self.minutes.get(minute_key)
         if minute is None:
-            minute = self.minutes[minute_key] = [0, 0, 0, 0, 0, 0, 0, 0, None]
+            minute = self.minutes[minute_key] = MinuteSums()
         self._minute_texts.pop(minute_key, None)
         gpu_bit = self.gpu_bits[sample.gpu_key]
-        minute[0] |= gpu_bit
-        minute[2] += gpu_s
+        minute.gpus |= gpu_bit
+        minute.online_n += gpu_s
         if project_id is not None:
-            minute[1] |= gpu_bit
-            minute[3] += gpu_s
-        minute[4] += util_s
-        minute[5] += energy
-        minute[6] += sample.xid_errors
-        minute[7] += 1
+            minute.alloc |= gpu_bit
+            minute.alloc_n += gpu_s
+        minute.util_n += util_s
+        minute.energy_n += energy
+        minute.xid += sample.xid_errors
+        minute.samples += 1
         if not fast:
             allocated = exact[0] if project_id is not None else ZERO
-            minute[8] = _add_extra(minute[8], (exact[0], allocated, exact[1], exact[2]))
+            minute.extra = _add_extra(minute.extra, (exact[0], allocated, exact[1], exact[2]))
         touched_minutes.add(minute_key)
 
-        self.last_samples[sample.gpu_uuid] = [
-            end_n,
-            project_id,
-            sample.util_pct,
-            sample.xid_errors,
-        ]
+        last = self.last_samples.get(sample.gpu_uuid)
+        if last is None:
+            self.last_samples[sample.gpu_uuid] = LastSample(
+                end_n, project_id, sample.util_pct, sample.xid_errors
+            )
+        else:
+            last.end_n = end_n
+            last.project_id = project_id
+            last.util_pct = sample.util_pct
+            last.xid = sample.xid_errors
         return Outcome.COUNTED
 
     def expire(self, hour_retention_s: int, minute_retention_s: int) -> None:
@@ -529,13 +599,13 @@ class NodeState:
         # GPUs silent longer than the retention: nothing of theirs can change any more. A sample
         # of one arriving later is beyond the retention anyway.
         oldest_n = self.max_end_n - (hour_retention_s + HOUR) * _IN
-        for gpu_uuid in [g for g, last in self.last_samples.items() if last[0] < oldest_n]:
+        for gpu_uuid in [g for g, last in self.last_samples.items() if last.end_n < oldest_n]:
             del self.last_samples[gpu_uuid]
-        silent = [k for k, cursor in self.gpus.items() if cursor[0] < oldest_n]
+        silent = [k for k, cursor in self.gpus.items() if cursor.end_n < oldest_n]
         if silent:
             self._forget_gpus(silent)
         for cursor in self.gpus.values():
-            runs = cursor[2]
+            runs = cursor.runs
             while runs and runs[0][1] < oldest_n:
                 del runs[0]
 
@@ -546,16 +616,20 @@ class NodeState:
             del self.gpus[key]
         moved = {old_positions[key]: new for new, key in enumerate(self.gpus)}
         self.gpu_bits = {key: 1 << position for position, key in enumerate(self.gpus)}
+
+        def renumber(mask: int) -> int:
+            renumbered = 0
+            while mask:
+                low = mask & -mask
+                position = moved.get(low.bit_length() - 1)
+                if position is not None:
+                    renumbered |= 1 << position
+                mask ^= low
+            return renumbered
+
         for minute in self.minutes.values():
-            for field in (0, 1):
-                mask, renumbered = minute[field], 0
-                while mask:
-                    low = mask & -mask
-                    position = moved.get(low.bit_length() - 1)
-                    if position is not None:
-                        renumbered |= 1 << position
-                    mask ^= low
-                minute[field] = renumbered
+            minute.gpus = renumber(minute.gpus)
+            minute.alloc = renumber(minute.alloc)
         self._minute_texts.clear()
 
     def completeness_facts(self, everything: bool = False) -> dict[str, dict[str, Any]]:
@@ -571,7 +645,7 @@ class NodeState:
         return facts
 
     def recent_ids(self, gpu_key: str) -> int:
-        return len(self.gpus[gpu_key][1]) // ID_DIGEST_BYTES
+        return len(self.gpus[gpu_key].ids) // ID_DIGEST_BYTES
 
     def hour_sums(self, key: str) -> tuple[Decimal, Decimal, Decimal, int]:
         """(gpu_s, util_s, energy_J, samples) of one hour key, exact."""
@@ -584,20 +658,17 @@ class NodeState:
         )
 
     def hour_partial(self, key: str) -> dict[str, Any]:
-        t = self.hours[key]
-        return {
-            **dict(zip(_HOUR_NAMES, _sum_texts(t[:3], t[4], _HOUR_SCALES), strict=True)),
-            "samples": t[3],
-        }
+        sums = self.hours[key]
+        return {**dict(zip(_HOUR_NAMES, sums.texts(), strict=True)), "samples": sums.samples}
 
     def minute_partial(self, key: str) -> dict[str, Any]:
-        m = self.minutes[key]
+        sums = self.minutes[key]
         return {
-            "gpus": m[0].bit_count(),
-            "alloc": m[1].bit_count(),
-            **dict(zip(_MINUTE_NAMES, _sum_texts(m[2:6], m[8], _MINUTE_SCALES), strict=True)),
-            "xid": m[6],
-            "samples": m[7],
+            "gpus": sums.gpus.bit_count(),
+            "alloc": sums.alloc.bit_count(),
+            **dict(zip(_MINUTE_NAMES, sums.texts(), strict=True)),
+            "xid": sums.xid,
+            "samples": sums.samples,
         }
 
     def signal(self, node: str) -> NodeSignal:
@@ -605,14 +676,14 @@ class NodeState:
         idle: dict[str, str] = {}
         xid_gpus = []
         xid_total = 0
-        for gpu_uuid, (end_n, project_id, util_pct, xid) in self.last_samples.items():
-            if end_n != latest:
+        for gpu_uuid, last in self.last_samples.items():
+            if last.end_n != latest:
                 continue  # only the newest round describes the node now
-            if project_id is not None and util_pct < IDLE_UTIL_PCT:
-                idle[gpu_uuid] = project_id
-            if xid:
+            if last.project_id is not None and last.util_pct < IDLE_UTIL_PCT:
+                idle[gpu_uuid] = last.project_id
+            if last.xid:
                 xid_gpus.append(gpu_uuid)
-                xid_total += xid
+                xid_total += last.xid
         return NodeSignal(
             node=node,
             last_sample_time=_EPOCH + timedelta(microseconds=latest // 1000),

@@ -74,7 +74,7 @@ def test_forgetting_gpus_keeps_every_minutes_online_gpus(gpus: list[int], silent
     for i, g in enumerate(gpus):
         state.apply(view(T0 + timedelta(seconds=i), gpu=f"G{g}"), RETENTION, set(), set())
     before = {
-        k: sorted(k2 for k2, bit in state.gpu_bits.items() if m[0] & bit)
+        k: sorted(k2 for k2, bit in state.gpu_bits.items() if m.gpus & bit)
         for k, m in state.minutes.items()
     }
     gone = f"/nodes/n1|G{silent}"
@@ -82,7 +82,7 @@ def test_forgetting_gpus_keeps_every_minutes_online_gpus(gpus: list[int], silent
         return
     state._forget_gpus([gone])
     after = {
-        k: sorted(k2 for k2, bit in state.gpu_bits.items() if m[0] & bit)
+        k: sorted(k2 for k2, bit in state.gpu_bits.items() if m.gpus & bit)
         for k, m in state.minutes.items()
     }
     assert after == {k: [g for g in names if g != gone] for k, names in before.items()}

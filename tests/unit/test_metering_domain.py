@@ -63,8 +63,8 @@ def test_a_sample_belongs_to_the_hour_in_which_its_interval_starts() -> None:
         "p1|H800|2026-11-30T15:00:00+00:00",
         "p1|H800|2026-11-30T16:00:00+00:00",
     ]
-    assert state.hours["p1|H800|2026-11-30T15:00:00+00:00"][3] == 2
-    assert state.hours["p1|H800|2026-11-30T16:00:00+00:00"][3] == 1
+    assert state.hours["p1|H800|2026-11-30T15:00:00+00:00"].samples == 2
+    assert state.hours["p1|H800|2026-11-30T16:00:00+00:00"].samples == 1
 
 
 def test_a_redelivered_sample_is_a_duplicate_and_an_unseen_older_one_is_out_of_order() -> None:
@@ -140,7 +140,7 @@ def test_totals_equal_the_sum_of_distinct_samples_however_often_they_are_deliver
     apply_all(state, deliveries)
     counted = sum(state.hour_sums(key)[0] for key in state.hours)
     assert counted == sum(Decimal(repr(i)) for i in intervals)
-    assert sum(totals[3] for totals in state.hours.values()) == len(intervals)
+    assert sum(totals.samples for totals in state.hours.values()) == len(intervals)
 
 
 def test_cluster_minute_allocation_ratio_is_allocated_over_online_gpu_seconds() -> None:

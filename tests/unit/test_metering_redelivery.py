@@ -35,7 +35,7 @@ def test_two_hundred_samples_sent_hours_earlier_are_duplicates_also_after_a_rest
     assert Counter(restored.apply(s, RETENTION, set(), set()) for s in redelivered) == {
         domain.Outcome.DUPLICATE: 200
     }
-    assert len(state.gpus[GPU][2]) == 1  # one stretch: the agent never paused
+    assert len(state.gpus[GPU].runs) == 1  # one stretch: the agent never paused
 
 
 def test_a_late_sample_for_time_never_counted_is_still_out_of_order() -> None:
@@ -51,7 +51,7 @@ def test_a_late_sample_for_time_never_counted_is_still_out_of_order() -> None:
         domain.Outcome.OUT_OF_ORDER,
         domain.Outcome.DUPLICATE,
     ]
-    assert len(state.gpus[GPU][2]) == 2
+    assert len(state.gpus[GPU].runs) == 2
 
 
 def test_jittered_sampling_stays_one_stretch_and_gaps_are_bounded() -> None:
@@ -61,11 +61,11 @@ def test_jittered_sampling_stays_one_stretch_and_gaps_are_bounded() -> None:
         interval = 10.0 + (0.4 if i % 2 else -0.4)
         at += timedelta(seconds=10)
         state.apply(view(at, interval=interval), RETENTION, set(), set())
-    assert len(state.gpus[GPU][2]) == 1
+    assert len(state.gpus[GPU].runs) == 1
     for _ in range(300):  # an agent that keeps pausing: a stretch per burst, but bounded
         at += timedelta(seconds=60)
         state.apply(view(at), RETENTION, set(), set())
-    assert len(state.gpus[GPU][2]) == domain.COVERED_RUNS_PER_GPU
+    assert len(state.gpus[GPU].runs) == domain.COVERED_RUNS_PER_GPU
 
 
 def test_stretches_older_than_the_retention_are_dropped() -> None:
@@ -75,7 +75,7 @@ def test_stretches_older_than_the_retention_are_dropped() -> None:
     later = T0 + timedelta(seconds=RETENTION + 2 * 3600 + 2000)
     state.apply(view(later), RETENTION, set(), set())
     state.expire(RETENTION, 900)
-    assert [len(c[2]) for c in state.gpus.values()] == [1]
+    assert [len(c.runs) for c in state.gpus.values()] == [1]
 
 
 @settings(max_examples=100, deadline=None)
