@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         kafka_producer_factory(
             settings.kafka_bootstrap_servers,
             timeout_ms,
-            security=settings.kafka_security.kafka_python(),
+            security=settings.kafka_security.aiokafka(),
         ),
         ack_timeout_s=timeout_ms / 1000 + 5,
     ).start()

@@ -122,7 +122,7 @@ def kafka_producer_factory(
             max_block_ms=timeout_ms,
             bootstrap_timeout_ms=timeout_ms,
             reconnect_backoff_max_ms=1000,
-            **(security or {}),  # TLS and SASL: KafkaSecurity.kafka_python()
+            **(security or {}),  # TLS and SASL: KafkaSecurity.aiokafka()
         )
         return producer
 

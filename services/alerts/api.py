@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.alerts.metrics import AlertsMetrics
 from services.alerts.store import Store
-from services.common.auth import Authenticator, Role, project_of
+from services.common.auth import Authenticator, auth_error_response, project_of
 from services.common.oidc import AuthError
 
 STATUS_FILTERS: dict[str, list[str]] = {
@@ -117,22 +117,16 @@ def create_api(
     *,
     recent_s: float,
     health: Callable[[], dict[str, Any]],
-    tokens: dict[str, Role] | None = None,
     authenticator: Authenticator | None = None,
     metrics_require_token: bool = False,
 ) -> FastAPI:
     api = FastAPI(title="gpumeter alerts", version="1")
-    api.state.authenticator = authenticator or Authenticator(tokens or {})
+    api.state.authenticator = authenticator or Authenticator({})
 
     @api.exception_handler(AuthError)
     async def unauthorized(_: Request, exc: AuthError) -> JSONResponse:
-        names = {401: "unauthorized", 403: "forbidden"}
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {"Retry-After": "5"}
-        return JSONResponse(
-            {"error": names.get(exc.status, "unavailable"), "detail": exc.detail},
-            status_code=exc.status,
-            headers=headers if exc.status != 403 else None,
-        )
+        status, body, headers = auth_error_response(exc)
+        return JSONResponse(body, status_code=status, headers=headers or None)
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

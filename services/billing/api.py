@@ -32,7 +32,7 @@ from services.billing.settings import (
     ROLE_BILLING,
     BillingSettings,
 )
-from services.common.auth import Authenticator
+from services.common.auth import Authenticator, auth_error_response
 from services.common.oidc import AuthError
 
 log = logging.getLogger(__name__)
@@ -308,11 +308,8 @@ BEARER = HTTPBearer(
 
 
 def auth_error(exc: AuthError) -> ApiError:
-    if exc.status == 401:
-        return ApiError(401, "unauthorized", exc.detail, {"WWW-Authenticate": "Bearer"})
-    if exc.status == 403:
-        return ApiError(403, "forbidden", exc.detail)
-    return ApiError(exc.status, "unavailable", exc.detail, {"Retry-After": "5"})
+    status, body, headers = auth_error_response(exc)
+    return ApiError(status, body["error"], body["detail"], headers or None)
 
 
 async def principal(

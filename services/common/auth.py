@@ -11,12 +11,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from services.common.oidc import OidcVerifier
+    from services.common.oidc import AuthError, OidcVerifier
 
 Role = str  # "admin", "billing" or "project:<id>"
 ROLE_ADMIN = "admin"
 ROLE_BILLING = "billing"
 PROJECT_ROLE_PREFIX = "project:"
+
+
+def is_role(role: str) -> bool:
+    """`admin`, `billing` or `project:<id>` with a non-empty id."""
+    return role in (ROLE_ADMIN, ROLE_BILLING) or (
+        role.startswith(PROJECT_ROLE_PREFIX) and len(role) > len(PROJECT_ROLE_PREFIX)
+    )
 
 
 def parse_api_tokens(text: str) -> dict[str, Role]:
@@ -30,9 +37,7 @@ def parse_api_tokens(text: str) -> dict[str, Role]:
         if not separator or not token or not role:
             errors.append(f"entry {index + 1}: expected TOKEN=ROLE")
             continue
-        if role not in (ROLE_ADMIN, ROLE_BILLING) and not (
-            role.startswith(PROJECT_ROLE_PREFIX) and len(role) > len(PROJECT_ROLE_PREFIX)
-        ):
+        if not is_role(role):
             errors.append(
                 f"entry {index + 1}: unknown role {role!r} (admin, billing, project:<id>)"
             )
@@ -44,16 +49,6 @@ def parse_api_tokens(text: str) -> dict[str, Role]:
     if errors:
         raise ValueError("API_TOKENS: " + "; ".join(errors))
     return tokens
-
-
-def role_of(tokens: dict[str, Role], offered: bytes) -> Role | None:
-    """The role of the token offered, or None. Every configured token is compared, each in
-    constant time: where a match stopped the loop would tell a caller how far its guess got."""
-    found: Role | None = None
-    for token, role in tokens.items():
-        if secrets.compare_digest(token.encode(), offered) and found is None:
-            found = role
-    return found
 
 
 @dataclass(frozen=True)
@@ -83,8 +78,10 @@ class Authenticator:
         offered = offered.strip()
         if scheme.lower() != b"bearer" or not offered:
             raise AuthError(401, "send Authorization: Bearer TOKEN")
+        # Every configured token is compared, each in constant time: where a match stopped the
+        # loop would tell a caller how far its guess got.
         token = None
-        for candidate in self.tokens:  # the whole list, whatever matches first
+        for candidate in self.tokens:
             if secrets.compare_digest(candidate.encode(), offered) and token is None:
                 token = candidate
         if token is not None:
@@ -93,6 +90,23 @@ class Authenticator:
             verified = await self.oidc.verify(offered.decode("ascii", "replace"))
             return Identity(verified.role, verified.subject)
         raise AuthError(401, "unknown token")
+
+
+AUTH_ERROR_NAMES = {401: "unauthorized", 403: "forbidden"}
+RETRY_AFTER_S = 5  # the identity provider's keys were unreachable: try again soon
+
+
+def auth_error_response(exc: AuthError) -> tuple[int, dict[str, str], dict[str, str]]:
+    """The HTTP answer to a refused bearer token, for every service (docs/access.md): its status,
+    the `{"error", "detail"}` body, and headers: `WWW-Authenticate: Bearer` with 401,
+    `Retry-After` with 503 (the identity provider unreachable)."""
+    headers: dict[str, str] = {}
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    elif exc.status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    body = {"error": AUTH_ERROR_NAMES.get(exc.status, "unavailable"), "detail": exc.detail}
+    return exc.status, body, headers
 
 
 def project_of(role: Role) -> str | None:

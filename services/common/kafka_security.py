@@ -10,7 +10,7 @@ authentication is part of gpumeter's: production clusters listen with SASL_SSL.
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Protocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -23,11 +23,11 @@ class KafkaSecurity:
     cafile: str | None = None
     certfile: str | None = None  # a client certificate, where the broker asks for one (mTLS)
     keyfile: str | None = None
-    key_password: str | None = None
+    key_password: str | None = field(default=None, repr=False)
     check_hostname: bool = True
     mechanism: Mechanism | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
 
     @property
     def uses_tls(self) -> bool:
@@ -83,19 +83,9 @@ class KafkaSecurity:
         return context
 
     def aiokafka(self) -> dict[str, Any]:
-        """Keyword arguments for aiokafka's clients (producer, consumer, admin)."""
-        return self._client_options()
-
-    def kafka_python(self) -> dict[str, Any]:
-        """Keyword arguments for kafka-python's KafkaProducer (the node agent): the same names,
-        and its hostname check set apart from the context's."""
-        options = self._client_options()
-        if self.uses_tls:
-            options["ssl_check_hostname"] = self.check_hostname
-        return options
-
-    def _client_options(self) -> dict[str, Any]:
-        """The options both client libraries name alike."""
+        """Keyword arguments for aiokafka's clients (producer, consumer, admin) and for
+        kafka-python's KafkaProducer (the node agent), which name them alike. The hostname check
+        travels in the context: kafka-python ignores `ssl_check_hostname` beside an ssl_context."""
         if self.protocol == "PLAINTEXT":
             return {}
         options: dict[str, Any] = {"security_protocol": self.protocol}

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import jwt
 
-from services.common.auth import PROJECT_ROLE_PREFIX, ROLE_ADMIN, ROLE_BILLING, Role
+from services.common.auth import PROJECT_ROLE_PREFIX, ROLE_ADMIN, ROLE_BILLING, Role, is_role
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,17 @@ ASYMMETRIC_ALGORITHMS = (
     "ES512",
     "EdDSA",
 )
+
+
+def check_algorithms(algorithms: tuple[str, ...]) -> tuple[str, ...]:
+    """OIDC_ALGORITHMS as given, or ValueError naming each one not asymmetric."""
+    bad = [a for a in algorithms if a not in ASYMMETRIC_ALGORITHMS]
+    if bad:
+        raise ValueError(
+            f"OIDC_ALGORITHMS: {', '.join(bad)} not accepted; asymmetric only "
+            f"({', '.join(ASYMMETRIC_ALGORITHMS)})"
+        )
+    return algorithms
 
 
 class AuthError(Exception):
@@ -71,10 +82,7 @@ def parse_role_map(text: str) -> dict[str, Role]:
         if not separator or not group or not role:
             errors.append(f"entry {index + 1}: expected GROUP=ROLE")
             continue
-        valid = role in (ROLE_ADMIN, ROLE_BILLING) or (
-            role.startswith(PROJECT_ROLE_PREFIX) and len(role) > len(PROJECT_ROLE_PREFIX)
-        )
-        if not valid:
+        if not is_role(role):
             errors.append(
                 f"entry {index + 1}: unknown role {role!r} (admin, billing, project:<id>)"
             )
@@ -140,19 +148,16 @@ class Verified:
 
 
 class OidcVerifier:
-    def __init__(self, config: OidcConfig, client: httpx.AsyncClient | None = None) -> None:
-        bad = [a for a in config.algorithms if a not in ASYMMETRIC_ALGORITHMS]
-        if bad:
-            raise ValueError(f"OIDC_ALGORITHMS: {', '.join(bad)} not allowed (asymmetric only)")
+    def __init__(self, config: OidcConfig) -> None:
+        check_algorithms(config.algorithms)
         self.config = config
-        self._client = client
+        # Each key is bound to one algorithm: the "alg" its JWK names, else its type's default
+        # (RS256 for RSA, ES256 for P-256); jwt.decode refuses a token naming another.
         self._keys: dict[str, jwt.PyJWK] = {}
-        self._declared_alg: dict[str, str] = {}  # kid -> the "alg" its JWK names, where it does
         self._fetched_at: float | None = None
         self._lock = asyncio.Lock()
         self._jwks_url = config.jwks_url
         self._discovery: dict[str, Any] | None = None
-        self.fetches = 0
 
     async def _discovery_document(self, client: httpx.AsyncClient) -> dict[str, Any]:
         if self._discovery is None:
@@ -167,15 +172,12 @@ class OidcVerifier:
 
     async def sign_in_endpoints(self) -> dict[str, str]:
         """The provider's authorization and token endpoints, for the dashboard's sign-in."""
-        client = self._client or httpx.AsyncClient(timeout=self.config.fetch_timeout_s)
         try:
-            document = await self._discovery_document(client)
+            async with httpx.AsyncClient(timeout=self.config.fetch_timeout_s) as client:
+                document = await self._discovery_document(client)
         except (httpx.HTTPError, ValueError) as exc:
             log.warning("identity provider discovery failed (%s): %s", self.config.issuer, exc)
             raise AuthError(503, "the identity provider cannot be reached") from None
-        finally:
-            if self._client is None:
-                await client.aclose()
         endpoints = {
             key: document[key]
             for key in ("authorization_endpoint", "token_endpoint", "end_session_endpoint")
@@ -195,13 +197,13 @@ class OidcVerifier:
         return jwks_uri
 
     async def _fetch(self) -> None:
-        client = self._client or httpx.AsyncClient(timeout=self.config.fetch_timeout_s)
         try:
-            if not self._jwks_url:
-                self._jwks_url = await self._discover(client)
-            response = await client.get(self._jwks_url)
-            response.raise_for_status()
-            document = response.json()
+            async with httpx.AsyncClient(timeout=self.config.fetch_timeout_s) as client:
+                if not self._jwks_url:
+                    self._jwks_url = await self._discover(client)
+                response = await client.get(self._jwks_url)
+                response.raise_for_status()
+                document = response.json()
         except (httpx.HTTPError, ValueError) as exc:
             log.warning(
                 "identity provider keys unavailable (%s): %s",
@@ -209,11 +211,7 @@ class OidcVerifier:
                 exc,
             )
             raise AuthError(503, "the identity provider's signing keys are unavailable") from None
-        finally:
-            if self._client is None:
-                await client.aclose()
         keys: dict[str, jwt.PyJWK] = {}
-        declared: dict[str, str] = {}
         for entry in document.get("keys", []) if isinstance(document, dict) else []:
             if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
                 continue
@@ -223,12 +221,8 @@ class OidcVerifier:
                 log.info("JWKS key %r skipped: %s", entry.get("kid"), exc)
                 continue
             keys[str(entry.get("kid", ""))] = key
-            if isinstance(entry.get("alg"), str):
-                declared[str(entry.get("kid", ""))] = entry["alg"]
         self._keys = keys
-        self._declared_alg = declared
         self._fetched_at = time.monotonic()
-        self.fetches += 1
         log.info("identity provider keys fetched: %d (%s)", len(keys), ", ".join(sorted(keys)))
 
     async def _key(self, kid: str) -> jwt.PyJWK:
@@ -249,20 +243,19 @@ class OidcVerifier:
     async def verify(self, token: str) -> Verified:
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, TypeError, ValueError):
             raise AuthError(401, "not a valid bearer token") from None
         alg = header.get("alg")
         if alg not in self.config.algorithms:
             raise AuthError(401, f"the token's algorithm {str(alg)[:16]!r} is not accepted")
         kid = str(header.get("kid", ""))
         key = await self._key(kid)
-        declared = self._declared_alg.get(kid)
-        if declared is not None and declared != alg:
-            raise AuthError(401, "the token's algorithm does not match its key")
         try:
+            # The PyJWK itself, not key.key: PyJWT then verifies with the key's own algorithm and
+            # refuses a header naming another (an ES256 header on an RSA key among them).
             claims = jwt.decode(
                 token,
-                key.key,
+                key,
                 algorithms=[alg],
                 audience=self.config.audience,
                 issuer=self.config.issuer,
@@ -277,7 +270,11 @@ class OidcVerifier:
             raise AuthError(401, "the token is for another audience") from None
         except jwt.InvalidIssuerError:
             raise AuthError(401, "the token is from another issuer") from None
-        except jwt.PyJWTError as exc:
+        except jwt.InvalidAlgorithmError:
+            raise AuthError(401, "the token's algorithm does not match its key") from None
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:
+            # ValueError and TypeError (binascii.Error among them): a malformed token or key that
+            # the JOSE library did not wrap in its own error; the caller's fault, never a 500.
             raise AuthError(401, f"the token does not verify ({type(exc).__name__})") from None
         role = strongest_role(
             roles_from(claims, self.config.roles_claim, self.config.role_map or {})

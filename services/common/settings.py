@@ -24,9 +24,14 @@ def _https_or_local(url: str) -> bool:
 
 class CommonSettings(BaseSettings):
     # A setting that fails validation is named with the reason, never echoed: API_TOKENS and
-    # DATABASE_URL hold secrets, and the error goes to logs.
+    # DATABASE_URL hold secrets, and the error goes to logs. A variable set to "" counts as unset
+    # (its default): compose passes `${KAFKA_SASL_MECHANISM:-}` and the like through empty.
     model_config = SettingsConfigDict(
-        env_prefix="", extra="ignore", case_sensitive=False, hide_input_in_errors=True
+        env_prefix="",
+        extra="ignore",
+        case_sensitive=False,
+        hide_input_in_errors=True,
+        env_ignore_empty=True,
     )
 
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
@@ -152,19 +157,20 @@ class ApiTokenSettings(CommonSettings):
     @field_validator("oidc_algorithms", mode="before")
     @classmethod
     def _parse_algorithms(cls, value: object) -> object:
+        from services.common.oidc import check_algorithms
+
         if isinstance(value, str):
             value = tuple(a.strip() for a in value.split(",") if a.strip())
-        from services.common.oidc import ASYMMETRIC_ALGORITHMS
+        return check_algorithms(value) if isinstance(value, tuple) else value
 
-        bad = (
-            [a for a in value if a not in ASYMMETRIC_ALGORITHMS] if isinstance(value, tuple) else []
-        )
-        if bad:
+    @model_validator(mode="after")
+    def _metrics_token_possible(self) -> ApiTokenSettings:
+        if self.metrics_require_token and not self.api_tokens and not self.oidc_issuer:
             raise ValueError(
-                f"OIDC_ALGORITHMS: {', '.join(bad)} not accepted; asymmetric only "
-                f"({', '.join(ASYMMETRIC_ALGORITHMS)})"
+                "METRICS_REQUIRE_TOKEN: set, but neither API_TOKENS nor OIDC_ISSUER is, so no "
+                "scrape could be let in; set one of them, or unset METRICS_REQUIRE_TOKEN"
             )
-        return value
+        return self
 
     @model_validator(mode="after")
     def _oidc_complete(self) -> ApiTokenSettings:

@@ -8,6 +8,8 @@ import gc
 import logging
 import sys
 
+from pydantic import ValidationError
+
 from services.common.kafka_admin import ensure_topics
 from services.metering.settings import (
     DEAD_LETTER_MAX_BYTES,
@@ -25,10 +27,15 @@ FAUST_LOG_LEVELS = {
 
 
 def main() -> None:
-    settings = MeteringSettings()
+    try:
+        settings = MeteringSettings()
+    except ValidationError as exc:
+        print(f"metering: invalid settings:\n{exc}", file=sys.stderr)
+        sys.exit(2)
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s metering %(message)s"
     )
+    settings.warn_if_insecure(logging.getLogger("services.metering"))
     asyncio.run(
         ensure_topics(
             settings.kafka_bootstrap_servers,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -15,6 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from services.billing.settings import BillingSettings
+from services.common import oidc
 from services.common.auth import Authenticator, Identity
 from services.common.oidc import AuthError, OidcConfig, OidcVerifier, parse_role_map
 from tests.fixtures.oidc import AUDIENCE, ROLE_MAP, IdentityProvider
@@ -228,3 +230,39 @@ def test_a_token_must_use_the_algorithm_its_key_declares(idp: IdentityProvider) 
     assert identify(auth, idp.token(["aisc-admins"])).role == "admin"
     error = refused(auth, idp.token(["aisc-admins"], alg="RS384"))
     assert (error.status, error.detail) == (401, "the token's algorithm does not match its key")
+
+
+def test_a_token_naming_another_key_types_algorithm_is_refused_not_a_crash(
+    idp: IdentityProvider,
+) -> None:
+    """An ES256 header on an RSA key's id: 401, never the key library's TypeError (a 500)."""
+    auth = Authenticator({}, verifier(idp))  # RS256 and ES256 allowed; rsa-1 names no alg
+    idp.add_key("ec-1", "ES256", publish=False)
+    forged = idp.token(["aisc-admins"], kid="ec-1", alg="ES256")
+    header, claims, signature = forged.split(".")
+    rsa_header = b64(json.dumps({"alg": "ES256", "kid": "rsa-1", "typ": "JWT"}).encode())
+    error = refused(auth, f"{rsa_header}.{claims}.{signature}")
+    assert (error.status, error.detail) == (401, "the token's algorithm does not match its key")
+    # The same key, naming no alg in its JWKS entry, still verifies its own RS256 tokens.
+    assert "rsa-1" not in idp.declared_alg
+    assert identify(auth, idp.token(["aisc-admins"])).role == "admin"
+
+
+@pytest.mark.parametrize(
+    "error", [TypeError("Expecting a PEM-formatted key."), binascii.Error("Incorrect padding")]
+)
+def test_any_error_the_jose_library_lets_through_is_a_401(
+    idp: IdentityProvider, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    """Not only PyJWTError: whatever else decoding a hostile token raises is the caller's fault."""
+
+    def decode(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise error
+
+    auth = Authenticator({}, verifier(idp))
+    monkeypatch.setattr(oidc.jwt, "decode", decode)
+    error_seen = refused(auth, idp.token(["aisc-admins"]))
+    assert (error_seen.status, error_seen.detail) == (
+        401,
+        f"the token does not verify ({type(error).__name__})",
+    )

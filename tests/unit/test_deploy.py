@@ -5,9 +5,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
+import re
 from pathlib import Path
 
+import pytest
 import yaml
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,3 +86,44 @@ def test_compose_and_k8s_name_the_kafka_version_the_tests_run() -> None:
     assert compose["services"]["kafka"]["image"] == f"apache/kafka:{KAFKA_VERSION}"
     k8s = (ROOT / "deploy" / "k8s" / "config.yaml").read_text()
     assert f"Apache Kafka {KAFKA_VERSION} is the version the tests run" in k8s
+
+
+# What each service's __main__ builds from its environment (the catalog job runs billing's CLI).
+SETTINGS_OF = {
+    "services.metering": "services.metering.settings:MeteringSettings",
+    "services.billing": "services.billing.settings:BillingSettings",
+    "services.alerts": "services.alerts.settings:AlertsSettings",
+    "services.agent": "services.agent.settings:AgentSettings",
+}
+# Stand-ins for the variables compose requires (`${VAR:?message}`): a deployment sets its own.
+REQUIRED = {"POSTGRES_PASSWORD": "pw", "API_TOKENS": "a" * 40 + "=admin"}
+
+
+def with_compose_defaults(value: object) -> str:
+    """`${VAR:-default}` -> default, `${VAR:?message}` -> a stand-in, as compose with none set."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name, kind, default = match.groups()
+        return REQUIRED[name] if kind == ":?" else default
+
+    return re.sub(r"\$\{(\w+)(:-|:\?)([^}]*)\}", substitute, str(value))
+
+
+def test_every_service_starts_with_the_compose_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compose passes `KAFKA_SASL_MECHANISM: ${KAFKA_SASL_MECHANISM:-}` as an empty string: it
+    must read as unset, not as a mechanism named ''."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name, spec in compose["services"].items():
+        if "build" not in spec:
+            continue
+        for variable in list(os.environ):  # this service's compose environment, nothing else
+            monkeypatch.delenv(variable)
+        for variable, value in spec.get("environment", {}).items():
+            monkeypatch.setenv(variable, with_compose_defaults(value))
+        module, _, cls = SETTINGS_OF[spec["command"][2]].partition(":")
+        settings_class = getattr(importlib.import_module(module), cls)
+        try:
+            settings_class()
+        except ValidationError as exc:
+            pytest.fail(f"{name}: {exc}")
+        monkeypatch.undo()
