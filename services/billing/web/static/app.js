@@ -690,8 +690,10 @@ async function finishSignIn(sso) {
     return `Sign-in failed: the identity provider cannot be reached (${err})`;
   }
   const body = await response.json().catch(() => ({}));
-  const token = body.access_token || body.id_token;
-  if (!response.ok || !token) return `Sign-in failed: ${body.error || "HTTP " + response.status}`;
+  // The access token only: an ID token says who signed in, to this client; it is no API bearer.
+  const token = body.access_token;
+  if (!response.ok) return `Sign-in failed: ${body.error || "HTTP " + response.status}`;
+  if (!token) return "Sign-in failed: the identity provider sent no access token";
   state.token = token;
   localStorage.setItem(TOKEN_KEY, token);
   return "";
