@@ -587,7 +587,7 @@ class NodeState:
     def expire(self, hour_retention_s: int, minute_retention_s: int) -> None:
         """Drop buckets that can no longer change: bounded state as time goes on."""
         latest = self.max_end_n // _IN
-        for key in [k for k in self.hours if latest - _hour_of_key(k) > hour_retention_s + HOUR]:
+        for key in [k for k in self.hours if latest - hour_of_key(k) > hour_retention_s + HOUR]:
             del self.hours[key]
             self._hour_texts.pop(key, None)
         for key in [k for k in self.minutes if latest - int(k) > minute_retention_s]:
@@ -712,7 +712,7 @@ def hour_epoch(hour_iso: str) -> int:
     return int(datetime.fromisoformat(hour_iso).timestamp())
 
 
-def _hour_of_key(key: str) -> int:
+def hour_of_key(key: str) -> int:
     return int(datetime.fromisoformat(key.rsplit("|", 1)[1]).timestamp())
 
 

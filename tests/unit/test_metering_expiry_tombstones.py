@@ -7,7 +7,7 @@ from typing import Any
 
 from faust.serializers.codecs import dumps
 
-from services.metering.app import expire_sums
+from services.metering.stages import expire_sums
 
 
 class Table:
