@@ -5,19 +5,16 @@ API returns, and its PDF and CSV downloads must work."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
 import pytest
 
 from gpumeter.localstack import free_port
+from tests.fixtures.billing import billing_process
+from tests.fixtures.browser import dashboard_dom
 from tests.fixtures.factories import usage
 from tests.fixtures.kafka import produce
 from tests.fixtures.processes import REPO_ROOT, ServiceProcess, wait_until
@@ -58,141 +55,43 @@ TOKENS = f"{ADMIN}=admin,{READER}=billing,{PLAIN}=project:plain-lab"
 PERIOD = "2026-10"
 
 
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        pytest.fail(
-            "chromium is not installed: run scripts/ensure-system-packages.sh as root"
-            " (Debian package chromium)"
-        )
-    return found
-
-
-@dataclass
-class Element:
-    tag: str
-    attrs: dict[str, str]
-    text: str = ""
-    children: list[Element] = field(default_factory=list)
-
-    def find(self, testid: str) -> list[Element]:
-        found = [self] if self.attrs.get("data-testid") == testid else []
-        for child in self.children:
-            found += child.find(testid)
-        return found
-
-    def one(self, testid: str) -> Element:
-        [found] = self.find(testid)
-        return found
-
-    @property
-    def value(self) -> str:
-        """The text shown, with the thousands separators the page adds for reading."""
-        return self.text.strip().replace(",", "")
-
-
-VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
-
-
-class DomParser(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.root = Element("document", {})
-        self.stack = [self.root]
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        element = Element(tag, {name: value or "" for name, value in attrs})
-        self.stack[-1].children.append(element)
-        if tag not in VOID:
-            self.stack.append(element)
-
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.stack[-1].children.append(Element(tag, {name: value or "" for name, value in attrs}))
-
-    def handle_endtag(self, tag: str) -> None:
-        for depth in range(len(self.stack) - 1, 0, -1):
-            if self.stack[depth].tag == tag:
-                del self.stack[depth:]
-                return
-
-    def handle_data(self, data: str) -> None:
-        for element in self.stack:
-            element.text += data
-
-
-def page_dom(url: str, profile: Path) -> Element:
-    """The page's DOM after its scripts ran and its fetches completed, as headless Chromium has
-    it."""
-    result = subprocess.run(
-        [
-            chromium(),
-            "--headless",
-            "--disable-gpu",
-            "--no-sandbox",
-            "--no-first-run",
-            f"--user-data-dir={profile}",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    parser = DomParser()
-    parser.feed(result.stdout)
-    [body] = [e for e in parser.root.children[0].children if e.tag == "body"] or [
-        e for e in parser.root.children if e.tag == "body"
-    ]
-    assert body.attrs.get("data-loaded") == "true", result.stdout[:3000]
-    return body
-
-
-def billing_env(bootstrap_servers: str, database_url: str, topic_prefix: str) -> dict[str, str]:
-    return {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "DATABASE_URL": database_url,
-        "TOPIC_PREFIX": topic_prefix,
-        "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
-        "USAGE_PARTITIONS": "4",
-        "API_TOKENS": TOKENS,
-    }
-
-
-def apply_catalog(env: dict[str, str], tmp_path: Path) -> None:
+def catalog_file(tmp_path: Path) -> Path:
     catalog = tmp_path / "catalog.json"
     catalog.write_text(json.dumps(CATALOG))
-    applied = subprocess.run(
-        [sys.executable, "-m", "services.billing", "catalog", "apply", str(catalog)],
-        env={**env, "PATH": "/usr/bin:/bin", "ALLOW_INSECURE_TOKENS": "true"},
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert applied.returncode == 0, applied.stderr
+    return catalog
 
 
 @pytest.fixture
 def stack(
-    bootstrap_servers: str, database_url: str, topic_prefix: str, tmp_path: Path
+    bootstrap_servers: str,
+    database_url: str,
+    topic_prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[dict[str, int]]:
     ports = {name: free_port() for name in ("metering", "billing", "alerts")}
-    common = {
-        **billing_env(bootstrap_servers, database_url, topic_prefix),
-        "ALERT_RULES_FILE": str(REPO_ROOT / "deploy" / "alert-rules.yaml"),
-        "ALERTS_URL": f"http://127.0.0.1:{ports['alerts']}",
-    }
-    apply_catalog(common, tmp_path)
-    services = [
-        ServiceProcess(
-            f"services.{name}",
-            {**common, "HTTP_PORT": str(port)},
-            tmp_path / f"{name}.log",
-            http_port=port,
-        ).start()
-        for name, port in ports.items()
-    ]
+    billing = billing_process(
+        bootstrap_servers,
+        database_url,
+        topic_prefix,
+        ports["billing"],
+        tmp_path / "billing.log",
+        monkeypatch,
+        catalog=catalog_file(tmp_path),
+        hourly_partitions=None,  # metering makes it, compacted
+        USAGE_PARTITIONS="4",
+        API_TOKENS=TOKENS,
+        ALERT_RULES_FILE=str(REPO_ROOT / "deploy" / "alert-rules.yaml"),
+        ALERTS_URL=f"http://127.0.0.1:{ports['alerts']}",
+    )
+    services = []
+    for name, port in ports.items():  # metering, billing, alerts
+        if name == "billing":
+            services.append(billing.start())
+            continue
+        env = {**billing.env, "HTTP_PORT": str(port)}  # billing's settings, on its own port
+        service = ServiceProcess(f"services.{name}", env, tmp_path / f"{name}.log", port)
+        services.append(service.start())
     yield ports
     for service in services:
         service.stop()
@@ -259,7 +158,7 @@ def test_the_dashboard_shows_what_the_api_returns_and_its_downloads_work(
     ]
 
     # When the dashboard is opened with a billing token in the link
-    dom = page_dom(
+    dom, _ = dashboard_dom(
         f"http://127.0.0.1:{stack['billing']}/#token={READER}&period={PERIOD}",
         tmp_path / "profile",
     )
@@ -356,13 +255,26 @@ def test_the_dashboard_shows_what_the_api_returns_and_its_downloads_work(
 
 
 def test_without_a_token_data_or_alerts_service_the_dashboard_says_so(
-    bootstrap_servers: str, database_url: str, topic_prefix: str, tmp_path: Path
+    bootstrap_servers: str,
+    database_url: str,
+    topic_prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Given billing alone, with a catalog but no usage and no ALERTS_URL
     port = free_port()
-    env = {**billing_env(bootstrap_servers, database_url, topic_prefix), "HTTP_PORT": str(port)}
-    apply_catalog(env, tmp_path)
-    billing = ServiceProcess("services.billing", env, tmp_path / "billing.log", port).start()
+    billing = billing_process(
+        bootstrap_servers,
+        database_url,
+        topic_prefix,
+        port,
+        tmp_path / "billing.log",
+        monkeypatch,
+        catalog=catalog_file(tmp_path),
+        hourly_partitions=None,
+        USAGE_PARTITIONS="4",
+        API_TOKENS=TOKENS,
+    ).start()
     try:
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/").headers["location"] == "/dashboard"
@@ -374,13 +286,15 @@ def test_without_a_token_data_or_alerts_service_the_dashboard_says_so(
         assert httpx.get(f"{base}/dashboard/api/info").status_code == 401
 
         # When the page is opened without a token
-        dom = page_dom(f"{base}/dashboard", tmp_path / "anonymous")
+        dom, _ = dashboard_dom(f"{base}/dashboard", tmp_path / "anonymous")
         # Then it asks for one
         assert "Paste an API token" in dom.one("invoices-empty").text
         assert dom.find("invoice-row") == []
 
         # When it is opened with a billing token for a period without usage
-        dom = page_dom(f"{base}/dashboard#token={READER}&period=2026-03", tmp_path / "reader")
+        dom, _ = dashboard_dom(
+            f"{base}/dashboard#token={READER}&period=2026-03", tmp_path / "reader"
+        )
         # Then every panel shows its empty state
         assert dom.one("invoices-empty").text == "No invoices for 2026-03: no billable usage yet."
         assert dom.one("total-gross").value == "0.00" and dom.one("invoice-count").value == "0"

@@ -11,36 +11,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_dashboard import DomParser, Element, chromium
-from tests.fixtures.billing import billing_process
-from tests.fixtures.browser import Browser
+from tests.fixtures.billing import billing_process, hourly, produce_hourly
+from tests.fixtures.browser import dashboard_dom
 from tests.fixtures.oidc import IdentityProvider
 from tests.fixtures.processes import wait_until
-from tests.integration.test_billing_api import hourly, produce
 
 PERIOD = "2026-11"
-
-
-def signed_in_dom(url: str, profile: Path) -> tuple[Element, str]:
-    """The dashboard's DOM once it has loaded its data (after any trip to the provider and back),
-    and the address it ended on."""
-    browser = Browser(chromium(), profile)
-    try:
-        browser.open(url)
-        browser.wait_for(
-            "location.pathname === '/dashboard' && !location.search"
-            " && document.body.getAttribute('data-loaded') === 'true'"
-            " && !document.getElementById('status').textContent.startsWith('Loading')"
-        )
-        html = browser.evaluate("document.documentElement.outerHTML")
-        address = browser.evaluate("location.href")
-        browser.screenshot(profile.with_suffix(".png"))  # kept beside the profile, to look at
-    finally:
-        browser.close()
-    parser = DomParser()
-    parser.feed(html)
-    [body] = [e for e in parser.root.children[0].children if e.tag == "body"]
-    return body, address
 
 
 @pytest.fixture
@@ -65,7 +41,7 @@ def billing(
     ).start()
     hourly_topic = f"{topic_prefix}metering.usage.hourly.v1"
     hour = dt.datetime(2026, 11, 12, 1, tzinfo=dt.UTC)
-    produce(
+    produce_hourly(
         bootstrap_servers,
         hourly_topic,
         [hourly("hkgai-llm", hour, "3600", 1), hourly("hku-vision-lab", hour, "1800", 1, "H100")],
@@ -98,7 +74,7 @@ def test_a_person_signs_in_with_sso_and_sees_what_their_groups_allow(
 
     # When a finance person opens the sign-in link
     idp.person = (["aisc-finance"], "dave")
-    dom, address = signed_in_dom(f"{base}/dashboard?login=sso#period={PERIOD}", tmp_path / "a")
+    dom, address = dashboard_dom(f"{base}/dashboard?login=sso#period={PERIOD}", tmp_path / "a")
     # Then the provider was asked with PKCE, once, and the dashboard shows every project's invoice
     [request] = idp.token_requests
     assert request["grant_type"] == "authorization_code"
@@ -113,13 +89,13 @@ def test_a_person_signs_in_with_sso_and_sees_what_their_groups_allow(
 
     # When a project's person signs in, in another browser
     idp.person = (["aisc-project-hkgai-llm"], "erin")
-    dom, _ = signed_in_dom(f"{base}/dashboard?login=sso#period={PERIOD}", tmp_path / "b")
+    dom, _ = dashboard_dom(f"{base}/dashboard?login=sso#period={PERIOD}", tmp_path / "b")
     # Then only that project's invoice is shown, and whose session it is
     assert {row.attrs["data-project"] for row in dom.find("invoice-row")} == {"hkgai-llm"}
     assert dom.one("who").text == "Signed in as erin"
 
     # And a second visit in the first browser needs no new sign-in: the token was kept
-    dom, _ = signed_in_dom(f"{base}/dashboard#period={PERIOD}", tmp_path / "a")
+    dom, _ = dashboard_dom(f"{base}/dashboard#period={PERIOD}", tmp_path / "a")
     assert len(idp.token_requests) == 2
     assert {row.attrs["data-project"] for row in dom.find("invoice-row")} == {
         "hkgai-llm",

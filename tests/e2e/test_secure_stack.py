@@ -15,10 +15,12 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
+import pytest
 
 from gpumeter.kafkabroker import KafkaCluster
 from gpumeter.localstack import free_port
 from services.agent.simulator import DEFAULT_PROJECTS
+from tests.fixtures.billing import billing_process
 from tests.fixtures.oidc import IdentityProvider
 from tests.fixtures.processes import REPO_ROOT, ServiceProcess, wait_until
 from tests.fixtures.secure_kafka import USERS
@@ -31,18 +33,17 @@ def test_samples_become_invoices_with_every_kafka_client_on_sasl_ssl(
     topic_prefix: str,
     idp: IdentityProvider,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cluster, ca = secure_kafka
-    secure = {  # all a deployment sets for the broker, besides each service's user
-        "KAFKA_BOOTSTRAP_SERVERS": cluster.secure_bootstrap_servers("SASL_SSL"),
+    bootstrap = cluster.secure_bootstrap_servers("SASL_SSL")
+    secure = {  # all a deployment sets for the broker, besides its address and each service's user
         "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
         "KAFKA_SSL_CAFILE": str(ca.cert_path),
         "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
     }
-    common = {
+    settings = {  # every service's, besides the broker's address, the database and the topics
         **secure,
-        "DATABASE_URL": database_url,
-        "TOPIC_PREFIX": topic_prefix,
         "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
         "KAFKA_SESSION_TIMEOUT_MS": "3000",
         "USAGE_PARTITIONS": "2",
@@ -50,32 +51,38 @@ def test_samples_become_invoices_with_every_kafka_client_on_sasl_ssl(
         "ALERT_RULES_FILE": str(REPO_ROOT / "deploy" / "alert-rules.yaml"),
         **idp.env(),
     }
+    common = {
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "DATABASE_URL": database_url,
+        "TOPIC_PREFIX": topic_prefix,
+        **settings,
+    }
+
     # Each service its own Kafka user, as a deployment would give them
-    users = {"metering": "metering", "billing": "billing", "alerts": "billing", "agent": "metering"}
+    def user(name: str) -> dict[str, str]:
+        return {"KAFKA_SASL_USERNAME": name, "KAFKA_SASL_PASSWORD": USERS[name]}
 
     def env(name: str) -> dict[str, str]:
-        user = users[name]
-        return {**common, "KAFKA_SASL_USERNAME": user, "KAFKA_SASL_PASSWORD": USERS[user]}
+        return {**common, **user(name)}
 
-    applied = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "services.billing",
-            "catalog",
-            "apply",
-            str(REPO_ROOT / "deploy" / "catalog.sample.yaml"),
-        ],
-        env={**env("billing"), "PATH": "/usr/bin:/bin"},
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert applied.returncode == 0, applied.stderr
     ports = {name: free_port() for name in ("metering", "billing", "alerts", "agent")}
+    billing = billing_process(  # the catalog applied as billing's Kafka user
+        bootstrap,
+        database_url,
+        topic_prefix,
+        ports["billing"],
+        tmp_path / "billing.log",
+        monkeypatch,
+        hourly_partitions=None,  # metering makes it, compacted
+        **settings,
+        **user("billing"),
+    )
     services = {}
     try:
         for name in ("metering", "billing", "alerts"):
+            if name == "billing":
+                services[name] = billing.start()
+                continue
             services[name] = ServiceProcess(
                 f"services.{name}",
                 {**env(name), "HTTP_PORT": str(ports[name])},

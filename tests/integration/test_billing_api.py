@@ -7,17 +7,14 @@ import datetime as dt
 import json
 import signal
 from collections.abc import Iterator
-from decimal import Decimal
 from pathlib import Path
 
 import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from schemas.metering import HourlyTotal
 from services.billing import cli
-from services.common.kafka_admin import ensure_topics
-from tests.fixtures.kafka import produce as produce_messages
+from tests.fixtures.billing import SAMPLE_CATALOG, billing_process, hourly, produce_hourly
 from tests.fixtures.kafka import topic_partitions
 from tests.fixtures.processes import ServiceProcess, wait_until
 
@@ -29,30 +26,6 @@ ADMIN = {"Authorization": "Bearer adm-token"}
 BILLING = {"Authorization": "Bearer bill-token"}
 LLM = {"Authorization": "Bearer llm-token"}
 VISION = {"Authorization": "Bearer cv-token"}
-SAMPLE_CATALOG = Path(__file__).resolve().parents[2] / "deploy" / "catalog.sample.yaml"
-
-
-def hourly(
-    project_id: str, hour: dt.datetime, gpu_seconds: str, revision: int, gpu_model: str = "H800"
-) -> HourlyTotal:
-    return HourlyTotal(
-        project_id=project_id,
-        gpu_model=gpu_model,
-        hour_start=hour,
-        gpu_seconds=Decimal(gpu_seconds),
-        util_gpu_seconds=Decimal(gpu_seconds),
-        energy_wh=Decimal("250.5"),
-        samples=revision,
-        revision=revision,
-    )
-
-
-def produce(bootstrap_servers: str, topic: str, totals: list[HourlyTotal]) -> None:
-    produce_messages(
-        bootstrap_servers,
-        topic,
-        [(total.key.encode(), total.model_dump_json().encode()) for total in totals],
-    )
 
 
 def read_topic(bootstrap_servers: str, topic: str, timeout_s: float = 20.0) -> dict[str, dict]:
@@ -90,20 +63,15 @@ def billing_service(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[ServiceProcess]:
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "DATABASE_URL": database_url,
-        "TOPIC_PREFIX": topic_prefix,
-        "HTTP_PORT": str(http_port),
-        "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
-        "API_TOKENS": TOKENS,
-        "PUBLISH_INTERVAL_S": "0.5",
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)  # the CLI, run in this process, reads the same settings
-    assert cli.main(["catalog", "apply", str(SAMPLE_CATALOG)]) == 0
-    asyncio.run(ensure_topics(bootstrap_servers, {f"{topic_prefix}metering.usage.hourly.v1": 4}))
-    service = ServiceProcess("services.billing", env, tmp_path / "billing.log", http_port).start()
+    service = billing_process(
+        bootstrap_servers,
+        database_url,
+        topic_prefix,
+        http_port,
+        tmp_path / "billing.log",
+        monkeypatch,
+        API_TOKENS=TOKENS,
+    ).start()
     yield service
     service.stop()
 
@@ -125,7 +93,7 @@ def test_api_answers_with_exact_invoices_and_json_errors_for_every_refusal(
     billing_service: ServiceProcess, bootstrap_servers: str, topic_prefix: str, http_port: int
 ) -> None:
     hour = dt.datetime(2026, 11, 12, 1, tzinfo=UTC)
-    produce(
+    produce_hourly(
         bootstrap_servers,
         f"{topic_prefix}metering.usage.hourly.v1",
         [
@@ -268,7 +236,7 @@ def test_finalized_invoices_are_published_frozen_and_late_usage_becomes_an_adjus
 ) -> None:
     hourly_topic = f"{topic_prefix}metering.usage.hourly.v1"
     last_november_hour = dt.datetime(2026, 11, 30, 15, tzinfo=UTC)  # HK 23:00, 30 November
-    produce(
+    produce_hourly(
         bootstrap_servers,
         hourly_topic,
         [
@@ -321,7 +289,7 @@ def test_finalized_invoices_are_published_frozen_and_late_usage_becomes_an_adjus
         assert published == frozen
 
         # when 30 more minutes of November arrive late
-        produce(
+        produce_hourly(
             bootstrap_servers,
             hourly_topic,
             [hourly("polyu-climate", last_november_hour, "37800", 2)],

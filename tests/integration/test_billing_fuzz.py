@@ -8,10 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.billing import cli
-from tests.fixtures.processes import REPO_ROOT, ServiceProcess
-
-SAMPLE_CATALOG = REPO_ROOT / "deploy" / "catalog.sample.yaml"
+from tests.fixtures.billing import billing_process
 
 
 def test_no_generated_request_gets_a_server_error(
@@ -23,18 +20,16 @@ def test_no_generated_request_gets_a_server_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Given the service with a catalog, reached with an admin token (so handlers run, not only auth)
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "DATABASE_URL": database_url,
-        "TOPIC_PREFIX": topic_prefix,
-        "HTTP_PORT": str(http_port),
-        "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
-        "API_TOKENS": "fuzz-admin=admin",
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert cli.main(["catalog", "apply", str(SAMPLE_CATALOG)]) == 0
-    service = ServiceProcess("services.billing", env, tmp_path / "billing.log", http_port).start()
+    service = billing_process(
+        bootstrap_servers,
+        database_url,
+        topic_prefix,
+        http_port,
+        tmp_path / "billing.log",
+        monkeypatch,
+        hourly_partitions=None,
+        API_TOKENS="fuzz-admin=admin",
+    ).start()
     try:
         # When schemathesis generates requests for every operation of its OpenAPI document
         run = subprocess.run(

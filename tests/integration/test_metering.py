@@ -17,10 +17,10 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from gpumeter.localstack import free_port
 from tests.fixtures.factories import usage
 from tests.fixtures.hostile import hostile_messages
 from tests.fixtures.kafka import latest_json_by_key, produce, read_topic
+from tests.fixtures.metering import metering_process
 from tests.fixtures.processes import ServiceProcess, wait_until
 
 HOUR = datetime(2026, 11, 28, 1, 0, tzinfo=UTC)
@@ -37,32 +37,6 @@ def sample(
         job_id="slurm:1" if project else None,
         util_pct=util,
         power_w=360.0,
-    )
-
-
-def metering_process(
-    bootstrap: str,
-    topic_prefix: str,
-    log_path: Path,
-    module: str = "services.metering",
-    env: dict[str, str] | None = None,
-) -> ServiceProcess:
-    port = free_port()
-    return ServiceProcess(
-        module,
-        {
-            **(env or {}),
-            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "TOPIC_PREFIX": topic_prefix,
-            "HTTP_PORT": str(port),
-            "KAFKA_REBALANCE_TIMEOUT_MS": "3000",
-            # A SIGKILLed member holds its partitions until its session times out: keep that short.
-            "KAFKA_SESSION_TIMEOUT_MS": "4000",
-            "KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
-            "USAGE_PARTITIONS": "4",
-        },
-        log_path,
-        http_port=port,
     )
 
 

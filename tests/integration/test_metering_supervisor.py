@@ -10,14 +10,9 @@ from pathlib import Path
 import httpx
 
 from tests.fixtures.kafka import produce
+from tests.fixtures.metering import metering_process
 from tests.fixtures.processes import wait_until
-from tests.integration.test_metering import (
-    SteadyProducer,
-    diagnosis,
-    fleet_rounds,
-    hourly_when,
-    metering_process,
-)
+from tests.integration.test_metering import SteadyProducer, diagnosis, fleet_rounds, hourly_when
 
 
 def by_process(port: int, series: str, label: str = "") -> dict[str, float]:

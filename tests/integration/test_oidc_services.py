@@ -14,10 +14,9 @@ import pytest
 
 from gpumeter.localstack import free_port
 from tests.fixtures.alerts import alerts_env
-from tests.fixtures.billing import billing_process
+from tests.fixtures.billing import billing_process, hourly, produce_hourly
 from tests.fixtures.oidc import IdentityProvider
 from tests.fixtures.processes import ServiceProcess, wait_until
-from tests.integration.test_billing_api import hourly, produce
 
 UTC = dt.UTC
 STATIC = "static-admin-token-of-forty-characters-x"
@@ -67,7 +66,7 @@ def test_sign_on_tokens_read_by_role_and_never_across_projects(
 ) -> None:
     billing_port, alerts_port = services
     hour = dt.datetime(2026, 11, 12, 1, tzinfo=UTC)
-    produce(
+    produce_hourly(
         bootstrap_servers,
         f"{topic_prefix}metering.usage.hourly.v1",
         [hourly("hkgai-llm", hour, "3600", 1), hourly("hku-vision-lab", hour, "1800", 1, "H100")],
