@@ -33,20 +33,50 @@ class Subsidy(BaseModel):
         return self
 
 
+class BillTo(BaseModel):
+    """Who an invoice is addressed to (catalog version 2): printed as the bill-to block."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    contact: str | None = Field(None, min_length=1, max_length=200)
+    email: str | None = Field(None, min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")
+    address: list[str] = Field(default_factory=list, max_length=8)
+    purchase_order: str | None = Field(None, min_length=1, max_length=100)
+
+    @model_validator(mode="after")
+    def _address_lines(self) -> BillTo:
+        for line in self.address:
+            if not line.strip() or len(line) > 200:
+                raise ValueError("address lines are 1 to 200 characters, not blank")
+        return self
+
+
 class Project(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9._-]*$")
     name: str = Field(min_length=1)
     subsidy: Subsidy | None = None
+    bill_to: BillTo | None = None  # catalog version 2
 
 
 class Catalog(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # 1: the original file (docs/contracts.md §3); 2 adds projects' `bill_to`.
+    version: Literal[1, 2] = 1
     currency: Literal["HKD"]
     rate_cards: list[RateCard] = Field(default_factory=list)
     projects: list[Project] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _additions_need_their_version(self) -> Catalog:
+        with_bill_to = [p.id for p in self.projects if p.bill_to is not None]
+        if with_bill_to and self.version < 2:
+            raise ValueError(
+                f"bill_to (projects {', '.join(with_bill_to[:5])}) needs `version: 2` in the catalog"
+            )
+        return self
 
     @model_validator(mode="after")
     def _keys_are_unique(self) -> Catalog:

@@ -4,6 +4,7 @@ catalog."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -17,11 +18,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.catalog import Catalog
-from schemas.invoice import Invoice
+from schemas.invoice import CreditNote, Invoice
 from schemas.usage import MAX_TEXT_CHARS, TEXT_CHARS, TEXT_RULE
 from services.billing import catalog as catalog_files
 from services.billing import domain, metrics, service, store
@@ -113,6 +114,45 @@ class FinalizeResponse(BaseModel):
     period: str
     invoice_ids: list[str]
     forced: bool
+    invoice_numbers: list[str] = Field(
+        default_factory=list, description="the numbers assigned, in the order of invoice_ids"
+    )
+
+
+class CreditNoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(
+        min_length=1, max_length=2000, description="why: printed on the credit note, audited"
+    )
+    lines: list[Annotated[int, Field(ge=1, le=100_000)]] | None = Field(
+        None,
+        max_length=10_000,
+        description="the invoice's line numbers to credit (1-based, in the invoice's order);"
+        " left out: every line not yet credited",
+    )
+
+
+class CreditNoteList(BaseModel):
+    credit_notes: list[CreditNote]
+
+
+class AuditEntry(BaseModel):
+    audit_id: int
+    at: dt.datetime
+    actor: str = Field(
+        description="token:<n> (the n-th API_TOKENS entry), oidc:<subject>, cli:<user> or system"
+    )
+    action: str
+    subject: str | None
+    details: dict[str, Any]
+
+
+class AuditPage(BaseModel):
+    entries: list[AuditEntry]
+    next_before_id: int | None = Field(
+        description="pass as before_id for the next (older) page; null on the last"
+    )
 
 
 class UsageHourRow(BaseModel):
@@ -394,6 +434,7 @@ def create_api(
         ),
     )
     app.state.authenticator = settings.authenticator()
+    numbering = service.Numbering(settings.invoice_number_prefix, settings.payment_terms_days)
     app.add_middleware(
         GuardBodies, authenticator=app.state.authenticator, max_bytes=settings.max_request_bytes
     )
@@ -563,12 +604,110 @@ def create_api(
         caller.require_admin()
         period = period_param(period)
         async with store_.acquire() as conn:
-            result = await service.finalize_period(conn, period, force)
+            result = await service.finalize_period(
+                conn, period, force, actor=caller.subject, numbering=numbering
+            )
         metrics.PERIODS_FINALIZED.inc()
         if on_finalized is not None:
             on_finalized()
         return FinalizeResponse(
-            period=result.period, invoice_ids=result.invoice_ids, forced=result.forced
+            period=result.period,
+            invoice_ids=result.invoice_ids,
+            forced=result.forced,
+            invoice_numbers=result.invoice_numbers,
+        )
+
+    @app.post(
+        "/v1/invoices/{invoice_id}/credit-notes",
+        response_model=CreditNote,
+        status_code=201,
+        responses=BODY_ERRORS,
+        tags=["credit notes"],
+    )
+    async def post_credit_note(
+        caller: Caller, invoice_id: InvoiceIdPath, request: CreditNoteRequest
+    ) -> CreditNote:
+        """Credit a finalized invoice in whole or by lines (docs/contracts.md §5, credit notes):
+        a numbered credit note; the subsidy it carried returns to the project's cap and the
+        credited hours are charged again, at current rates, on the project's next open invoice."""
+        caller.require_admin()
+        invoice_id_project(invoice_id)
+        async with store_.acquire() as conn:
+            try:
+                return await service.issue_credit_note(
+                    conn,
+                    invoice_id,
+                    request.reason,
+                    request.lines,
+                    actor=caller.subject,
+                    numbering=numbering,
+                )
+            except service.InvoiceNotFound as exc:
+                raise ApiError(404, "not_found", str(exc)) from None
+            except domain.CreditRefused as exc:
+                raise ApiError(409, "credit_refused", str(exc)) from None
+
+    @app.get(
+        "/v1/invoices/{invoice_id}/credit-notes",
+        response_model=CreditNoteList,
+        responses=ERRORS,
+        tags=["credit notes"],
+    )
+    async def get_invoice_credit_notes(caller: Caller, invoice_id: InvoiceIdPath) -> CreditNoteList:
+        await one_invoice(caller, invoice_id)  # 404 and the project check, as for the invoice
+        async with store_.acquire() as conn:
+            return CreditNoteList(
+                credit_notes=await service.credit_notes(conn, invoice_id=invoice_id)
+            )
+
+    @app.get(
+        "/v1/credit-notes", response_model=CreditNoteList, responses=ERRORS, tags=["credit notes"]
+    )
+    async def list_credit_notes(
+        caller: Caller, period: PeriodQuery, project_id: str | None = None
+    ) -> CreditNoteList:
+        """Credit notes against the invoices of a period (a project token: its own only)."""
+        period = period_param(period)
+        if project_id is not None:
+            project_id_param(project_id)
+            caller.require_project(project_id)
+        elif not caller.reads_all:
+            project_id = caller.project_id
+        async with store_.acquire() as conn:
+            return CreditNoteList(
+                credit_notes=await service.credit_notes(conn, period=period, project_id=project_id)
+            )
+
+    @app.get("/v1/audit", response_model=AuditPage, responses=ERRORS, tags=["audit"])
+    async def get_audit(
+        caller: Caller,
+        action: Annotated[str | None, Query(max_length=100)] = None,
+        since: Annotated[dt.datetime | None, BeforeValidator(rfc3339_text)] = None,
+        before_id: Annotated[int | None, Query(ge=1)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> AuditPage:
+        """Who did what, newest first: catalog applies (each entry before and after),
+        finalizations (forced or not) and credit notes. Append-only."""
+        caller.require_admin()
+        since = time_param("since", since)
+        async with store_.acquire() as conn:
+            rows = await store.audit_rows(
+                conn, action=action, since=since, before_id=before_id, limit=limit
+            )
+        entries = [
+            AuditEntry(
+                audit_id=row["audit_id"],
+                at=row["at"],
+                actor=row["actor"],
+                action=row["action"],
+                subject=row["subject"],
+                details=json.loads(row["details"]),
+            )
+            for row in rows
+        ]
+        return AuditPage(
+            entries=entries,
+            next_before_id=entries[-1].audit_id if len(entries) == limit else None,
         )
 
     @app.get(
@@ -737,7 +876,9 @@ def create_api(
         """Apply a catalog (same rules as `gpumeter catalog apply`): idempotent upsert."""
         caller.require_admin()
         async with store_.acquire() as conn:
-            changes = await catalog_files.apply_catalog(conn, catalog, prune=prune)
+            changes = await catalog_files.apply_catalog(
+                conn, catalog, prune=prune, actor=caller.subject
+            )
         return CatalogApplied(
             added=changes.added,
             changed=changes.changed,

@@ -100,19 +100,27 @@ def card_name(card: RateCard) -> str:
 
 
 async def apply_catalog(
-    conn_or_dsn: Connection | str, catalog: Catalog, prune: bool = False
+    conn_or_dsn: Connection | str,
+    catalog: Catalog,
+    prune: bool = False,
+    actor: str = "system",
 ) -> CatalogChanges:
     """Upsert rate cards and projects; entries missing from the file are kept unless `prune`.
 
-    Applying the same catalog twice changes nothing. Draft invoices are recomputed when it changes.
+    Applying the same catalog twice changes nothing. Draft invoices are recomputed when it changes,
+    and the change (each entry before and after) goes to the audit trail as `actor`'s.
     """
     if isinstance(conn_or_dsn, str):
         conn = await asyncpg.connect(conn_or_dsn)
         try:
-            return await _apply(conn, catalog, prune)
+            return await _apply(conn, catalog, prune, actor)
         finally:
             await conn.close()
-    return await _apply(conn_or_dsn, catalog, prune)
+    return await _apply(conn_or_dsn, catalog, prune, actor)
+
+
+def _entry(value: RateCard | Project | None) -> Any:
+    return None if value is None else value.model_dump(mode="json", exclude_none=True)
 
 
 MAX_STORED_AMOUNT = Decimal("1e16")  # numeric(18,2) holds amounts below 10^16
@@ -138,6 +146,11 @@ def check_storable(catalog: Catalog, source: str = "catalog") -> None:
     for index, project in enumerate(catalog.projects):
         if not storable_text(project.name):
             errors.append(f"projects[{index}].name: NUL or invalid Unicode")
+        if project.bill_to is not None:
+            bill_to = project.bill_to
+            texts = [bill_to.contact, bill_to.email, bill_to.purchase_order, *bill_to.address]
+            if not all(storable_text(text) for text in texts if text is not None):
+                errors.append(f"projects[{index}].bill_to: NUL or invalid Unicode")
         subsidy = project.subsidy
         if subsidy is None:
             continue
@@ -149,9 +162,10 @@ def check_storable(catalog: Catalog, source: str = "catalog") -> None:
         raise CatalogError(source, errors)
 
 
-async def _apply(conn: Any, catalog: Catalog, prune: bool) -> CatalogChanges:
+async def _apply(conn: Any, catalog: Catalog, prune: bool, actor: str) -> CatalogChanges:
     check_storable(catalog)
     changes = CatalogChanges()
+    diff: list[dict[str, Any]] = []  # what changed, for the audit trail
     async with conn.transaction():
         await store.lock_writes(conn)
         cards = {(c.gpu_model, c.effective_from): c for c in await store.rate_cards(conn)}
@@ -162,6 +176,9 @@ async def _apply(conn: Any, catalog: Catalog, prune: bool) -> CatalogChanges:
                 continue
             await store.upsert_rate_card(conn, card)
             (changes.added if current is None else changes.changed).append(card_name(card))
+            diff.append(
+                {"entry": card_name(card), "before": _entry(current), "after": _entry(card)}
+            )
         projects: dict[str, Project] = {p.id: p for p in await store.projects(conn)}
         for project in catalog.projects:
             current_project = projects.pop(project.id, None)
@@ -171,19 +188,46 @@ async def _apply(conn: Any, catalog: Catalog, prune: bool) -> CatalogChanges:
             await store.upsert_project(conn, project)
             target = changes.added if current_project is None else changes.changed
             target.append(f"project {project.id}")
+            diff.append(
+                {
+                    "entry": f"project {project.id}",
+                    "before": _entry(current_project),
+                    "after": _entry(project),
+                }
+            )
         if prune:
             for card in cards.values():
                 await store.delete_rate_card(conn, card)
                 changes.removed.append(card_name(card))
-            for project_id in projects:
+                diff.append({"entry": card_name(card), "before": _entry(card), "after": None})
+            for project_id, removed in projects.items():
                 await store.delete_project(conn, project_id)
                 changes.removed.append(f"project {project_id}")
+                diff.append(
+                    {"entry": f"project {project_id}", "before": _entry(removed), "after": None}
+                )
         if changes.any:
             changes.invoices_changed = await service.recompute_all_drafts(conn)
+            await store.record_audit(
+                conn,
+                actor,
+                "catalog.apply",
+                None,
+                {
+                    "summary": changes.summary(),
+                    "prune": prune,
+                    "changes": diff,
+                    "invoices_changed": len(changes.invoices_changed),
+                },
+            )
     return changes
 
 
 async def read_catalog(conn: Connection) -> Catalog:
+    projects = await store.projects(conn)
     return Catalog(
-        currency="HKD", rate_cards=await store.rate_cards(conn), projects=await store.projects(conn)
+        version=2 if any(project.bill_to is not None for project in projects) else 1,
+        currency="HKD",
+        rate_cards=await store.rate_cards(conn),
+        projects=projects,
     )

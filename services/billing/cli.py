@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -117,6 +119,14 @@ async def connect(settings: BillingSettings) -> asyncpg.Connection:
     return await asyncpg.connect(settings.database_url)
 
 
+def cli_actor() -> str:
+    """Who runs a command, for the audit trail: the operating system's user name."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no name for this uid (a container)
+        return f"cli:uid-{os.getuid()}"
+
+
 async def catalog_apply(settings: BillingSettings, args: argparse.Namespace, out: TextIO) -> int:
     catalog = catalog_files.load_catalog_file(args.file)
     progress(
@@ -127,7 +137,9 @@ async def catalog_apply(settings: BillingSettings, args: argparse.Namespace, out
     conn = await connect(settings)
     try:
         progress("applying the catalog and recomputing draft invoices ...")
-        changes = await catalog_files.apply_catalog(conn, catalog, prune=args.prune)
+        changes = await catalog_files.apply_catalog(
+            conn, catalog, prune=args.prune, actor=cli_actor()
+        )
     finally:
         await conn.close()
     for name in changes.added:
@@ -219,11 +231,19 @@ async def periods_finalize(settings: BillingSettings, args: argparse.Namespace, 
     conn = await connect(settings)
     try:
         progress(f"finalizing {period} (recomputing drafts first) ...")
-        result = await service.finalize_period(conn, period, force=args.force)
+        result = await service.finalize_period(
+            conn,
+            period,
+            force=args.force,
+            actor=cli_actor(),
+            numbering=service.Numbering(
+                settings.invoice_number_prefix, settings.payment_terms_days
+            ),
+        )
     finally:
         await conn.close()
-    for invoice_id in result.invoice_ids:
-        print(f"finalized {invoice_id}", file=out)
+    for invoice_id, number in zip(result.invoice_ids, result.invoice_numbers, strict=False):
+        print(f"finalized {invoice_id} as {number}", file=out)
     forced = " (forced: unpriced usage left without amounts)" if result.forced else ""
     print(f"period {period}: {len(result.invoice_ids)} invoices finalized{forced}", file=out)
     progress("the billing service publishes them on the invoices topic")

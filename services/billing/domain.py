@@ -273,6 +273,9 @@ class ComputedInvoice:
     net_hkd: Decimal
     subsidy_cap_remaining_hkd: Decimal | None
     flags: tuple[str, ...] = ()
+    invoice_number: str | None = None  # set at finalization, with the dates
+    issued_on: dt.date | None = None
+    due_on: dt.date | None = None
 
     @property
     def has_unpriced_usage(self) -> bool:
@@ -294,7 +297,28 @@ class ComputedInvoice:
                 else money(self.subsidy_cap_remaining_hkd)
             ),
             flags=list(self.flags),
+            invoice_number=self.invoice_number,
+            issued_on=self.issued_on,
+            due_on=self.due_on,
         )
+
+
+LineKey = tuple[str, Decimal | None, bool, str | None]  # (model, rate, subsidised, adjustment_for)
+
+
+def line_key(hour: UsageHour, period: str, pricing: Pricing, project: Project | None) -> LineKey:
+    """The invoice line of `period` an hour is charged on (docs/contracts.md §4)."""
+    day, hour_period = day_and_period(hour.hour_start)
+    return (
+        hour.gpu_model,
+        pricing.rate_for(hour.gpu_model, day),
+        is_subsidised(project, day),
+        None if hour_period == period else hour_period,
+    )
+
+
+def key_of_line(line: ComputedLine) -> LineKey:
+    return (line.gpu_model, line.rate_hkd, line.subsidised, line.adjustment_for_period)
 
 
 def line_sort_key(line: ComputedLine) -> tuple:
@@ -323,19 +347,9 @@ def build_invoice(
     `subsidy_used_before` is the sum of the subsidy of the project's invoices of earlier periods.
     """
     project = pricing.projects.get(project_id)
-    seconds_by_key: dict[tuple[str, Decimal | None, bool, str | None], Decimal] = defaultdict(
-        Decimal
-    )
-    rate_for = pricing.rate_for
+    seconds_by_key: dict[LineKey, Decimal] = defaultdict(Decimal)
     for hour in usage:
-        day, hour_period = day_and_period(hour.hour_start)
-        key = (
-            hour.gpu_model,
-            rate_for(hour.gpu_model, day),
-            is_subsidised(project, day),
-            None if hour_period == period else hour_period,
-        )
-        seconds_by_key[key] += hour.gpu_seconds
+        seconds_by_key[line_key(hour, period, pricing, project)] += hour.gpu_seconds
 
     lines = []
     for (gpu_model, rate, subsidised, adjustment_for_period), gpu_seconds in seconds_by_key.items():
@@ -447,3 +461,71 @@ class PeriodCompleteness:
         if self.incomplete:
             return "incomplete"
         return "unknown" if self.unknown else "complete"
+
+
+# --- credit notes --------------------------------------------------------------------------------
+
+
+class CreditRefused(ValueError):
+    """A credit note that cannot be issued as asked (the reason says why)."""
+
+
+@dataclass(frozen=True)
+class CreditPlan:
+    """What a credit note credits: invoice lines by number (1-based), and its totals."""
+
+    lines: tuple[tuple[int, ComputedLine], ...]
+    gross_hkd: Decimal
+    subsidy_hkd: Decimal
+    net_hkd: Decimal
+
+
+def plan_credit(
+    invoice: ComputedInvoice,
+    line_nos: Iterable[int] | None,
+    already_credited: Iterable[int],
+    subsidy_already_credited: Decimal,
+    subsidy_rate: Decimal | None,
+) -> CreditPlan:
+    """Credit a finalized invoice in whole (`line_nos` None: every line not yet credited) or by
+    lines. Each line is credited at most once, at its invoiced amount. The subsidy credited
+    returns to the project's cap: once every line is credited, exactly what the invoice's subsidy
+    has left; before that, the subsidised amount credited times the subsidy rate, rounded half up,
+    never more than is left."""
+    if invoice.status != "finalized":
+        raise CreditRefused(
+            f"invoice {invoice.invoice_id} is a draft: only a finalized invoice is credited"
+        )
+    numbered = dict(enumerate(invoice.lines, start=1))
+    done = set(already_credited)
+    if line_nos is None:
+        wanted = sorted(set(numbered) - done)
+        if not wanted:
+            raise CreditRefused(f"every line of invoice {invoice.invoice_id} is already credited")
+    else:
+        wanted = sorted(set(line_nos))
+        if not wanted:
+            raise CreditRefused("lines: name at least one line, or leave lines out to credit all")
+        unknown = [n for n in wanted if n not in numbered]
+        if unknown:
+            raise CreditRefused(
+                f"invoice {invoice.invoice_id} has lines 1 to {len(numbered)}; no line"
+                f" {', '.join(map(str, unknown))}"
+            )
+        repeated = [n for n in wanted if n in done]
+        if repeated:
+            raise CreditRefused(f"line(s) {', '.join(map(str, repeated))} already credited")
+    lines = tuple((n, numbered[n]) for n in wanted)
+    gross = sum((line.amount_hkd or Decimal(0) for _, line in lines), Decimal("0.00"))
+    left = invoice.subsidy_hkd - subsidy_already_credited
+    if done | set(wanted) == set(numbered):
+        subsidy = left
+    elif subsidy_rate is None:
+        subsidy = Decimal("0.00")
+    else:
+        subsidised = sum(
+            (line.amount_hkd or Decimal(0) for _, line in lines if line.subsidised),
+            Decimal("0.00"),
+        )
+        subsidy = min(round_half_up(Fraction(subsidised) * Fraction(subsidy_rate), 2), left)
+    return CreditPlan(lines, gross, subsidy, gross - subsidy)

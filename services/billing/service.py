@@ -13,10 +13,11 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from schemas.billing import SubsidyUsage
 from schemas.billing import UnpricedUsage as UnpricedUsageSignal
+from schemas.invoice import CreditNote, CreditNoteLine
 from schemas.metering import HourCompleteness, HourlyTotal
 from services.billing import domain, metrics, store
 from services.billing.domain import ComputedInvoice, Pricing, UsageHour
@@ -79,6 +80,31 @@ class FinalizeResult:
     period: str
     invoice_ids: list[str]
     forced: bool
+    invoice_numbers: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Numbering:
+    """How finalized documents are numbered and dated (BillingSettings): PREFIX-YYYY-NNNNNN for
+    invoices and PREFIX-CN-YYYY-NNNNNN for credit notes, gapless per calendar year of the issue
+    date (Asia/Hong_Kong); due = issue + payment terms."""
+
+    prefix: str = "AISC"
+    payment_terms_days: int = 30
+
+    def invoice_number(self, year: int, number: int) -> str:
+        return f"{self.prefix}-{year:04d}-{number:06d}"
+
+    def credit_note_number(self, year: int, number: int) -> str:
+        return f"{self.prefix}-CN-{year:04d}-{number:06d}"
+
+
+# Who did something, when nobody is known (a test or a script calling the service directly).
+SYSTEM_ACTOR = "system"
+
+
+def today_in_hong_kong() -> dt.date:
+    return dt.datetime.now(dt.UTC).astimezone(domain.HONG_KONG).date()
 
 
 def _rebuild_project(
@@ -215,9 +241,20 @@ async def recompute_all_drafts(conn: Connection) -> list[str]:
     return [invoice.invoice_id for invoice in changed]
 
 
-async def finalize_period(conn: Connection, period: str, force: bool = False) -> FinalizeResult:
-    """Freeze every invoice of `period`; refuse while any has unpriced usage unless forced."""
+async def finalize_period(
+    conn: Connection,
+    period: str,
+    force: bool = False,
+    *,
+    actor: str = SYSTEM_ACTOR,
+    numbering: Numbering = Numbering(),
+    issued_on: dt.date | None = None,
+) -> FinalizeResult:
+    """Freeze every invoice of `period`, each with the next invoice number of the issue date's
+    year; refuse while any has unpriced usage unless forced. Recorded in the audit trail."""
     period = domain.parse_period(period)
+    issued_on = issued_on or today_in_hong_kong()
+    due_on = issued_on + dt.timedelta(days=numbering.payment_terms_days)
     async with conn.transaction():
         await store.lock_writes(conn)
         finalized = await store.finalized_periods(conn)
@@ -246,16 +283,42 @@ async def finalize_period(conn: Connection, period: str, force: bool = False) ->
         }
         if unpriced and not force:
             raise UnpricedUsage(period, unpriced)
+        numbers = []
+        drafts.sort(key=lambda found: found.project_id)  # numbered in project order
         for invoice in drafts:
             extra_flags = [FLAG_FINALIZED_WITH_UNPRICED] if invoice.invoice_id in unpriced else []
             billed = plans.get(invoice.project_id, {}).get(period, [])
-            await store.finalize_invoice(conn, invoice, billed, extra_flags)
-        await store.insert_finalized_period(
-            conn, period, forced=bool(unpriced or completeness.incomplete)
+            project = pricing.projects.get(invoice.project_id)
+            line_nos = {domain.key_of_line(line): n for n, line in enumerate(invoice.lines, 1)}
+            charged = [
+                (hour, line_nos[domain.line_key(hour, period, pricing, project)]) for hour in billed
+            ]
+            sequence = await store.next_document_number(conn, "invoice", issued_on.year)
+            number = numbering.invoice_number(issued_on.year, sequence)
+            numbers.append(number)
+            await store.finalize_invoice(
+                conn, invoice, charged, extra_flags, (number, issued_on, due_on)
+            )
+        forced = bool(unpriced or completeness.incomplete)
+        await store.insert_finalized_period(conn, period, forced=forced)
+        await store.record_audit(
+            conn,
+            actor,
+            "period.finalize_forced" if forced else "period.finalize",
+            period,
+            {
+                "invoices": len(drafts),
+                "invoice_numbers": [numbers[0], numbers[-1]] if numbers else [],
+                "force_requested": force,
+                "unpriced_invoices": sorted(unpriced),
+                "incomplete_hours": len(completeness.incomplete),
+            },
         )
         await refresh_signals(conn)
     log.info("finalized period %s: %d invoices", period, len(drafts))
-    return FinalizeResult(period, [invoice.invoice_id for invoice in drafts], bool(unpriced))
+    return FinalizeResult(
+        period, [invoice.invoice_id for invoice in drafts], bool(unpriced), numbers
+    )
 
 
 def signal_key_subsidy(project_id: str) -> str:
@@ -376,3 +439,162 @@ async def with_db_retry(
         max_backoff_s=max_backoff_s,
         on_retry=lambda _exc: metrics.DB_RETRIES.labels(operation=what).inc(),
     )
+
+
+# --- credit notes --------------------------------------------------------------------------------
+
+
+class InvoiceNotFound(LookupError):
+    def __init__(self, invoice_id: str) -> None:
+        super().__init__(f"invoice {invoice_id} not found")
+        self.invoice_id = invoice_id
+
+
+def credit_note_document(head: Any, lines: Sequence[Any]) -> CreditNote:
+    return CreditNote(
+        credit_note_id=head["credit_note_id"],
+        credit_note_number=head["credit_note_number"],
+        invoice_id=head["invoice_id"],
+        invoice_number=head["invoice_number"],
+        project_id=head["project_id"],
+        period=head["period"],
+        issued_on=head["issued_on"],
+        reason=head["reason"],
+        lines=[
+            CreditNoteLine(
+                line_no=line["line_no"],
+                gpu_model=line["gpu_model"],
+                gpu_hours=domain.gpu_hours_text(line["gpu_seconds"]),
+                rate_hkd=None if line["rate_hkd"] is None else domain.money(line["rate_hkd"]),
+                subsidised=line["subsidised"],
+                amount_hkd=None if line["amount_hkd"] is None else domain.money(line["amount_hkd"]),
+                adjustment_for_period=line["adjustment_for_period"],
+            )
+            for line in lines
+        ],
+        gross_hkd=domain.money(head["gross_hkd"]),
+        subsidy_hkd=domain.money(head["subsidy_hkd"]),
+        net_hkd=domain.money(head["net_hkd"]),
+        created_by=head["created_by"],
+    )
+
+
+async def issue_credit_note(
+    conn: Connection,
+    invoice_id: str,
+    reason: str,
+    line_nos: Sequence[int] | None = None,
+    *,
+    actor: str = SYSTEM_ACTOR,
+    numbering: Numbering = Numbering(),
+    issued_on: dt.date | None = None,
+) -> CreditNote:
+    """Credit a finalized invoice in whole (`line_nos` None) or by lines (domain.plan_credit).
+
+    The hours of the credited lines become unbilled again, so the project's drafts are rebuilt:
+    those hours are charged, at the catalog's current rates, on the next open invoice as
+    adjustment lines naming their period; the subsidy credited returns to the project's cap, so
+    later invoices' subsidy and cap remaining follow. One transaction under the write lock, with
+    its audit entry."""
+    issued_on = issued_on or today_in_hong_kong()
+    async with conn.transaction():
+        await store.lock_writes(conn)
+        invoice = await store.load_invoice(conn, invoice_id)
+        if invoice is None:
+            raise InvoiceNotFound(invoice_id)
+        pricing = await store.load_pricing(conn)
+        project = pricing.projects.get(invoice.project_id)
+        by_line = await store.finalized_line_numbers(conn, invoice_id)
+        if line_nos is not None and not by_line and invoice.lines:
+            raise domain.CreditRefused(
+                f"invoice {invoice_id} was finalized before lines were recorded per hour:"
+                " it can be credited in whole only (leave lines out)"
+            )
+        plan = domain.plan_credit(
+            invoice,
+            line_nos,
+            (await store.credited_lines(conn, invoice_id)).keys(),
+            await store.credited_subsidy(conn, invoice_id),
+            project.subsidy.rate if project and project.subsidy else None,
+        )
+        if by_line:
+            released = [hour for n, _line in plan.lines for hour in by_line.get(n, [])]
+        else:  # finalized before line numbers were kept: credited in whole
+            released = await store.billed_hours(conn, invoice_id)
+        existing = await store.credit_note_rows(conn, invoice_id=invoice_id)
+        sequence = await store.next_document_number(conn, "credit_note", issued_on.year)
+        credit_note_id = f"CN-{invoice_id}-{len(existing) + 1}"
+        credit_note_number = numbering.credit_note_number(issued_on.year, sequence)
+        head: dict[str, Any] = {
+            "credit_note_id": credit_note_id,
+            "credit_note_number": credit_note_number,
+            "invoice_id": invoice_id,
+            "project_id": invoice.project_id,
+            "period": invoice.period,
+            "issued_on": issued_on,
+            "reason": reason,
+            "gross_hkd": plan.gross_hkd,
+            "subsidy_hkd": plan.subsidy_hkd,
+            "net_hkd": plan.net_hkd,
+            "created_by": actor,
+        }
+        lines = [
+            {
+                "line_no": n,
+                "gpu_model": line.gpu_model,
+                "gpu_seconds": line.gpu_seconds,
+                "rate_hkd": line.rate_hkd,
+                "subsidised": line.subsidised,
+                "amount_hkd": line.amount_hkd,
+                "adjustment_for_period": line.adjustment_for_period,
+            }
+            for n, line in plan.lines
+        ]
+        await store.insert_credit_note(conn, head, lines, released)
+        await store.record_audit(
+            conn,
+            actor,
+            "credit_note.issue",
+            credit_note_id,
+            {
+                "credit_note_number": credit_note_number,
+                "invoice_id": invoice_id,
+                "invoice_number": invoice.invoice_number,
+                "lines": [n for n, _line in plan.lines],
+                "reason": reason,
+                "gross_hkd": domain.money(plan.gross_hkd),
+                "subsidy_hkd": domain.money(plan.subsidy_hkd),
+                "net_hkd": domain.money(plan.net_hkd),
+            },
+        )
+        finalized = await store.finalized_periods(conn)
+        await recompute_projects(
+            conn,
+            {invoice.project_id: domain.invoice_period_for(invoice.period, finalized)},
+            pricing,
+            finalized,
+        )
+        await refresh_signals(conn)
+        [(stored_head, stored_lines)] = await store.credit_note_rows(
+            conn, credit_note_id=credit_note_id
+        )
+    log.info("credit note %s against %s: %s HKD", credit_note_number, invoice_id, plan.net_hkd)
+    return credit_note_document(stored_head, stored_lines)
+
+
+async def credit_notes(
+    conn: Connection,
+    *,
+    invoice_id: str | None = None,
+    period: str | None = None,
+    project_id: str | None = None,
+    credit_note_id: str | None = None,
+) -> list[CreditNote]:
+    rows = await store.credit_note_rows(
+        conn,
+        invoice_id=invoice_id,
+        period=period,
+        project_id=project_id,
+        credit_note_id=credit_note_id,
+    )
+    return [credit_note_document(head, lines) for head, lines in rows]

@@ -32,6 +32,27 @@ class BillingSettings(ApiTokenSettings):
         min_length=1,
         description="ProviderName, PublisherName and InvoiceIssuerName of the FOCUS export",
     )
+    issuer_name: str = Field(
+        "Cyberport AI Supercomputing Centre",
+        min_length=1,
+        max_length=200,
+        description="the centre's name as the issuer of invoices and credit notes",
+    )
+    issuer_address: str = Field(
+        "",
+        max_length=1000,
+        description="the issuer's postal address; lines separated by '|' or newlines",
+    )
+    issuer_business_registration: str | None = Field(
+        None, max_length=50, description="the issuer's Business Registration number (BR No.)"
+    )
+    issuer_email: str | None = Field(None, max_length=254)
+    invoice_number_prefix: str = Field(
+        "AISC",
+        pattern=r"^[A-Z][A-Z0-9]{0,9}$",
+        description="invoice numbers are PREFIX-YYYY-NNNNNN, credit notes PREFIX-CN-YYYY-NNNNNN",
+    )
+    payment_terms_days: int = Field(30, ge=0, le=365, description="due date = issue date + this")
     alerts_url: str | None = Field(
         None,
         description="base URL of the alerts service (its GET /v1/alerts feeds the dashboard's"
@@ -48,6 +69,11 @@ class BillingSettings(ApiTokenSettings):
             if not value.startswith(("http://", "https://")):
                 raise ValueError("ALERTS_URL: expected an http:// or https:// URL")
         return value
+
+    @property
+    def issuer_address_lines(self) -> tuple[str, ...]:
+        lines = self.issuer_address.replace("|", "\n").splitlines()
+        return tuple(line.strip() for line in lines if line.strip())
 
     @property
     def consumer_group(self) -> str:

@@ -16,7 +16,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
-from schemas.catalog import Project, RateCard, Subsidy
+from schemas.catalog import BillTo, Project, RateCard, Subsidy
 from schemas.metering import HourCompleteness, HourlyTotal
 from services.billing.domain import (
     HONG_KONG,
@@ -209,13 +209,23 @@ async def upsert_hourly(conn: Connection, totals: Sequence[HourlyTotal]) -> int:
     return await ingest_hourly(conn, totals, mark_dirty=False)
 
 
-UNBILLED_USAGE = """
+def _billed(project_filter: str) -> str:
+    """Per (project, model, hour): what finalized invoices charged, less what credit notes
+    released (those hours are unbilled again: the corrected charge goes on the next invoice)."""
+    return f"""
+    SELECT project_id, gpu_model, hour_start, sum(gpu_seconds) AS billed FROM (
+        SELECT project_id, gpu_model, hour_start, gpu_seconds
+        FROM billed_usage WHERE {project_filter}
+        UNION ALL
+        SELECT project_id, gpu_model, hour_start, -gpu_seconds
+        FROM credited_usage WHERE {project_filter}
+    ) charged GROUP BY 1, 2, 3"""
+
+
+UNBILLED_USAGE = f"""
 SELECT u.gpu_model, u.hour_start, u.gpu_seconds - COALESCE(b.billed, 0) AS unbilled
 FROM usage_hourly u
-LEFT JOIN (
-    SELECT gpu_model, hour_start, sum(gpu_seconds) AS billed
-    FROM billed_usage WHERE project_id = $1 GROUP BY gpu_model, hour_start
-) b USING (gpu_model, hour_start)
+LEFT JOIN ({_billed("project_id = $1")}) b USING (project_id, gpu_model, hour_start)
 WHERE u.project_id = $1 AND u.gpu_seconds <> COALESCE(b.billed, 0)
 ORDER BY u.hour_start, u.gpu_model
 """
@@ -240,13 +250,10 @@ async def unbilled_usage(
 
 
 # The same for many projects at once (drafts rebuilt in bulk).
-UNBILLED_USAGE_MANY = """
+UNBILLED_USAGE_MANY = f"""
 SELECT u.project_id, u.gpu_model, u.hour_start, u.gpu_seconds - COALESCE(b.billed, 0) AS unbilled
 FROM usage_hourly u
-LEFT JOIN (
-    SELECT project_id, gpu_model, hour_start, sum(gpu_seconds) AS billed
-    FROM billed_usage WHERE project_id = ANY($1::text[]) GROUP BY 1, 2, 3
-) b USING (project_id, gpu_model, hour_start)
+LEFT JOIN ({_billed("project_id = ANY($1::text[])")}) b USING (project_id, gpu_model, hour_start)
 WHERE u.project_id = ANY($1::text[]) AND u.gpu_seconds <> COALESCE(b.billed, 0)
 """
 
@@ -274,10 +281,7 @@ SELECT u.project_id, u.gpu_model, (u.hour_start AT TIME ZONE 'Asia/Hong_Kong')::
 FROM unnest($4::timestamptz[], $5::timestamptz[]) AS c(period_start, period_end)
 JOIN usage_hourly u ON u.project_id = ANY($1::text[])
                    AND u.hour_start >= c.period_start AND u.hour_start < c.period_end
-LEFT JOIN (
-    SELECT project_id, gpu_model, hour_start, sum(gpu_seconds) AS billed
-    FROM billed_usage WHERE project_id = ANY($1::text[]) GROUP BY 1, 2, 3
-) b USING (project_id, gpu_model, hour_start)
+LEFT JOIN ({_billed("project_id = ANY($1::text[])")}) b USING (project_id, gpu_model, hour_start)
 WHERE u.gpu_seconds <> COALESCE(b.billed, 0)
 GROUP BY 1, 2, 3
 """
@@ -445,7 +449,8 @@ def project_from_row(row: asyncpg.Record) -> Project:
             valid_from=row["subsidy_valid_from"],
             valid_to=row["subsidy_valid_to"],
         )
-    return Project(id=row["project_id"], name=row["name"], subsidy=subsidy)
+    bill_to = None if row["bill_to"] is None else BillTo.model_validate_json(row["bill_to"])
+    return Project(id=row["project_id"], name=row["name"], subsidy=subsidy, bill_to=bill_to)
 
 
 async def load_pricing(conn: Connection) -> Pricing:
@@ -475,11 +480,12 @@ async def upsert_project(conn: Connection, project: Project) -> None:
     subsidy = project.subsidy
     await conn.execute(
         "INSERT INTO projects (project_id, name, subsidy_scheme, subsidy_rate, subsidy_cap_hkd,"
-        " subsidy_valid_from, subsidy_valid_to) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        " subsidy_valid_from, subsidy_valid_to, bill_to)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb)"
         " ON CONFLICT (project_id) DO UPDATE SET name = EXCLUDED.name,"
         " subsidy_scheme = EXCLUDED.subsidy_scheme, subsidy_rate = EXCLUDED.subsidy_rate,"
         " subsidy_cap_hkd = EXCLUDED.subsidy_cap_hkd, subsidy_valid_from = EXCLUDED.subsidy_valid_from,"
-        " subsidy_valid_to = EXCLUDED.subsidy_valid_to, updated_at = now()",
+        " subsidy_valid_to = EXCLUDED.subsidy_valid_to, bill_to = EXCLUDED.bill_to, updated_at = now()",
         project.id,
         project.name,
         subsidy.scheme if subsidy else None,
@@ -487,6 +493,7 @@ async def upsert_project(conn: Connection, project: Project) -> None:
         subsidy.cap_hkd if subsidy else None,
         subsidy.valid_from if subsidy else None,
         subsidy.valid_to if subsidy else None,
+        None if project.bill_to is None else project.bill_to.model_dump_json(),
     )
 
 
@@ -511,12 +518,18 @@ async def insert_finalized_period(conn: Connection, period: str, forced: bool) -
 # --- invoices ------------------------------------------------------------------------------------
 
 
+# Each invoice's subsidy less what credit notes returned to the cap (docs/contracts.md §5).
+NET_SUBSIDIES = """
+SELECT i.project_id, i.period, i.status, i.subsidy_hkd - COALESCE(c.credited, 0) AS subsidy_hkd
+FROM invoices i
+LEFT JOIN (SELECT invoice_id, sum(subsidy_hkd) AS credited FROM credit_notes GROUP BY 1) c
+    USING (invoice_id)
+"""
+
+
 async def invoice_subsidies(conn: Connection, project_id: str) -> dict[str, tuple[str, Decimal]]:
-    """period -> (status, subsidy_hkd) of a project's stored invoices."""
-    rows = await conn.fetch(
-        "SELECT period, status, subsidy_hkd FROM invoices WHERE project_id = $1", project_id
-    )
-    return {row["period"]: (row["status"], row["subsidy_hkd"]) for row in rows}
+    """period -> (status, subsidy_hkd less credited) of a project's stored invoices."""
+    return (await invoice_subsidies_many(conn, [project_id]))[project_id]
 
 
 async def invoice_subsidies_many(
@@ -529,9 +542,7 @@ async def invoice_subsidies_many(
     if not project_ids:
         return found
     rows = await conn.fetch(
-        "SELECT project_id, period, status, subsidy_hkd FROM invoices"
-        " WHERE project_id = ANY($1::text[])",
-        list(project_ids),
+        f"{NET_SUBSIDIES} WHERE i.project_id = ANY($1::text[])", list(project_ids)
     )
     for row in rows:
         found[row["project_id"]][row["period"]] = (row["status"], row["subsidy_hkd"])
@@ -589,6 +600,9 @@ async def load_invoices(
             net_hkd=head["net_hkd"],
             subsidy_cap_remaining_hkd=head["subsidy_cap_remaining_hkd"],
             flags=tuple(head["flags"]),
+            invoice_number=head["invoice_number"],
+            issued_on=head["issued_on"],
+            due_on=head["due_on"],
         )
         for head in heads
     ]
@@ -671,13 +685,15 @@ async def save_draft_invoices(
 async def finalize_invoice(
     conn: Connection,
     invoice: ComputedInvoice,
-    billed: Sequence[UsageHour],
+    billed: Sequence[tuple[UsageHour, int]],
     extra_flags: Sequence[str],
+    numbering: tuple[str, dt.date, dt.date],
 ) -> None:
-    """Freeze a draft and record, per hour, the GPU-seconds it charged."""
+    """Freeze a draft with its number, issue and due dates, and record, per hour, the GPU-seconds
+    it charged and on which of its lines (1-based)."""
     await conn.executemany(
-        "INSERT INTO billed_usage (invoice_id, project_id, gpu_model, hour_start, gpu_seconds)"
-        " VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO billed_usage (invoice_id, project_id, gpu_model, hour_start, gpu_seconds,"
+        " line_no) VALUES ($1, $2, $3, $4, $5, $6)",
         [
             (
                 invoice.invoice_id,
@@ -685,15 +701,21 @@ async def finalize_invoice(
                 hour.gpu_model,
                 hour.hour_start,
                 hour.gpu_seconds,
+                line_no,
             )
-            for hour in billed
+            for hour, line_no in billed
         ],
     )
+    number, issued_on, due_on = numbering
     await conn.execute(
         "UPDATE invoices SET status = 'finalized', finalized_at = now(), updated_at = now(),"
-        " flags = flags || $2::text[] WHERE invoice_id = $1 AND status = 'draft'",
+        " flags = flags || $2::text[], invoice_number = $3, issued_on = $4, due_on = $5"
+        " WHERE invoice_id = $1 AND status = 'draft'",
         invoice.invoice_id,
         list(extra_flags),
+        number,
+        issued_on,
+        due_on,
     )
 
 
@@ -719,9 +741,11 @@ async def count_unpriced_drafts(conn: Connection) -> int:
 
 
 async def subsidy_used_through(conn: Connection, project_id: str, period: str) -> Decimal:
-    """Sum of the subsidy of a project's invoices up to and including `period`."""
+    """Sum of the subsidy of a project's invoices up to and including `period`, less what credit
+    notes returned."""
     value: Decimal = await conn.fetchval(
-        "SELECT COALESCE(sum(subsidy_hkd), 0) FROM invoices WHERE project_id = $1 AND period <= $2",
+        f"SELECT COALESCE(sum(subsidy_hkd), 0) FROM ({NET_SUBSIDIES}) n"
+        " WHERE project_id = $1 AND period <= $2",
         project_id,
         period,
     )
@@ -736,7 +760,7 @@ async def subsidy_usage_rows(conn: Connection) -> list[asyncpg.Record]:
     return await conn.fetch(
         "SELECT p.project_id, p.subsidy_scheme, p.subsidy_cap_hkd,"
         " COALESCE(sum(i.subsidy_hkd), 0) AS used_hkd"
-        " FROM projects p LEFT JOIN invoices i USING (project_id)"
+        f" FROM projects p LEFT JOIN ({NET_SUBSIDIES}) i USING (project_id)"
         " WHERE p.subsidy_scheme IS NOT NULL"
         " GROUP BY p.project_id, p.subsidy_scheme, p.subsidy_cap_hkd ORDER BY p.project_id"
     )
@@ -853,4 +877,191 @@ async def period_completeness(conn: Connection, period: str) -> PeriodCompletene
             )
             for row in rows
         ),
+    )
+
+
+# --- document numbers, credit notes, audit trail -------------------------------------------------
+
+
+async def next_document_number(conn: Connection, kind: str, year: int) -> int:
+    """The next number of `kind` ('invoice' or 'credit_note') in `year`: gapless, because the
+    counter row is incremented in the caller's transaction (a rollback gives the number back) and
+    stays locked until it ends."""
+    value: int = await conn.fetchval(
+        "INSERT INTO document_numbers AS d (kind, year, last) VALUES ($1, $2, 1)"
+        " ON CONFLICT (kind, year) DO UPDATE SET last = d.last + 1 RETURNING last",
+        kind,
+        year,
+    )
+    return value
+
+
+async def finalized_line_numbers(conn: Connection, invoice_id: str) -> dict[int, list[UsageHour]]:
+    """line_no -> the hours a finalized invoice charged on that line (empty when the invoice
+    predates line numbers on billed hours)."""
+    rows = await conn.fetch(
+        "SELECT line_no, gpu_model, hour_start, gpu_seconds FROM billed_usage"
+        " WHERE invoice_id = $1 AND line_no IS NOT NULL ORDER BY line_no, hour_start, gpu_model",
+        invoice_id,
+    )
+    found: dict[int, list[UsageHour]] = {}
+    for row in rows:
+        found.setdefault(row["line_no"], []).append(
+            UsageHour(row["gpu_model"], row["hour_start"], row["gpu_seconds"])
+        )
+    return found
+
+
+async def billed_hours(conn: Connection, invoice_id: str) -> list[UsageHour]:
+    rows = await conn.fetch(
+        "SELECT gpu_model, hour_start, gpu_seconds FROM billed_usage WHERE invoice_id = $1"
+        " ORDER BY hour_start, gpu_model",
+        invoice_id,
+    )
+    return [UsageHour(r["gpu_model"], r["hour_start"], r["gpu_seconds"]) for r in rows]
+
+
+async def invoice_numbering(conn: Connection, invoice_id: str) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT invoice_number, issued_on, due_on FROM invoices WHERE invoice_id = $1", invoice_id
+    )
+    return row
+
+
+async def credited_lines(conn: Connection, invoice_id: str) -> dict[int, str]:
+    """line_no -> the credit note that credited it, for one invoice."""
+    rows = await conn.fetch(
+        "SELECT line_no, credit_note_id FROM credit_note_lines WHERE invoice_id = $1", invoice_id
+    )
+    return {row["line_no"]: row["credit_note_id"] for row in rows}
+
+
+async def credited_subsidy(conn: Connection, invoice_id: str) -> Decimal:
+    value: Decimal = await conn.fetchval(
+        "SELECT COALESCE(sum(subsidy_hkd), 0) FROM credit_notes WHERE invoice_id = $1", invoice_id
+    )
+    return value
+
+
+async def insert_credit_note(
+    conn: Connection,
+    note: dict[str, Any],
+    lines: Sequence[dict[str, Any]],
+    released: Sequence[UsageHour],
+) -> None:
+    await conn.execute(
+        "INSERT INTO credit_notes (credit_note_id, credit_note_number, invoice_id, project_id,"
+        " period, issued_on, reason, gross_hkd, subsidy_hkd, net_hkd, created_by)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        note["credit_note_id"],
+        note["credit_note_number"],
+        note["invoice_id"],
+        note["project_id"],
+        note["period"],
+        note["issued_on"],
+        note["reason"],
+        note["gross_hkd"],
+        note["subsidy_hkd"],
+        note["net_hkd"],
+        note["created_by"],
+    )
+    await conn.executemany(
+        "INSERT INTO credit_note_lines (credit_note_id, invoice_id, line_no, gpu_model,"
+        " gpu_seconds, rate_hkd, subsidised, amount_hkd, adjustment_for_period)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        [
+            (
+                note["credit_note_id"],
+                note["invoice_id"],
+                line["line_no"],
+                line["gpu_model"],
+                line["gpu_seconds"],
+                line["rate_hkd"],
+                line["subsidised"],
+                line["amount_hkd"],
+                line["adjustment_for_period"],
+            )
+            for line in lines
+        ],
+    )
+    await conn.executemany(
+        "INSERT INTO credited_usage (credit_note_id, invoice_id, project_id, gpu_model,"
+        " hour_start, gpu_seconds) VALUES ($1, $2, $3, $4, $5, $6)",
+        [
+            (
+                note["credit_note_id"],
+                note["invoice_id"],
+                note["project_id"],
+                hour.gpu_model,
+                hour.hour_start,
+                hour.gpu_seconds,
+            )
+            for hour in released
+        ],
+    )
+
+
+async def credit_note_rows(
+    conn: Connection,
+    *,
+    credit_note_id: str | None = None,
+    invoice_id: str | None = None,
+    period: str | None = None,
+    project_id: str | None = None,
+) -> list[tuple[asyncpg.Record, list[asyncpg.Record]]]:
+    """Credit notes (head, lines) matching every filter given, oldest first."""
+    heads = await conn.fetch(
+        "SELECT c.*, i.invoice_number FROM credit_notes c JOIN invoices i USING (invoice_id)"
+        " WHERE ($1::text IS NULL OR c.credit_note_id = $1)"
+        " AND ($2::text IS NULL OR c.invoice_id = $2) AND ($3::text IS NULL OR c.period = $3)"
+        " AND ($4::text IS NULL OR c.project_id = $4) ORDER BY c.created_at, c.credit_note_id",
+        credit_note_id,
+        invoice_id,
+        period,
+        project_id,
+    )
+    if not heads:
+        return []
+    line_rows = await conn.fetch(
+        "SELECT * FROM credit_note_lines WHERE credit_note_id = ANY($1::text[])"
+        " ORDER BY credit_note_id, line_no",
+        [head["credit_note_id"] for head in heads],
+    )
+    lines: dict[str, list[asyncpg.Record]] = {head["credit_note_id"]: [] for head in heads}
+    for row in line_rows:
+        lines[row["credit_note_id"]].append(row)
+    return [(head, lines[head["credit_note_id"]]) for head in heads]
+
+
+async def record_audit(
+    conn: Connection, actor: str, action: str, subject: str | None, details: dict[str, Any]
+) -> None:
+    """Append one entry to the audit trail (in the caller's transaction: it is kept exactly
+    when the action it records is)."""
+    await conn.execute(
+        "INSERT INTO audit_log (actor, action, subject, details) VALUES ($1, $2, $3, $4::jsonb)",
+        actor,
+        action,
+        subject,
+        json.dumps(details, default=str, ensure_ascii=False),
+    )
+
+
+async def audit_rows(
+    conn: Connection,
+    *,
+    action: str | None = None,
+    since: dt.datetime | None = None,
+    before_id: int | None = None,
+    limit: int = 100,
+) -> list[asyncpg.Record]:
+    """Audit entries, newest first; `before_id` pages back."""
+    return await conn.fetch(
+        "SELECT audit_id, at, actor, action, subject, details::text AS details FROM audit_log"
+        " WHERE ($1::text IS NULL OR action = $1) AND ($2::timestamptz IS NULL OR at >= $2)"
+        " AND ($3::bigint IS NULL OR audit_id < $3) ORDER BY audit_id DESC LIMIT $4",
+        action,
+        since,
+        before_id,
+        limit,
     )

@@ -14,6 +14,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from services.billing import cli
+from services.billing.domain import HONG_KONG
 from tests.fixtures.billing import SAMPLE_CATALOG, billing_process, hourly, produce_hourly
 from tests.fixtures.kafka import topic_partitions
 from tests.fixtures.processes import ServiceProcess, wait_until
@@ -144,6 +145,9 @@ def test_api_answers_with_exact_invoices_and_json_errors_for_every_refusal(
             "net_hkd": "16.57",
             "subsidy_cap_remaining_hkd": "29999961.32",
             "flags": [],
+            "invoice_number": None,  # drafts have no number or dates
+            "issued_on": None,
+            "due_on": None,
         }
 
         # authentication: none or unknown -> 401; authorization: wrong role or project -> 403
@@ -260,10 +264,14 @@ def test_finalized_invoices_are_published_frozen_and_late_usage_becomes_an_adjus
 
         forced = client.post("/v1/periods/2026-11/finalize?force=true", headers=ADMIN)
         assert forced.status_code == 200, forced.text
+        frozen = client.get("/v1/invoices/INV-2026-11-polyu-climate", headers=BILLING).json()
+        issued_on = dt.date.fromisoformat(frozen["issued_on"])  # today in Hong Kong
+        assert abs(issued_on - dt.datetime.now(HONG_KONG).date()) <= dt.timedelta(days=1)
         assert forced.json() == {
             "period": "2026-11",
             "invoice_ids": ["INV-2026-11-polyu-climate"],
             "forced": True,
+            "invoice_numbers": [f"AISC-{issued_on.year}-000001"],  # the year's first
         }
         assert_error(
             client.post("/v1/periods/2026-11/finalize", headers=ADMIN),
@@ -278,6 +286,9 @@ def test_finalized_invoices_are_published_frozen_and_late_usage_becomes_an_adjus
             frozen["subsidy_hkd"],
             frozen["net_hkd"],
         ) == ("finalized", "260.00", "234.00", "26.00")
+        assert frozen["invoice_number"] == f"AISC-{issued_on.year}-000001"
+        assert frozen["issued_on"] == issued_on.isoformat()
+        assert frozen["due_on"] == (issued_on + dt.timedelta(days=30)).isoformat()
 
         # the finalized invoice is published on the invoices topic, keyed by its id
         invoices_topic = f"{topic_prefix}billing.invoices.v1"

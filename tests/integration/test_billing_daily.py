@@ -310,7 +310,8 @@ async def _check_batches(
     try:
         await conn.execute(
             "TRUNCATE usage_hourly, usage_daily, dirty_projects, billed_usage, invoice_lines,"
-            " invoices, finalized_periods, billing_signals"
+            " credited_usage, credit_note_lines, credit_notes, invoices, finalized_periods,"
+            " billing_signals, document_numbers"
         )
         await catalog_files.apply_catalog(conn, catalog_files.parse_catalog(CATALOG))
         # given batches ingested (November finalized after some of them), then maybe replayed

@@ -476,3 +476,72 @@ def test_domain_imports_nothing_that_does_io() -> None:
         "zoneinfo",
         "schemas",
     }
+
+
+# --- credit notes -------------------------------------------------------------------------------
+
+
+def finalized(invoice: domain.ComputedInvoice) -> domain.ComputedInvoice:
+    return domain.ComputedInvoice(**{**invoice.__dict__, "status": "finalized"})
+
+
+@given(wrong=rate_cards, corrected=rate_cards, project=projects, hours=usage_hours, data=st.data())
+@settings(max_examples=300)
+def test_invoices_minus_credit_notes_equal_the_arithmetic_of_the_corrected_catalog(
+    wrong: list[RateCard],
+    corrected: list[RateCard],
+    project: Project | None,
+    hours: list[UsageHour],
+    data: st.DataObject,
+) -> None:
+    """A month finalized with a wrong catalog, credited (in one note or line by line, in any
+    order), its hours charged again with the corrected catalog on the next invoice: list price,
+    subsidy and net charged overall equal the contract arithmetic with the corrected catalog, and
+    the cap is as if the wrong invoice never was."""
+    period = PERIODS[0]
+    own = [hour for hour in hours if ref_hk_date(hour.hour_start).strftime("%Y-%m") == period]
+    projects_ = [project] if project else []
+    invoice = finalized(build_invoice("p1", period, own, Pricing.of(wrong, projects_), Decimal(0)))
+    rate = project.subsidy.rate if project and project.subsidy else None
+
+    # credited in whole, or line by line in a random order, each note at most once per line
+    numbers = list(range(1, len(invoice.lines) + 1))
+    if not numbers:
+        with pytest.raises(domain.CreditRefused):
+            domain.plan_credit(invoice, None, [], Decimal(0), rate)
+        return
+    by_lines = data.draw(st.booleans())
+    order = data.draw(st.permutations(numbers)) if by_lines else None
+    credited: list[int] = []
+    notes = []
+    for step in [[n] for n in order] if order else [None]:
+        note = domain.plan_credit(
+            invoice, step, credited, sum((n.subsidy_hkd for n in notes), Decimal(0)), rate
+        )
+        credited.extend(n for n, _line in note.lines)
+        notes.append(note)
+        assert note.subsidy_hkd >= 0 and note.net_hkd == note.gross_hkd - note.subsidy_hkd
+    assert sorted(credited) == numbers
+    with pytest.raises(domain.CreditRefused):
+        domain.plan_credit(invoice, None, credited, Decimal(0), rate)
+
+    credit_gross = sum((n.gross_hkd for n in notes), Decimal(0))
+    credit_subsidy = sum((n.subsidy_hkd for n in notes), Decimal(0))
+    assert credit_gross == invoice.gross_hkd and credit_subsidy == invoice.subsidy_hkd
+
+    # the corrected charge: the same hours as adjustments on the next month's invoice
+    pricing = Pricing.of(corrected, projects_)
+    used_before = invoice.subsidy_hkd - credit_subsidy
+    recharged = build_invoice("p1", PERIODS[1], own, pricing, used_before)
+    reference = build_invoice("p1", period, own, pricing, Decimal(0))
+    assert all(line.adjustment_for_period == period for line in recharged.lines)
+    for total in ("gross_hkd", "subsidy_hkd", "net_hkd", "subsidy_cap_remaining_hkd"):
+        overall = getattr(invoice, total) or Decimal(0)
+        overall += getattr(recharged, total) or Decimal(0)
+        if total != "subsidy_cap_remaining_hkd":
+            overall -= {"gross_hkd": credit_gross, "subsidy_hkd": credit_subsidy}.get(
+                total, credit_gross - credit_subsidy
+            )
+            assert overall == getattr(reference, total), total
+        else:
+            assert getattr(recharged, total) == getattr(reference, total)
