@@ -182,9 +182,13 @@ def test_every_route_refuses_exactly_the_roles_the_table_does_not_name(
     admin = {"Authorization": f"Bearer {TOKEN}"}
     billing = f"http://127.0.0.1:{services['billing']}"
     # A request body that is valid, so that a handler gets to check the role (a bad one is a 4xx
-    # for every role): the catalog as it is, applied again unchanged.
+    # for every role): the catalog as it is, applied again unchanged; a credit note for an
+    # invoice that does not exist (404 for an admin).
     catalog = httpx.get(f"{billing}/v1/catalog", headers=admin, timeout=10).raise_for_status()
-    bodies = {("billing", "PUT", "/v1/catalog"): catalog.json()}
+    bodies = {
+        ("billing", "PUT", "/v1/catalog"): catalog.json(),
+        ("billing", "POST", "/v1/invoices/{invoice_id}/credit-notes"): {"reason": "route walk"},
+    }
     callers = {
         f"{role} ({kind})": (role, {"Authorization": f"Bearer {token}"})
         for role in TOKENS
