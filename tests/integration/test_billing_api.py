@@ -354,3 +354,64 @@ def test_finalized_invoices_are_published_frozen_and_late_usage_becomes_an_adjus
     assert "catalog unchanged" in capsys.readouterr().out
     assert cli.main(["invoices", "show", "INV-nope"]) == 1
     assert cli.main(["invoices", "list", "--period", "2026-1"]) == 1
+
+
+def test_a_credit_note_over_http_is_admins_numbered_listed_for_its_project_and_audited(
+    billing_service: ServiceProcess, bootstrap_servers: str, topic_prefix: str, http_port: int
+) -> None:
+    hour = dt.datetime(2026, 10, 6, 2, tzinfo=UTC)
+    produce_hourly(
+        bootstrap_servers,
+        f"{topic_prefix}metering.usage.hourly.v1",
+        [hourly("hkgai-llm", hour, "36000", 1), hourly("hkgai-llm", hour, "3600", 1, "A100")],
+    )
+    path = "/v1/invoices/INV-2026-10-hkgai-llm/credit-notes"
+    with api(http_port) as client:
+        wait_until(
+            lambda: (
+                client.get("/v1/invoices/INV-2026-10-hkgai-llm", headers=LLM).status_code == 200
+            ),
+            timeout_s=30,
+            what="October's draft",
+        )
+        # a draft is not credited; a finalized one is, by an admin only
+        assert_error(
+            client.post(path, json={"reason": "early"}, headers=ADMIN), 409, "credit_refused"
+        )
+        finalized = client.post("/v1/periods/2026-10/finalize", headers=ADMIN)
+        assert finalized.status_code == 200, finalized.text
+        for who in (BILLING, LLM):
+            assert_error(client.post(path, json={"reason": "x"}, headers=who), 403, "forbidden")
+        assert_error(client.post(path, json={"lines": [1]}, headers=ADMIN), 422)  # no reason
+        assert_error(client.post(path, json={"reason": "x", "lines": [9]}, headers=ADMIN), 409)
+        created = client.post(
+            path, json={"reason": "A100 hours belonged to a test", "lines": [1]}, headers=ADMIN
+        )
+        assert created.status_code == 201, created.text
+        note = created.json()
+        invoice = client.get("/v1/invoices/INV-2026-10-hkgai-llm", headers=ADMIN).json()
+        assert note["credit_note_number"].startswith("AISC-CN-")
+        assert note["invoice_number"] == invoice["invoice_number"]
+        assert [(ln["line_no"], ln["gpu_model"], ln["amount_hkd"]) for ln in note["lines"]] == [
+            (1, "A100", "13.00")
+        ]
+        assert (note["subsidy_hkd"], note["net_hkd"], note["created_by"]) == (
+            "9.10",
+            "3.90",
+            "token:1",
+        )
+        # the project sees its credit notes; another project cannot tell they exist
+        listed = client.get(path, headers=LLM).json()["credit_notes"]
+        assert [found["credit_note_id"] for found in listed] == [note["credit_note_id"]]
+        assert client.get(path, headers=VISION).status_code == 403
+        by_period = client.get("/v1/credit-notes", params={"period": "2026-10"}, headers=VISION)
+        assert by_period.json() == {"credit_notes": []}
+        # the audit trail says who did each, for admins only
+        assert_error(client.get("/v1/audit", headers=BILLING), 403, "forbidden")
+        trail = client.get("/v1/audit", headers=ADMIN).json()
+        assert [(e["actor"], e["action"]) for e in trail["entries"][:2]] == [
+            ("token:1", "credit_note.issue"),
+            ("token:1", "period.finalize"),
+        ]
+        assert trail["entries"][0]["details"]["reason"] == "A100 hours belonged to a test"
+        assert_error(client.get("/v1/audit?limit=0", headers=ADMIN), 422)
