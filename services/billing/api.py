@@ -183,12 +183,19 @@ class SubsidyReportRow(BaseModel):
     invoice_status: str | None
     subsidised_gpu_hours: str
     subsidy_hkd: str
-    cap_remaining_hkd: str | None = Field(description="after this period's subsidy")
+    credited_subsidy_hkd: str = Field(
+        "0.00",
+        description="subsidy of this period's invoice returned to the cap by credit notes",
+    )
+    cap_remaining_hkd: str | None = Field(
+        description="after this period's subsidy, less what credit notes returned"
+    )
 
 
 class SubsidyReportTotals(BaseModel):
     subsidised_gpu_hours: str
     subsidy_hkd: str
+    credited_subsidy_hkd: str = "0.00"
 
 
 class SubsidyReport(BaseModel):
@@ -578,8 +585,10 @@ def create_api(
     )
     async def invoice_as_csv(caller: Caller, invoice_id: InvoiceIdPath) -> Response:
         invoice = await one_invoice(caller, invoice_id)
+        async with store_.acquire() as conn:
+            notes = await service.credit_notes(conn, invoice_id=invoice.invoice_id)
         return Response(
-            invoices_csv([invoice]),
+            invoices_csv([invoice], notes),
             media_type="text/csv; charset=utf-8",
             headers={
                 "Content-Disposition": (
@@ -745,8 +754,9 @@ def create_api(
         async with store_.acquire() as conn:
             found = await store.load_invoices(conn, period=period)
             projects = {project.id: project for project in await store.projects(conn)}
+            notes = await service.credit_notes(conn, period=period)
         return Response(
-            focus_csv([i.document() for i in found], projects, settings.provider_name),
+            focus_csv([i.document() for i in found], projects, settings.provider_name, notes),
             media_type="text/csv; charset=utf-8",
             headers={
                 "Content-Disposition": f'attachment; filename="{safe_file_name(f"focus-{period}")}.csv"'
@@ -810,6 +820,11 @@ def create_api(
         async with store_.acquire() as conn:
             invoices = {i.project_id: i for i in await store.load_invoices(conn, period=period)}
             projects = {p.id: p for p in await store.projects(conn)}
+            credited: dict[str, Decimal] = {}
+            for note in await service.credit_notes(conn, period=period):
+                credited[note.project_id] = credited.get(note.project_id, Decimal(0)) + Decimal(
+                    note.subsidy_hkd
+                )
             rows = []
             for project_id in sorted(
                 set(invoices) | {p.id for p in projects.values() if p.subsidy}
@@ -824,8 +839,12 @@ def create_api(
                     if invoice
                     else Decimal(0)
                 )
-                if invoice is not None:
-                    cap_remaining = invoice.subsidy_cap_remaining_hkd
+                if invoice is not None and invoice.subsidy_cap_remaining_hkd is not None:
+                    cap_remaining = invoice.subsidy_cap_remaining_hkd + credited.get(
+                        project_id, Decimal(0)
+                    )
+                elif invoice is not None:
+                    cap_remaining = None
                 elif subsidy is not None:
                     used = await store.subsidy_used_through(conn, project_id, period)
                     cap_remaining = subsidy.cap_hkd - used
@@ -841,6 +860,7 @@ def create_api(
                         invoice_status=invoice.status if invoice else None,
                         subsidised_gpu_hours=domain.gpu_hours_text(subsidised_seconds),
                         subsidy_hkd=domain.money(invoice.subsidy_hkd if invoice else Decimal(0)),
+                        credited_subsidy_hkd=domain.money(credited.get(project_id, Decimal(0))),
                         cap_remaining_hkd=None
                         if cap_remaining is None
                         else domain.money(cap_remaining),
@@ -862,6 +882,7 @@ def create_api(
             totals=SubsidyReportTotals(
                 subsidised_gpu_hours=str(domain.round_half_up(Fraction(total_seconds) / 3600, 6)),
                 subsidy_hkd=domain.money(total_subsidy),
+                credited_subsidy_hkd=domain.money(sum(credited.values(), Decimal(0))),
             ),
         )
 

@@ -19,7 +19,7 @@ import asyncpg
 from pydantic import ValidationError
 
 from schemas.catalog import Project
-from schemas.invoice import Invoice
+from schemas.invoice import CreditNote, Invoice
 from services.billing import catalog as catalog_files
 from services.billing import domain, service, store
 from services.billing.export import focus_csv, invoices_csv
@@ -165,21 +165,23 @@ async def catalog_show(settings: BillingSettings, args: argparse.Namespace, out:
 async def load_documents(
     settings: BillingSettings, period: str, project_id: str | None
 ) -> list[Invoice]:
-    documents, _projects = await load_documents_and_projects(settings, period, project_id)
+    documents, _projects, _notes = await load_documents_and_projects(settings, period, project_id)
     return documents
 
 
 async def load_documents_and_projects(
     settings: BillingSettings, period: str, project_id: str | None
-) -> tuple[list[Invoice], dict[str, Project]]:
+) -> tuple[list[Invoice], dict[str, Project], list[CreditNote]]:
+    """A period's invoices, the catalog's projects, and the credit notes against the invoices."""
     period = domain.parse_period(period)
     conn = await connect(settings)
     try:
         found = await store.load_invoices(conn, period=period, project_id=project_id)
         projects = {project.id: project for project in await store.projects(conn)}
+        notes = await service.credit_notes(conn, period=period, project_id=project_id)
     finally:
         await conn.close()
-    return [invoice.document() for invoice in found], projects
+    return [invoice.document() for invoice in found], projects, notes
 
 
 async def invoices_list(settings: BillingSettings, args: argparse.Namespace, out: TextIO) -> int:
@@ -211,11 +213,13 @@ async def invoices_show(settings: BillingSettings, args: argparse.Namespace, out
 
 
 async def invoices_export(settings: BillingSettings, args: argparse.Namespace, out: TextIO) -> int:
-    documents, projects = await load_documents_and_projects(settings, args.period, args.project)
+    documents, projects, notes = await load_documents_and_projects(
+        settings, args.period, args.project
+    )
     if args.format == "csv":
-        text = invoices_csv(documents)
+        text = invoices_csv(documents, notes)
     elif args.format == "focus":
-        text = focus_csv(documents, projects, settings.provider_name)
+        text = focus_csv(documents, projects, settings.provider_name, notes)
     else:
         text = json.dumps([doc.model_dump(mode="json") for doc in documents], indent=2) + "\n"
     if args.out is None:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from decimal import Decimal
 
 from schemas.catalog import Project
-from schemas.invoice import Invoice
+from schemas.invoice import CreditNote, Invoice
 from services.billing.domain import period_bounds
 
 # OWASP "CSV Injection": a cell a spreadsheet may read as a formula starts with one of these (the
@@ -54,11 +54,14 @@ CSV_COLUMNS = [
     "subsidised",
     "amount_hkd",
     "adjustment_for_period",
+    "document_number",  # the invoice's number (finalized), or the credit note's
+    "credited_line",  # on a credit note's rows: the invoice line it credits
 ]
 
 
 def invoice_rows(invoice: Invoice) -> list[list[str]]:
     head = [invoice.invoice_id, invoice.project_id, invoice.period, invoice.status]
+    number = invoice.invoice_number or ""
     rows = [
         [
             *head,
@@ -69,6 +72,8 @@ def invoice_rows(invoice: Invoice) -> list[list[str]]:
             "true" if line.subsidised else "false",
             line.amount_hkd or "",
             line.adjustment_for_period or "",
+            number,
+            "",
         ]
         for line in invoice.lines
     ]
@@ -77,16 +82,59 @@ def invoice_rows(invoice: Invoice) -> list[list[str]]:
         ("subsidy", invoice.subsidy_hkd),
         ("net", invoice.net_hkd),
     ):
-        rows.append([*head, record, "", "", "", "", amount, ""])
+        rows.append([*head, record, "", "", "", "", amount, "", number, ""])
     return rows
 
 
-def invoices_csv(invoices: Iterable[Invoice]) -> str:
+def negated(amount: str | None) -> str:
+    """A credited amount as it reduces what was charged: `-12.50` (`0.00` stays `0.00`)."""
+    if not amount:
+        return ""
+    value = -Decimal(amount)
+    return str(value if value else Decimal(amount))
+
+
+def credit_note_rows(note: CreditNote) -> list[list[str]]:
+    """A credit note's rows, beneath its invoice: each credited line and the totals, as negative
+    amounts (what they take off the invoice), status `credit_note`."""
+    head = [note.invoice_id, note.project_id, note.period, "credit_note"]
+    number = note.credit_note_number
+    rows = [
+        [
+            *head,
+            "credit_line",
+            line.gpu_model,
+            line.gpu_hours,
+            line.rate_hkd or "",
+            "true" if line.subsidised else "false",
+            negated(line.amount_hkd),
+            line.adjustment_for_period or "",
+            number,
+            str(line.line_no),
+        ]
+        for line in note.lines
+    ]
+    for record, amount in (
+        ("credit_gross", note.gross_hkd),
+        ("credit_subsidy", note.subsidy_hkd),
+        ("credit_net", note.net_hkd),
+    ):
+        rows.append([*head, record, "", "", "", "", negated(amount), "", number, ""])
+    return rows
+
+
+def invoices_csv(invoices: Iterable[Invoice], credit_notes: Iterable[CreditNote] = ()) -> str:
+    """Invoices, each followed by the credit notes against it."""
+    by_invoice: dict[str, list[CreditNote]] = {}
+    for note in credit_notes:
+        by_invoice.setdefault(note.invoice_id, []).append(note)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator=CSV_LINE_END)
     writer.writerow(CSV_COLUMNS)
     for invoice in invoices:
         writer.writerows([csv_cell(cell) for cell in row] for row in invoice_rows(invoice))
+        for note in by_invoice.get(invoice.invoice_id, []):
+            writer.writerows([csv_cell(cell) for cell in row] for row in credit_note_rows(note))
     return buffer.getvalue()
 
 
@@ -241,8 +289,110 @@ def focus_rows(
     return rows
 
 
+def focus_credit_note_rows(
+    note: CreditNote, projects: Mapping[str, Project], provider_name: str
+) -> list[dict[str, str]]:
+    """FOCUS rows of a credit note: ChargeClass `Correction` rows that reverse the credited lines
+    (negative costs, the charge period of the invoice credited) and the subsidy credited (a
+    positive Credit correction), so that BilledCost sums to minus the note's net."""
+    project = projects.get(note.project_id)
+    scheme = project.subsidy.scheme if project and project.subsidy else ""
+    issued_period = f"{note.issued_on.year:04d}-{note.issued_on.month:02d}"
+    billing_start, billing_end = period_bounds(issued_period)
+    credited_start, credited_end = period_bounds(note.period)
+    common = {
+        "BillingAccountId": note.project_id,
+        "BillingAccountName": project.name if project else note.project_id,
+        "SubAccountId": note.project_id,
+        "SubAccountName": project.name if project else note.project_id,
+        "InvoiceId": note.credit_note_id,
+        "InvoiceIssuerName": provider_name,
+        "ProviderName": provider_name,
+        "PublisherName": provider_name,
+        "BillingCurrency": note.currency,
+        "BillingPeriodStart": focus_time(billing_start),
+        "BillingPeriodEnd": focus_time(billing_end),
+        "ChargeClass": "Correction",
+        "ServiceCategory": "Compute",
+        "ServiceName": "GPU Compute",
+        "x_InvoiceStatus": "credit_note",
+        "x_Flags": "",
+    }
+    rows = []
+    for line in note.lines:
+        charge_start, charge_end = period_bounds(line.adjustment_for_period or note.period)
+        cost = negated(line.amount_hkd) or ZERO
+        quantity = negated(line.gpu_hours)
+        rows.append(
+            {
+                **common,
+                "ChargePeriodStart": focus_time(charge_start),
+                "ChargePeriodEnd": focus_time(charge_end),
+                "ChargeCategory": "Adjustment" if line.adjustment_for_period else "Usage",
+                "ChargeFrequency": "Usage-Based",
+                "ChargeDescription": (
+                    f"Credit note {note.credit_note_number} for invoice"
+                    f" {note.invoice_number or note.invoice_id}, line {line.line_no}"
+                    f" ({line.gpu_model}): {note.reason}"
+                ),
+                "ResourceType": "GPU",
+                "SkuId": line.gpu_model,
+                "ListUnitPrice": line.rate_hkd or "",
+                "ContractedUnitPrice": line.rate_hkd or "",
+                "PricingQuantity": quantity,
+                "PricingUnit": FOCUS_UNIT,
+                "ConsumedQuantity": quantity,
+                "ConsumedUnit": FOCUS_UNIT,
+                "ListCost": cost,
+                "ContractedCost": cost,
+                "BilledCost": cost,
+                "EffectiveCost": cost,
+                "x_GpuModel": line.gpu_model,
+                "x_Subsidised": "true" if line.subsidised else "false",
+                "x_SubsidyScheme": scheme if line.subsidised else "",
+                "x_AdjustmentForPeriod": line.adjustment_for_period or "",
+                "x_Unpriced": "false" if line.rate_hkd else "true",
+            }
+        )
+    if Decimal(note.subsidy_hkd):
+        rows.append(
+            {
+                **common,
+                "ChargePeriodStart": focus_time(credited_start),
+                "ChargePeriodEnd": focus_time(credited_end),
+                "ChargeCategory": "Credit",
+                "ChargeFrequency": "Recurring",
+                "ChargeDescription": (
+                    f"{scheme or 'Subsidy'} subsidy returned to the cap by credit note"
+                    f" {note.credit_note_number}"
+                ),
+                "ResourceType": "",
+                "SkuId": "",
+                "ListUnitPrice": "",
+                "ContractedUnitPrice": "",
+                "PricingQuantity": "",
+                "PricingUnit": "",
+                "ConsumedQuantity": "",
+                "ConsumedUnit": "",
+                "ListCost": ZERO,
+                "ContractedCost": note.subsidy_hkd,
+                "BilledCost": note.subsidy_hkd,
+                "EffectiveCost": note.subsidy_hkd,
+                "x_GpuModel": "",
+                "x_Subsidised": "",
+                "x_SubsidyScheme": scheme,
+                "x_AdjustmentForPeriod": "",
+                "x_Unpriced": "false",
+            }
+        )
+    return rows
+
+
 def focus_csv(
-    invoices: Iterable[Invoice], projects: Mapping[str, Project], provider_name: str
+    invoices: Iterable[Invoice],
+    projects: Mapping[str, Project],
+    provider_name: str,
+    credit_notes: Iterable[CreditNote] = (),
 ) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, FOCUS_COLUMNS, lineterminator=CSV_LINE_END)
@@ -251,5 +401,10 @@ def focus_csv(
         writer.writerows(
             {column: csv_cell(value) for column, value in row.items()}
             for row in focus_rows(invoice, projects, provider_name)
+        )
+    for note in credit_notes:
+        writer.writerows(
+            {column: csv_cell(value) for column, value in row.items()}
+            for row in focus_credit_note_rows(note, projects, provider_name)
         )
     return buffer.getvalue()

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import signal
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -215,7 +216,11 @@ def test_api_answers_with_exact_invoices_and_json_errors_for_every_refusal(
             "3999990.20",
         )
         assert rows["startup-legaltech"]["subsidy_hkd"] == "0.00"
-        assert report["totals"] == {"subsidised_gpu_hours": "2.750000", "subsidy_hkd": "48.48"}
+        assert report["totals"] == {
+            "subsidised_gpu_hours": "2.750000",
+            "subsidy_hkd": "48.48",
+            "credited_subsidy_hkd": "0.00",
+        }
 
         catalog = client.get("/v1/catalog", headers=BILLING).json()
         assert len(catalog["projects"]) == 12 and catalog["currency"] == "HKD"
@@ -415,3 +420,14 @@ def test_a_credit_note_over_http_is_admins_numbered_listed_for_its_project_and_a
         ]
         assert trail["entries"][0]["details"]["reason"] == "A100 hours belonged to a test"
         assert_error(client.get("/v1/audit?limit=0", headers=ADMIN), 422)
+
+        # the subsidy report, the invoice's CSV and the FOCUS export carry the credit note
+        report = client.get("/v1/subsidy/report?period=2026-10", headers=BILLING).json()
+        [row] = [r for r in report["projects"] if r["project_id"] == "hkgai-llm"]
+        assert row["credited_subsidy_hkd"] == "9.10"
+        restored = Decimal(invoice["subsidy_cap_remaining_hkd"]) + Decimal("9.10")
+        assert row["cap_remaining_hkd"] == str(restored)
+        invoice_csv = client.get("/v1/invoices/INV-2026-10-hkgai-llm.csv", headers=LLM).text
+        assert f",credit_net,,,,,-3.90,,{note['credit_note_number']}," in invoice_csv
+        focus = client.get("/v1/exports/focus?period=2026-10", headers=BILLING).text
+        assert focus.count(",Correction,") == 2  # the credited line and the subsidy returned

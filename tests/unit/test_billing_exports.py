@@ -8,9 +8,9 @@ import io
 from decimal import Decimal
 
 from schemas.catalog import Project, Subsidy
-from schemas.invoice import Invoice, InvoiceLine
+from schemas.invoice import CreditNote, CreditNoteLine, Invoice, InvoiceLine
 from services.billing import domain
-from services.billing.export import FOCUS_COLUMNS, focus_csv, focus_rows
+from services.billing.export import FOCUS_COLUMNS, focus_csv, focus_rows, invoices_csv
 
 UTC = dt.UTC
 PROJECTS = {
@@ -120,3 +120,61 @@ def test_a_period_is_incomplete_before_unknown_and_complete_only_when_every_hour
     assert mixed.status == "incomplete"
     assert (mixed.complete_count, mixed.incomplete, mixed.unknown) == (1, [incomplete], [unknown])
     assert domain.PeriodCompleteness("2026-11", ()).status == "complete"
+
+
+NOTE = CreditNote(
+    credit_note_id="CN-INV-2026-11-hkgai-llm-1",
+    credit_note_number="AISC-CN-2026-000007",
+    invoice_id="INV-2026-11-hkgai-llm",
+    invoice_number="AISC-2026-000031",
+    project_id="hkgai-llm",
+    period="2026-11",
+    issued_on=dt.date(2026, 12, 5),
+    reason="=rate card corrected",  # a formula-looking reason is neutralised in CSV
+    lines=[
+        CreditNoteLine(
+            line_no=2,
+            gpu_model="H800",
+            gpu_hours="10.000000",
+            rate_hkd="26.00",
+            subsidised=True,
+            amount_hkd="260.00",
+        )
+    ],
+    gross_hkd="260.00",
+    subsidy_hkd="182.00",
+    net_hkd="78.00",
+    created_by="token:1",
+)
+
+
+def test_a_credit_note_follows_its_invoice_in_csv_as_negative_amounts() -> None:
+    invoice = INVOICE.model_copy(
+        update={"invoice_id": NOTE.invoice_id, "period": "2026-11", "status": "finalized"}
+    )
+    rows = list(csv.DictReader(io.StringIO(invoices_csv([invoice], [NOTE]))))
+    credit = [row for row in rows if row["status"] == "credit_note"]
+    assert [(r["record"], r["amount_hkd"], r["credited_line"]) for r in credit] == [
+        ("credit_line", "-260.00", "2"),
+        ("credit_gross", "-260.00", ""),
+        ("credit_subsidy", "-182.00", ""),
+        ("credit_net", "-78.00", ""),
+    ]
+    assert {r["document_number"] for r in credit} == {"AISC-CN-2026-000007"}
+    assert rows.index(credit[0]) > max(
+        i for i, r in enumerate(rows) if r["status"] != "credit_note"
+    )
+
+
+def test_focus_corrections_of_a_credit_note_sum_to_minus_its_net() -> None:
+    rows = list(
+        csv.DictReader(io.StringIO(focus_csv([], PROJECTS, "Cyberport AISC", credit_notes=[NOTE])))
+    )
+    assert {row["ChargeClass"] for row in rows} == {"Correction"}
+    assert [row["ChargeCategory"] for row in rows] == ["Usage", "Credit"]
+    assert sum(Decimal(row["BilledCost"]) for row in rows) == -Decimal(NOTE.net_hkd)
+    assert rows[0]["ChargePeriodStart"] == "2026-10-31T16:00:00Z"  # November in Hong Kong
+    assert rows[0]["BillingPeriodStart"] == "2026-11-30T16:00:00Z"  # issued in December
+    assert rows[0]["ConsumedQuantity"] == "-10.000000"
+    assert "AISC-2026-000031" in rows[0]["ChargeDescription"]
+    assert rows[0]["ChargeDescription"].endswith("=rate card corrected")
