@@ -12,10 +12,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The font billing prints Chinese names with in invoice PDFs (installed when missing, as root).
+RUN_PACKAGES := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc=fonts-wqy-microhei
+
 run: $(STAMP)
+	bash scripts/ensure-system-packages.sh $(RUN_PACKAGES)
 	$(PY) -m gpumeter up $(ARGS)
 
 run-no-fleet: $(STAMP)
+	bash scripts/ensure-system-packages.sh $(RUN_PACKAGES)
 	$(PY) -m gpumeter up --no-fleet $(ARGS)
 
 # Every broker-facing test runs on Tansu and on Apache Kafka (KRaft; its jars are fetched from Maven

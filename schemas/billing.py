@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from decimal import Decimal
 from typing import Literal
 
@@ -18,6 +19,12 @@ class SubsidyUsage(BaseModel):
     used_hkd: Decimal
     used_ratio: Decimal  # used / cap, 0 when the cap is 0
     as_of: AwareDatetime
+    # The forecast at the trailing 7-day burn (services/billing/domain.py, subsidy_forecast):
+    # absent from signals written before it existed.
+    burn_hkd_per_day: Decimal | None = None
+    exhausted_on: dt.date | None = None  # None: the cap does not run out before the approval ends
+    approval_ends_on: dt.date | None = None
+    days_left: int | None = None  # from as_of's Hong Kong date to exhausted_on
 
 
 class UnpricedUsage(BaseModel):

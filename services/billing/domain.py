@@ -11,7 +11,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
+from decimal import ROUND_CEILING, ROUND_DOWN, ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from zoneinfo import ZoneInfo
 
@@ -529,3 +529,66 @@ def plan_credit(
         )
         subsidy = min(round_half_up(Fraction(subsidised) * Fraction(subsidy_rate), 2), left)
     return CreditPlan(lines, gross, subsidy, gross - subsidy)
+
+
+# --- subsidy forecast ----------------------------------------------------------------------------
+
+BURN_WINDOW_DAYS = 7
+
+
+@dataclass(frozen=True)
+class SubsidyForecast:
+    """When a project's subsidy cap runs out at its trailing burn, beside when its approval ends.
+
+    `burn_hkd_per_day`: the subsidy its usage of the last BURN_WINDOW_DAYS whole days (Hong Kong)
+    would draw, per day, whole HKD; `exhausted_on`: the day the cap runs out at that burn (today
+    when nothing is left), None when it does not run out before the approval ends or nothing
+    burns; `days_left`: days from `today` to `exhausted_on`."""
+
+    burn_hkd_per_day: Decimal
+    exhausted_on: dt.date | None
+    approval_ends_on: dt.date
+    days_left: int | None
+
+
+def subsidised_burn(
+    usage: Iterable[tuple[str, dt.date, Decimal]],
+    project: Project,
+    pricing: Pricing,
+    window_days: int = BURN_WINDOW_DAYS,
+) -> Decimal:
+    """The subsidy per day that (gpu_model, HK date, gpu_seconds) usage of a window draws: list
+    price of its subsidised days times the subsidy rate, over the window's days (unrounded)."""
+    subsidy = project.subsidy
+    if subsidy is None:
+        return Decimal(0)
+    total = Fraction(0)
+    for gpu_model, day, gpu_seconds in usage:
+        rate = pricing.rate_for(gpu_model, day)
+        if rate is not None and is_subsidised(project, day):
+            total += Fraction(gpu_seconds) * Fraction(rate) / SECONDS_PER_HOUR
+    per_day = total * Fraction(subsidy.rate) / window_days
+    return Decimal(per_day.numerator) / Decimal(per_day.denominator)
+
+
+def subsidy_forecast(
+    cap_hkd: Decimal, used_hkd: Decimal, burn_per_day: Decimal, today: dt.date, valid_to: dt.date
+) -> SubsidyForecast:
+    remaining = cap_hkd - used_hkd
+    burn = burn_per_day.quantize(Decimal(1), rounding=ROUND_HALF_UP)
+    exhausted_on: dt.date | None
+    if remaining <= 0:
+        exhausted_on = today
+    elif burn_per_day <= 0:
+        exhausted_on = None
+    else:
+        days = (remaining / burn_per_day).to_integral_value(rounding=ROUND_CEILING)
+        exhausted_on = today + dt.timedelta(days=int(days)) if days <= 36_500 else None
+        if exhausted_on is not None and exhausted_on > valid_to:
+            exhausted_on = None  # the approval ends first
+    return SubsidyForecast(
+        burn_hkd_per_day=burn,
+        exhausted_on=exhausted_on,
+        approval_ends_on=valid_to,
+        days_left=None if exhausted_on is None else (exhausted_on - today).days,
+    )

@@ -342,8 +342,10 @@ async def refresh_signals(conn: Connection) -> int:
     """
     now = dt.datetime.now(dt.UTC)
     wanted: dict[str, tuple[str, str]] = {}
+    forecasts = await subsidy_forecasts(conn, now)
     for row in await store.subsidy_usage_rows(conn):
         cap, used = row["subsidy_cap_hkd"], row["used_hkd"]
+        forecast = forecasts.get(row["project_id"])
         wanted[signal_key_subsidy(row["project_id"])] = (
             "subsidy_usage",
             _payload(
@@ -354,6 +356,10 @@ async def refresh_signals(conn: Connection) -> int:
                     used_hkd=used,
                     used_ratio=domain.subsidy_used_ratio(used, cap),
                     as_of=now,
+                    burn_hkd_per_day=forecast.burn_hkd_per_day if forecast else None,
+                    exhausted_on=forecast.exhausted_on if forecast else None,
+                    approval_ends_on=forecast.approval_ends_on if forecast else None,
+                    days_left=forecast.days_left if forecast else None,
                 )
             ),
         )
@@ -375,7 +381,14 @@ async def refresh_signals(conn: Connection) -> int:
             continue
         gone = json.loads(payload)
         if kind == "subsidy_usage":
-            gone.update(cap_hkd="0.00", used_hkd="0.00", used_ratio="0.000000")
+            gone.update(
+                cap_hkd="0.00",
+                used_hkd="0.00",
+                used_ratio="0.000000",
+                burn_hkd_per_day=None,
+                exhausted_on=None,
+                days_left=None,
+            )
         else:
             gone.update(gpu_hours="0.000000", projects=[])
         wanted[key] = (kind, json.dumps(gone, sort_keys=True))
@@ -383,6 +396,29 @@ async def refresh_signals(conn: Connection) -> int:
         conn, [(key, kind, payload) for key, (kind, payload) in sorted(wanted.items())], now
     )
     return changed
+
+
+async def subsidy_forecasts(
+    conn: Connection, now: dt.datetime
+) -> dict[str, domain.SubsidyForecast]:
+    """Per subsidised project: when its cap runs out at the burn of the last 7 whole days (Hong
+    Kong), from the subsidy used so far (drafts included, credit notes deducted)."""
+    today = now.astimezone(domain.HONG_KONG).date()
+    pricing = await store.load_pricing(conn)
+    subsidised = {pid: p for pid, p in pricing.projects.items() if p.subsidy is not None}
+    window = await store.usage_days(
+        conn, sorted(subsidised), today - dt.timedelta(days=domain.BURN_WINDOW_DAYS), today
+    )
+    forecasts = {}
+    for row in await store.subsidy_usage_rows(conn):
+        project = subsidised.get(row["project_id"])
+        if project is None or project.subsidy is None:
+            continue
+        burn = domain.subsidised_burn(window.get(project.id, []), project, pricing)
+        forecasts[project.id] = domain.subsidy_forecast(
+            row["subsidy_cap_hkd"], row["used_hkd"], burn, today, project.subsidy.valid_to
+        )
+    return forecasts
 
 
 Send = Callable[[str, bytes], Awaitable[None]]

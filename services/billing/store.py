@@ -766,6 +766,23 @@ async def subsidy_usage_rows(conn: Connection) -> list[asyncpg.Record]:
     )
 
 
+async def usage_days(
+    conn: Connection, project_ids: Sequence[str], first_day: dt.date, end_day: dt.date
+) -> dict[str, list[tuple[str, dt.date, Decimal]]]:
+    """project -> (gpu_model, HK date, gpu_seconds) of its usage on days [first_day, end_day)."""
+    found: dict[str, list[tuple[str, dt.date, Decimal]]] = {p: [] for p in project_ids}
+    rows = await conn.fetch(
+        "SELECT project_id, gpu_model, hk_date, gpu_seconds FROM usage_daily"
+        " WHERE project_id = ANY($1::text[]) AND hk_date >= $2 AND hk_date < $3",
+        list(project_ids),
+        first_day,
+        end_day,
+    )
+    for row in rows:
+        found[row["project_id"]].append((row["gpu_model"], row["hk_date"], row["gpu_seconds"]))
+    return found
+
+
 async def unpriced_usage_rows(conn: Connection) -> list[asyncpg.Record]:
     """Per (GPU model, open invoice period): unpriced GPU-seconds and the projects that used them."""
     return await conn.fetch(

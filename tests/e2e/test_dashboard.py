@@ -4,13 +4,16 @@ API returns, and its PDF and CSV downloads must work."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
 import pytest
+from pypdf import PdfReader
 
 from gpumeter.localstack import free_port
 from tests.fixtures.billing import billing_process
@@ -201,6 +204,12 @@ def test_the_dashboard_shows_what_the_api_returns_and_its_downloads_work(
         assert row.one("cap").value == cap["cap_hkd"]
         assert row.one("cap-used").value == cap["used_hkd"]
         assert row.one("cap-left").value == cap["cap_remaining_hkd"]
+        assert row.one("cap-burn").value == (cap["burn_hkd_per_day"] or "-")
+        runs_out = cap["cap_exhausted_on"] or "not before the approval ends"
+        assert row.one("cap-runs-out").value == runs_out
+    # And the audit trail is for admins: a billing token is told so
+    assert dom.find("audit-row") == []
+    assert dom.one("audit-empty").text == "The audit trail is shown to admin tokens only."
     lab_cap = next(cap for cap in caps if cap["project_id"] == "e2e-lab")
     november = api.get("/v1/invoices/INV-2026-11-e2e-lab").json()
     assert lab_cap["cap_remaining_hkd"] == november["subsidy_cap_remaining_hkd"]
@@ -238,9 +247,11 @@ def test_the_dashboard_shows_what_the_api_returns_and_its_downloads_work(
     assert pdf.headers["content-type"] == "application/pdf"
     assert 'filename="INV-2026-10-e2e-lab.pdf"' in pdf.headers["content-disposition"]
     assert pdf.content.startswith(b"%PDF-1.4")
-    for text in (lab["invoice_id"], lab["gross_hkd"], f"- {lab['subsidy_hkd']}", lab["net_hkd"]):
-        assert f"({text}) Tj".encode() in pdf.content, text
-    assert rb"(Amount payable \(HKD\)) Tj" in pdf.content
+    shown = " ".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf.content)).pages)
+    for amount in (lab["gross_hkd"], lab["subsidy_hkd"], lab["net_hkd"]):
+        assert f"{Decimal(amount):,.2f}" in shown, amount
+    assert "Amount payable by" in shown and "DRAFT" in shown
+    assert lab["invoice_id"] not in shown  # an internal reference: not on the document
     csv = api.get(f"/v1/invoices/{lab['invoice_id']}.csv")
     assert csv.status_code == 200 and lab["invoice_id"] in csv.text
     anonymous = httpx.get(f"{api.base_url}/v1/invoices/{lab['invoice_id']}.pdf")
@@ -306,5 +317,15 @@ def test_without_a_token_data_or_alerts_service_the_dashboard_says_so(
         }
         assert dom.one("completeness-status").value == "complete"
         assert "No usage in this period yet" in dom.one("completeness-text").text
+
+        # When an admin opens it, the audit trail says who applied the catalog
+        dom, _ = dashboard_dom(f"{base}/dashboard#token={ADMIN}&period=2026-03", tmp_path / "admin")
+        audit = httpx.get(f"{base}/v1/audit", headers={"Authorization": f"Bearer {ADMIN}"}).json()[
+            "entries"
+        ]
+        rows = dom.find("audit-row")
+        assert [row.attrs["data-action"] for row in rows] == [e["action"] for e in audit]
+        assert "catalog.apply" in [row.attrs["data-action"] for row in rows]
+        assert "added" in rows[-1].text  # the catalog's summary
     finally:
         billing.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import io
 import json
 import signal
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer
+from pypdf import PdfReader
 
 from services.billing import cli
 from services.billing.domain import HONG_KONG
@@ -431,3 +433,15 @@ def test_a_credit_note_over_http_is_admins_numbered_listed_for_its_project_and_a
         assert f",credit_net,,,,,-3.90,,{note['credit_note_number']}," in invoice_csv
         focus = client.get("/v1/exports/focus?period=2026-10", headers=BILLING).text
         assert focus.count(",Correction,") == 2  # the credited line and the subsidy returned
+
+        # and the credit note as a PDF, to its project only
+        pdf_path = f"/v1/credit-notes/{note['credit_note_id']}.pdf"
+        pdf = client.get(pdf_path, headers=LLM)
+        assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
+        shown = " ".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf.content)).pages)
+        assert "CREDIT NOTE" in shown and note["credit_note_number"] in shown
+        assert invoice["invoice_number"] in shown and "A100 hours belonged to a test" in shown
+        assert_error(client.get(pdf_path, headers=VISION), 403, "forbidden")
+        assert_error(
+            client.get("/v1/credit-notes/CN-INV-2026-10-hkgai-llm-9.pdf", headers=LLM), 404
+        )

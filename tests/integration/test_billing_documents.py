@@ -323,3 +323,23 @@ async def test_the_bill_to_of_catalog_version_2_is_kept_and_read_back(
     [lab] = [p for p in read.projects if p.id == "hku-vision-lab"]
     assert lab.bill_to is not None and lab.bill_to.purchase_order == "PO-2026-0042"
     assert lab.bill_to.address == ["Pokfulam Road", "Hong Kong"]
+
+
+async def test_the_subsidy_forecast_follows_the_last_seven_days_of_usage(
+    conn: asyncpg.Connection,
+) -> None:
+    await catalog_files.apply_catalog(conn, catalog(cap="5000.00"))
+    now = dt.datetime(2026, 11, 20, 4, tzinfo=UTC)  # 12:00 in Hong Kong, 20 November
+    # 7 whole days before it, 10 H800 hours a day: 182.00 of subsidy a day; today's usage and
+    # last month's do not count
+    week = [hourly(dt.datetime(2026, 11, d, 2, tzinfo=UTC), "36000") for d in range(13, 20)]
+    older = hourly(dt.datetime(2026, 10, 2, 2, tzinfo=UTC), "36000")
+    today = hourly(dt.datetime(2026, 11, 20, 2, tzinfo=UTC), "360000")
+    await service.apply_hourly_batch(conn, [*week, older, today])
+    forecast = (await service.subsidy_forecasts(conn, now))["hkgai-llm"]
+    used = await store.subsidy_used_through(conn, "hkgai-llm", "2026-12")
+    assert used == Decimal("3276.00")  # (7 x 260.00 + 260.00 + 2,600.00) x 0.70
+    # (5000.00 - 3276.00) / 182 a day = 9.5 -> 10 days
+    assert (forecast.burn_hkd_per_day, forecast.days_left) == (Decimal(182), 10)
+    assert forecast.exhausted_on == dt.date(2026, 11, 30)
+    assert forecast.approval_ends_on == dt.date(2026, 12, 31)

@@ -191,6 +191,11 @@ def test_signals_completeness_watermarks_and_focus_export_follow_the_invoices(
         "used_hkd": "273.00",
         "used_ratio": "0.273000",
         "as_of": None,
+        # the forecast: this usage is older than the trailing 7 days, so nothing burns now
+        "burn_hkd_per_day": "0",
+        "exhausted_on": None,
+        "approval_ends_on": "2026-12-31",
+        "days_left": None,
     }
     assert latest["unpriced|B200|2026-11"]["projects"] == ["commercial-partner", "hkgai-llm"]
     assert "subsidy|commercial-partner" not in latest

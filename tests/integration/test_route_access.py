@@ -43,11 +43,13 @@ GROUPS = {
 # Every request names PROJECT wherever a route takes a project: its path or its query.
 PATH_VALUES = {
     "invoice_id": f"INV-2026-11-{PROJECT}",
+    "credit_note_id": f"CN-INV-2026-11-{PROJECT}-1",
     "period": "2026-11",
     "project_id": PROJECT,
 }
 QUERY_VALUES = {"period": "2026-11", "project_id": PROJECT}
-PROJECT_PARAMETERS = {"invoice_id", "project_id"}  # parameters that name the project asked for
+# parameters that name the project asked for
+PROJECT_PARAMETERS = {"invoice_id", "project_id", "credit_note_id"}
 
 Route = tuple[str, str, str]  # (service, METHOD, path)
 

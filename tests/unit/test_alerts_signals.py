@@ -202,3 +202,36 @@ def test_strict_operators_are_accepted_in_the_rules_file():
     }
     [rule] = config.parse(document, lambda name: None).rules
     assert rule.breaches(Decimal("0.01")) and not rule.breaches(Decimal(0))
+
+
+def forecast(project: str, ratio: str, days_left: int | None, at: datetime) -> SubsidyUsage:
+    return subsidy(project, ratio, at).model_copy(
+        update={
+            "burn_hkd_per_day": Decimal(40),
+            "days_left": days_left,
+            "exhausted_on": None
+            if days_left is None
+            else (at + days_left * timedelta(days=1)).date(),
+            "approval_ends_on": datetime(2027, 6, 30).date(),
+        }
+    )
+
+
+def test_a_fast_burner_is_warned_of_exhaustion_before_the_80_percent_rule_fires():
+    evaluator = Evaluator(
+        [SHIPPED["SubsidyCapExhaustionSoon"], SHIPPED["SubsidyCapNearlyUsed"]], started_at=T0
+    )
+    assert evaluator.on_billing_signal(forecast("p1", "0.40", 45, T0)) == []
+    soon = evaluator.on_billing_signal(forecast("p1", "0.50", 25, T0 + MINUTE))
+    assert names(soon) == [("SubsidyCapExhaustionSoon", "firing", "p1")]  # at 50% used
+    assert soon[0].annotations["summary"] == (
+        "Project p1's hku-research subsidy runs out around 2026-12-23 (25 days) at 40 HKD/day;"
+        " its approval ends 2027-06-30"
+    )
+    # hysteresis: 33 days still fires; the burn slowing (no forecast) resolves it
+    assert evaluator.on_billing_signal(forecast("p1", "0.50", 33, T0 + 2 * MINUTE)) == []
+    assert names(evaluator.on_billing_signal(forecast("p1", "0.51", None, T0 + 3 * MINUTE))) == [
+        ("SubsidyCapExhaustionSoon", "resolved", "p1")
+    ]
+    # a signal from before the forecast existed never fires it
+    assert evaluator.on_billing_signal(subsidy("p2", "0.10", T0)) == []

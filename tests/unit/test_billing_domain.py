@@ -545,3 +545,64 @@ def test_invoices_minus_credit_notes_equal_the_arithmetic_of_the_corrected_catal
             assert overall == getattr(reference, total), total
         else:
             assert getattr(recharged, total) == getattr(reference, total)
+
+
+# --- subsidy forecast ---------------------------------------------------------------------------
+
+
+def test_the_cap_runs_out_at_the_trailing_burn_unless_the_approval_ends_first() -> None:
+    today = dt.date(2026, 12, 6)
+    project = Project(
+        id="p1",
+        name="P1",
+        subsidy=Subsidy(
+            scheme="AISS",
+            rate=Decimal("0.70"),
+            cap_hkd=Decimal("10000.00"),
+            valid_from=dt.date(2026, 1, 1),
+            valid_to=dt.date(2027, 3, 31),
+        ),
+    )
+    pricing = Pricing.of(
+        [
+            RateCard(
+                gpu_model="H800",
+                hkd_per_gpu_hour=Decimal("26.00"),
+                effective_from=dt.date(2026, 1, 1),
+            )
+        ],
+        [project],
+    )
+    # 7 days of 10 GPU-hours a day: 260.00 a day at list, 182.00 of subsidy a day
+    week = [("H800", today - dt.timedelta(days=d), Decimal(36000)) for d in range(1, 8)]
+    burn = domain.subsidised_burn(week, project, pricing)
+    assert burn == Decimal(182)
+    found = domain.subsidy_forecast(
+        Decimal("10000.00"), Decimal("4540.00"), burn, today, dt.date(2027, 3, 31)
+    )
+    # 5,460.00 left / 182 a day = 30 days
+    assert (found.burn_hkd_per_day, found.days_left, found.exhausted_on) == (
+        Decimal(182),
+        30,
+        dt.date(2027, 1, 5),
+    )
+    # a part day left counts as a day: 5,460.01 left lasts into a 31st day
+    partial = domain.subsidy_forecast(
+        Decimal("10000.00"), Decimal("4539.99"), burn, today, dt.date(2027, 3, 31)
+    )
+    assert partial.days_left == 31
+    ends_first = domain.subsidy_forecast(
+        Decimal("10000.00"), Decimal("4540.00"), burn, today, dt.date(2026, 12, 31)
+    )
+    assert (ends_first.exhausted_on, ends_first.days_left) == (None, None)
+    idle = domain.subsidy_forecast(
+        Decimal("10000.00"), Decimal("0"), Decimal(0), today, dt.date(2027, 3, 31)
+    )
+    assert idle.exhausted_on is None
+    used_up = domain.subsidy_forecast(
+        Decimal("100.00"), Decimal("100.00"), Decimal(0), today, dt.date(2027, 3, 31)
+    )
+    assert (used_up.exhausted_on, used_up.days_left) == (today, 0)
+    # usage outside the approval window or without a rate burns nothing
+    outside = [("H800", dt.date(2025, 12, 30), Decimal(36000)), ("B200", today, Decimal(36000))]
+    assert domain.subsidised_burn(outside, project, pricing) == 0

@@ -73,10 +73,14 @@ class CapHistory:
 
 
 async def cap_histories(conn: Connection) -> list[CapHistory]:
-    """Every project with a subsidy approval and its invoices in period order (drafts included)."""
+    """Every project with a subsidy approval and its invoices in period order (drafts included),
+    each invoice's subsidy less what credit notes returned to the cap."""
     rows = await conn.fetch(
-        "SELECT p.*, i.period, i.status, i.subsidy_hkd, i.subsidy_cap_remaining_hkd"
+        "SELECT p.*, i.period, i.status, i.subsidy_hkd - COALESCE(c.credited, 0) AS subsidy_hkd,"
+        " i.subsidy_cap_remaining_hkd + COALESCE(c.credited, 0) AS subsidy_cap_remaining_hkd"
         " FROM projects p LEFT JOIN invoices i ON i.project_id = p.project_id"
+        " LEFT JOIN (SELECT invoice_id, sum(subsidy_hkd) AS credited FROM credit_notes"
+        "            GROUP BY 1) c ON c.invoice_id = i.invoice_id"
         " WHERE p.subsidy_scheme IS NOT NULL ORDER BY p.project_id, i.period"
     )
     histories: dict[str, CapHistory] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,11 @@ from zoneinfo import ZoneInfo
 
 import httpx
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
-from services.billing import store
+from services.billing import domain, service, store
 from services.billing.api import (
     ERRORS,
     ApiError,
@@ -32,7 +34,7 @@ from services.billing.api import (
 )
 from services.billing.domain import period_bounds
 from services.billing.export import safe_file_name
-from services.billing.pdf import invoice_pdf
+from services.billing.pdf import Issuer, credit_note_pdf, invoice_pdf
 from services.billing.settings import BillingSettings
 from services.billing.web import queries
 from services.common.oidc import AuthError
@@ -40,6 +42,7 @@ from services.common.oidc import AuthError
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
+CREDIT_NOTE_ID = re.compile(r"CN-(INV-.+)-([1-9][0-9]{0,5})", re.DOTALL)
 # The only files the page needs; served by name so no path reaches the file system unchecked.
 ASSETS = {
     "app.js": "text/javascript; charset=utf-8",
@@ -95,8 +98,18 @@ class CapBurnDown(BaseModel):
     cap_hkd: str
     valid_from: dt.date
     valid_to: dt.date
-    used_hkd: str = Field(description="subsidy of all its invoices, drafts included")
+    used_hkd: str = Field(
+        description="subsidy of all its invoices, drafts included, less credit notes"
+    )
     cap_remaining_hkd: str
+    burn_hkd_per_day: str | None = Field(
+        None, description="subsidy drawn per day over the last 7 whole days (Hong Kong)"
+    )
+    cap_exhausted_on: dt.date | None = Field(
+        None,
+        description="when the cap runs out at that burn; null when it does not before the"
+        " approval ends (valid_to)",
+    )
     points: list[CapPointView]
 
 
@@ -149,7 +162,9 @@ def centre_usage(period: str, hours: list[queries.CentreHour]) -> CentreUsage:
     )
 
 
-def cap_burn_down(history: queries.CapHistory) -> CapBurnDown:
+def cap_burn_down(
+    history: queries.CapHistory, forecast: domain.SubsidyForecast | None = None
+) -> CapBurnDown:
     subsidy = history.project.subsidy
     assert subsidy is not None  # the query selects subsidised projects only
     used = sum((point.subsidy_hkd for point in history.points), Decimal(0))
@@ -163,6 +178,8 @@ def cap_burn_down(history: queries.CapHistory) -> CapBurnDown:
         valid_to=subsidy.valid_to,
         used_hkd=two_places(used),
         cap_remaining_hkd=two_places(subsidy.cap_hkd - used),
+        burn_hkd_per_day=None if forecast is None else str(forecast.burn_hkd_per_day),
+        cap_exhausted_on=None if forecast is None else forecast.exhausted_on,
         points=[
             CapPointView(
                 period=point.period,
@@ -261,7 +278,12 @@ def create_router(settings: BillingSettings, store_: store.Store) -> APIRouter:
         caller.require_read_all()
         async with store_.acquire() as conn:
             histories = await queries.cap_histories(conn)
-        return CapBurnDownList(projects=[cap_burn_down(history) for history in histories])
+            forecasts = await service.subsidy_forecasts(conn, dt.datetime.now(dt.UTC))
+        return CapBurnDownList(
+            projects=[
+                cap_burn_down(history, forecasts.get(history.project.id)) for history in histories
+            ]
+        )
 
     @router.get(
         "/dashboard/api/alerts",
@@ -317,12 +339,46 @@ def create_router(settings: BillingSettings, store_: store.Store) -> APIRouter:
                 raise ApiError(404, "not_found", f"no invoice {invoice_id!r}")
             caller.require_project(found.project_id)
             project = await queries.project(conn, found.project_id)
+        # Rendering takes a fraction of a second: off the event loop, which serves everyone else.
+        document = await run_in_threadpool(
+            invoice_pdf, found.document(), project, issuer=Issuer.from_settings(settings)
+        )
         return Response(
-            invoice_pdf(found.document(), project, issuer=settings.provider_name),
+            document,
             media_type="application/pdf",
             headers={
                 "Content-Disposition": f'attachment; filename="{safe_file_name(invoice_id)}.pdf"'
             },
+        )
+
+    @router.get(
+        "/v1/credit-notes/{credit_note_id}.pdf",
+        response_class=Response,
+        responses={**ERRORS, 200: {"content": {"application/pdf": {}}}},
+        tags=["credit notes"],
+    )
+    async def credit_note_as_pdf(caller: Caller, credit_note_id: str) -> Response:
+        """A credit note as a PDF: its number, the invoice it credits, the reason, the lines
+        credited, the subsidy returned to the cap and the amount credited to the project.
+        Credit note ids are CN-<invoice id>-<n>; a project token reads its own only."""
+        parts = CREDIT_NOTE_ID.fullmatch(credit_note_id)
+        if parts is None:
+            raise ApiError(404, "not_found", f"no credit note {credit_note_id[:80]!r}")
+        caller.require_project(invoice_id_project(parts.group(1)))
+        async with store_.acquire() as conn:
+            found = await service.credit_notes(conn, credit_note_id=credit_note_id)
+            if not found:
+                raise ApiError(404, "not_found", f"no credit note {credit_note_id[:80]!r}")
+            caller.require_project(found[0].project_id)
+            project = await queries.project(conn, found[0].project_id)
+        document = await run_in_threadpool(
+            credit_note_pdf, found[0], project, issuer=Issuer.from_settings(settings)
+        )
+        name = safe_file_name(credit_note_id)
+        return Response(
+            document,
+            media_type="application/pdf",
+            headers={"Content-Disposition": f'attachment; filename="{name}.pdf"'},
         )
 
     return router

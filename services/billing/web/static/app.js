@@ -160,13 +160,14 @@ async function load() {
     }
     choosePeriod(info.body);
     const period = encodeURIComponent(state.period);
-    const [invoices, catalog, centre, cap, alerts, completeness] = await Promise.all([
+    const [invoices, catalog, centre, cap, alerts, completeness, audit] = await Promise.all([
       api(`/v1/invoices?period=${period}`),
       api("/v1/catalog"),
       api(`/dashboard/api/centre?period=${period}`),
       api("/dashboard/api/cap"),
       api("/dashboard/api/alerts"),
       api(`/v1/periods/${period}/completeness`),
+      api("/v1/audit?limit=20"),
     ]);
     const names = {};
     if (catalog.ok) for (const project of catalog.body.projects) names[project.id] = project.name;
@@ -175,6 +176,7 @@ async function load() {
     renderCap(cap);
     renderAlerts(alerts);
     renderCompleteness(completeness, invoices);
+    renderAudit(audit);
     const now = new Date();
     setStatus(
       `Period ${state.period}${periodNote(info.body)}. Updated ${now.toLocaleTimeString()}; refreshes every ${
@@ -218,6 +220,7 @@ function renderSignedOut(result) {
   const message = state.token ? problem(result) : "Paste an API token above, or sign in, to see invoices.";
   $("invoice-rows").replaceChildren();
   $("cap-rows").replaceChildren();
+  $("audit-rows").replaceChildren();
   $("alert-list").replaceChildren();
   $("incomplete-hours").replaceChildren();
   for (const id of ["centre-chart", "spend-chart", "cap-chart"]) $(id).replaceChildren();
@@ -229,6 +232,7 @@ function renderSignedOut(result) {
   empty("invoices-empty", message);
   empty("cap-empty", message);
   empty("alerts-empty", message);
+  empty("audit-empty", message);
 }
 
 // --- invoices: totals, table, spend chart ---------------------------------------------------------
@@ -437,6 +441,47 @@ function formatCount(value) {
   return Number.isInteger(value) ? String(value) : value.toFixed(1);
 }
 
+// --- audit trail ------------------------------------------------------------------------------------
+
+function auditSummary(entry) {
+  const d = entry.details || {};
+  switch (entry.action) {
+    case "catalog.apply":
+      return d.summary || "catalog applied";
+    case "period.finalize":
+    case "period.finalize_forced":
+      return `${d.invoices} invoices${d.invoice_numbers && d.invoice_numbers.length ? ` (${d.invoice_numbers.join(" to ")})` : ""}`;
+    case "credit_note.issue":
+      return `${d.credit_note_number} against ${d.invoice_number || d.invoice_id}: ${money(d.net_hkd)} HKD; ${d.reason}`;
+    default:
+      return "";
+  }
+}
+
+function renderAudit(result) {
+  const rows = $("audit-rows");
+  rows.replaceChildren();
+  if (!result.ok) {
+    empty("audit-empty", result.status === 403 ? "The audit trail is shown to admin tokens only." : problem(result));
+    return;
+  }
+  const entries = result.body.entries;
+  empty("audit-empty", entries.length ? "" : "Nothing has been changed yet.");
+  for (const entry of entries) {
+    rows.append(
+      el(
+        "tr",
+        { "data-testid": "audit-row", "data-action": entry.action },
+        el("td", { class: "muted", text: new Date(entry.at).toLocaleString() }),
+        el("td", { text: entry.actor }),
+        el("td", { text: entry.action }),
+        el("td", { text: entry.subject || "" }),
+        el("td", { text: auditSummary(entry) })
+      )
+    );
+  }
+}
+
 // --- subsidy cap burn-down ------------------------------------------------------------------------
 
 function renderCap(result) {
@@ -466,6 +511,12 @@ function renderCap(result) {
         el("td", { class: "num", "data-testid": "cap-used", text: money(project.used_hkd) }),
         el("td", { class: "num", "data-testid": "cap-left", text: money(project.cap_remaining_hkd) }),
         el("td", {}, meter, el("span", { class: "muted", text: `${share.toFixed(1)}%` })),
+        el("td", { class: "num", "data-testid": "cap-burn", text: project.burn_hkd_per_day ?? "-" }),
+        el("td", {
+          "data-testid": "cap-runs-out",
+          class: project.cap_exhausted_on ? "warn" : "muted",
+          text: project.cap_exhausted_on || "not before the approval ends",
+        }),
         el("td", { class: "muted", text: `${project.valid_from} to ${project.valid_to}` })
       )
     );
