@@ -109,6 +109,7 @@ def create_app(settings: MeteringSettings) -> MeteringApp:
         settings.faust_id,
         broker=broker_urls(settings.kafka_bootstrap_servers),
         store="memory://",
+        datadir=settings.data_dir,
         autodiscover=False,
         topic_partitions=settings.internal_partitions,
         topic_allow_declare=True,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from pydantic import Field, model_validator
 
 from services.common.settings import ApiTokenSettings
@@ -57,6 +60,13 @@ class MeteringSettings(ApiTokenSettings):
     node_expiry_check_s: float = Field(60.0, gt=0)
     max_hour_keys_per_node: int = Field(1024, ge=1)
     table_retention_s: int = 35 * 24 * 3600  # cross-node sums kept for late updates
+    # Where Faust keeps its per-app directory. Tables are in memory (their changelogs are the
+    # truth), so nothing lasting is written there; the default is the system's temporary
+    # directory, not the current one (every app id would leave a directory in the checkout, and a
+    # container's working directory may not be writable).
+    data_dir: str = Field(
+        default_factory=lambda: str(Path(tempfile.gettempdir()) / "gpumeter-faust")
+    )
 
     @model_validator(mode="after")
     def _request_outlasts_session(self) -> MeteringSettings:
