@@ -12,7 +12,7 @@ from schemas.billing import SubsidyUsage, UnpricedUsage
 from schemas.catalog import Catalog
 from schemas.dead_letter import DeadLetter
 from schemas.invoice import CreditNote, Invoice
-from schemas.metering import ClusterMinute, HourCompleteness, HourlyTotal
+from schemas.metering import ClusterMinute, HourCompleteness, HourlyTotal, JobHourlyTotal
 from schemas.usage import UsageEvent
 
 SCHEMA_DIR = Path(__file__).parent / "json"
@@ -21,6 +21,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "usage-event.v1": UsageEvent,
     "dead-letter.v1": DeadLetter,
     "hourly-total.v1": HourlyTotal,
+    "job-hourly-total.v1": JobHourlyTotal,
     "cluster-minute.v1": ClusterMinute,
     "hour-completeness.v1": HourCompleteness,
     "catalog": Catalog,

@@ -28,6 +28,33 @@ def hourly_key(project_id: str, gpu_model: str, hour_start_iso: str) -> str:
     return f"{project_id}|{gpu_model}|{hour_start_iso}"
 
 
+class JobHourlyTotal(BaseModel):
+    """Cumulative totals of one (project, job, GPU model, hour) on metering.usage.jobs.hourly.v1
+    (compacted, keyed `project_id|job_id|gpu_model|hour_start`; job_id empty for samples of an
+    allocation with no job). Totals, not increments, with the same exactness rules as
+    HourlyTotal: summed over a project's jobs they equal its hourly totals."""
+
+    project_id: str
+    job_id: str | None
+    gpu_model: str
+    hour_start: AwareDatetime
+    gpu_seconds: Decimal
+    util_gpu_seconds: Decimal
+    idle_gpu_seconds: Decimal = Field(
+        description="GPU-seconds allocated at under 5% utilization (the sample's util_pct)"
+    )
+    energy_wh: Decimal
+    nodes: int = Field(ge=0, description="nodes the job ran on in that hour")
+    samples: int = Field(ge=0)
+    revision: int = Field(ge=0)
+
+    @property
+    def key(self) -> str:
+        return (
+            f"{self.project_id}|{self.job_id or ''}|{self.gpu_model}|{self.hour_start.isoformat()}"
+        )
+
+
 class ClusterMinute(BaseModel):
     """Centre-wide utilization of one minute (UTC), cumulative as samples arrive."""
 

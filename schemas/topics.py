@@ -7,6 +7,8 @@ from dataclasses import dataclass
 USAGE = "gpu.usage.v1"
 USAGE_DLQ = "gpu.usage.dlq.v1"
 HOURLY = "metering.usage.hourly.v1"
+# Per-job hourly totals (a versioned addition to docs/contracts.md §2), compacted.
+JOBS_HOURLY = "metering.usage.jobs.hourly.v1"
 CLUSTER_MINUTELY = "metering.cluster.minutely.v1"
 INVOICES = "billing.invoices.v1"
 ALERTS = "alerts.v1"
@@ -16,6 +18,7 @@ COMPLETENESS = "metering.completeness.v1"
 # (v2: a message holds many [key, node, partial] entries; v1 held one partial).
 NODE_HOURLY = "metering.internal.node-hourly.v2"
 NODE_MINUTELY = "metering.internal.node-minutely.v2"
+NODE_JOB_HOURLY = "metering.internal.node-job-hourly.v1"
 # Internal to metering: per-node signals (last seen, idle GPUs, XID) the alerts service reads.
 NODE_SIGNALS = "metering.node.signals.v1"
 # Billing's dead letters: hourly or completeness records it cannot decode or store, with reason,
@@ -44,6 +47,14 @@ class Topics:
     @property
     def hourly(self) -> str:
         return self.name(HOURLY)
+
+    @property
+    def jobs_hourly(self) -> str:
+        return self.name(JOBS_HOURLY)
+
+    @property
+    def node_job_hourly(self) -> str:
+        return self.name(NODE_JOB_HOURLY)
 
     @property
     def cluster_minutely(self) -> str:
@@ -86,6 +97,7 @@ class Topics:
             self.usage,
             self.usage_dlq,
             self.hourly,
+            self.jobs_hourly,
             self.cluster_minutely,
             self.invoices,
             self.alerts,
@@ -98,5 +110,6 @@ class Topics:
             self.billing_dlq,
             self.node_hourly,
             self.node_minutely,
+            self.node_job_hourly,
             self.node_signals,
         ]

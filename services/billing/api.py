@@ -26,7 +26,7 @@ from schemas.invoice import CreditNote, Invoice
 from schemas.usage import MAX_TEXT_CHARS, TEXT_CHARS, TEXT_RULE
 from services.billing import catalog as catalog_files
 from services.billing import domain, metrics, service, store
-from services.billing.export import focus_csv, invoices_csv, safe_file_name
+from services.billing.export import efficiency_csv_text, focus_csv, invoices_csv, safe_file_name
 from services.billing.settings import (
     PROJECT_ROLE_PREFIX,
     ROLE_ADMIN,
@@ -211,6 +211,65 @@ class SubsidyReport(BaseModel):
     period: str
     projects: list[SubsidyReportRow]
     totals: SubsidyReportTotals
+
+
+class UsageFigures(BaseModel):
+    gpu_hours: str = Field(description="GPU-hours allocated")
+    idle_gpu_hours: str = Field(description="GPU-hours allocated at under 5% utilization")
+    mean_util_pct: str | None
+    energy_kwh: str = Field(description="measured GPU energy")
+    list_cost_hkd: str = Field(description="the GPU-hours at list price, before any subsidy")
+    idle_list_cost_hkd: str = Field(description="the idle GPU-hours at list price")
+    unpriced_models: list[str] = Field(description="models with no rate card: in no cost")
+
+
+def usage_figures(summary: domain.UsageSummary) -> UsageFigures:
+    return UsageFigures(
+        gpu_hours=summary.gpu_hours,
+        idle_gpu_hours=summary.idle_gpu_hours,
+        mean_util_pct=None if summary.mean_util_pct is None else str(summary.mean_util_pct),
+        energy_kwh=str(summary.energy_kwh),
+        list_cost_hkd=domain.money(summary.list_cost_hkd),
+        idle_list_cost_hkd=domain.money(summary.idle_list_cost_hkd),
+        unpriced_models=list(summary.unpriced_models),
+    )
+
+
+class JobRow(UsageFigures):
+    job_id: str | None = Field(description="null: GPUs allocated to the project with no job id")
+    gpu_models: list[str]
+    nodes: int = Field(description="the most nodes it ran on in one hour")
+    first_hour: dt.datetime
+    last_hour: dt.datetime
+
+
+def job_row(job: domain.JobUsage) -> JobRow:
+    return JobRow(
+        job_id=job.job_id or None,
+        gpu_models=list(job.gpu_models),
+        nodes=job.nodes,
+        first_hour=job.first_hour,
+        last_hour=job.last_hour,
+        **usage_figures(job.usage).model_dump(),
+    )
+
+
+class ProjectJobs(BaseModel):
+    project_id: str
+    period: str
+    jobs: list[JobRow] = Field(description="the most expensive first")
+    totals: UsageFigures
+
+
+class ProjectEfficiency(UsageFigures):
+    project_id: str
+    idle_share_pct: str | None = Field(description="idle GPU-hours as a share of allocated")
+    top_jobs: list[JobRow] = Field(description="up to 3, the most expensive first")
+
+
+class EfficiencyReport(BaseModel):
+    period: str
+    projects: list[ProjectEfficiency]
 
 
 class CatalogApplied(BaseModel):
@@ -769,6 +828,112 @@ def create_api(
             media_type="text/csv; charset=utf-8",
             headers={
                 "Content-Disposition": f'attachment; filename="{safe_file_name(f"focus-{period}")}.csv"'
+            },
+        )
+
+    async def job_usage(
+        project_ids: list[str] | None, period: str
+    ) -> tuple[dict[str, list[domain.JobDay]], domain.Pricing]:
+        start, end = domain.period_bounds(period)
+        async with store_.acquire() as conn:
+            rows = await store.job_days(conn, project_ids, start, end)
+            pricing = await store.load_pricing(conn)
+        days: dict[str, list[domain.JobDay]] = {}
+        for row in rows:
+            days.setdefault(row["project_id"], []).append(
+                domain.JobDay(
+                    project_id=row["project_id"],
+                    job_id=row["job_id"],
+                    gpu_model=row["gpu_model"],
+                    day=row["hk_date"],
+                    gpu_seconds=row["gpu_seconds"],
+                    util_gpu_seconds=row["util_gpu_seconds"],
+                    idle_gpu_seconds=row["idle_gpu_seconds"],
+                    energy_wh=row["energy_wh"],
+                    nodes=row["nodes"],
+                    first_hour=row["first_hour"],
+                    last_hour=row["last_hour"],
+                )
+            )
+        return days, pricing
+
+    @app.get(
+        "/v1/projects/{project_id}/jobs",
+        response_model=ProjectJobs,
+        responses=ERRORS,
+        tags=["usage"],
+    )
+    async def project_jobs(
+        caller: Caller, project_id: ProjectIdPath, period: PeriodQuery
+    ) -> ProjectJobs:
+        """Which jobs spent the project's GPU-hours in a period (usage hours of the period, in
+        Hong Kong): per job GPU-hours, mean utilization, idle GPU-hours, energy and list cost."""
+        caller.require_project(project_id_param(project_id))
+        period = period_param(period)
+        days, pricing = await job_usage([project_id], period)
+        found = days.get(project_id, [])
+        return ProjectJobs(
+            project_id=project_id,
+            period=period,
+            jobs=[job_row(job) for job in domain.jobs_of(found, pricing)],
+            totals=usage_figures(domain.summarize(found, pricing)),
+        )
+
+    async def efficiency_of(
+        caller: Principal, period: str, project_id: str | None
+    ) -> EfficiencyReport:
+        period = period_param(period)
+        if project_id is not None:
+            caller.require_project(project_id_param(project_id))
+        elif not caller.reads_all:
+            project_id = caller.project_id
+        days, pricing = await job_usage(None if project_id is None else [project_id], period)
+        projects = []
+        for pid in sorted(days):
+            summary = domain.summarize(days[pid], pricing)
+            share = (
+                None
+                if not summary.gpu_seconds
+                else str(
+                    (summary.idle_gpu_seconds * 100 / summary.gpu_seconds).quantize(Decimal("0.1"))
+                )
+            )
+            projects.append(
+                ProjectEfficiency(
+                    project_id=pid,
+                    idle_share_pct=share,
+                    top_jobs=[job_row(job) for job in domain.jobs_of(days[pid], pricing)[:3]],
+                    **usage_figures(summary).model_dump(),
+                )
+            )
+        return EfficiencyReport(period=period, projects=projects)
+
+    @app.get("/v1/efficiency", response_model=EfficiencyReport, responses=ERRORS, tags=["usage"])
+    async def efficiency(
+        caller: Caller, period: PeriodQuery, project_id: str | None = None
+    ) -> EfficiencyReport:
+        """Per project and period: allocated GPU-hours, GPU-hours allocated at under 5%
+        utilization and their list cost, mean utilization, measured energy, and the top jobs.
+        A project token sees its own project only."""
+        return await efficiency_of(caller, period, project_id)
+
+    @app.get(
+        "/v1/efficiency.csv",
+        response_class=Response,
+        responses={**ERRORS, 200: {"content": {"text/csv": {}}}},
+        tags=["usage"],
+    )
+    async def efficiency_csv(
+        caller: Caller, period: PeriodQuery, project_id: str | None = None
+    ) -> Response:
+        report = await efficiency_of(caller, period, project_id)
+        return Response(
+            efficiency_csv_text(report.model_dump(mode="json")["projects"]),
+            media_type="text/csv; charset=utf-8",
+            headers={
+                "Content-Disposition": (
+                    f'attachment; filename="{safe_file_name(f"efficiency-{report.period}")}.csv"'
+                )
             },
         )
 

@@ -36,6 +36,7 @@ async def ensure_billing_topics(settings: BillingSettings) -> None:
         settings.kafka_bootstrap_servers,
         {
             settings.topics.hourly: settings.topic_partitions,
+            settings.topics.jobs_hourly: settings.topic_partitions,
             settings.topics.invoices: settings.topic_partitions,
             settings.topics.billing_signals: settings.topic_partitions,
             settings.topics.completeness: settings.topic_partitions,
@@ -43,6 +44,7 @@ async def ensure_billing_topics(settings: BillingSettings) -> None:
         },
         compacted={
             settings.topics.hourly,
+            settings.topics.jobs_hourly,
             settings.topics.billing_signals,
             settings.topics.completeness,
         },

@@ -20,7 +20,7 @@ from aiokafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
 from schemas.codec import dead_letter
-from schemas.metering import HourCompleteness, HourlyTotal
+from schemas.metering import HourCompleteness, HourlyTotal, JobHourlyTotal
 from services.billing import metrics, service, store
 from services.billing.background import BackgroundLoop
 from services.billing.settings import BillingSettings
@@ -71,6 +71,33 @@ def decode_hourly(value: bytes) -> HourlyTotal:
     return total
 
 
+def decode_job_hourly(value: bytes) -> JobHourlyTotal:
+    """One metering.usage.jobs.hourly.v1 value -> JobHourlyTotal, or BadHourlyRecord."""
+    try:
+        total = JobHourlyTotal.model_validate_json(value)
+    except ValidationError as exc:
+        json_broken = any(error["type"] == "json_invalid" for error in exc.errors())
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'value'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise BadHourlyRecord("not_json" if json_broken else "invalid_job_record", detail) from None
+    hour = total.hour_start.astimezone(dt.UTC)
+    if hour.minute or hour.second or hour.microsecond:
+        raise BadHourlyRecord(
+            "invalid_job_record", f"hour_start {hour.isoformat()} is not on an hour"
+        )
+    if not HOURS_BILLED[0] <= hour < HOURS_BILLED[1]:
+        raise BadHourlyRecord(
+            "invalid_job_record",
+            f"hour_start {hour.isoformat()} is outside the periods 2000-01..2999-12 (Hong Kong)",
+        )
+    sums = (total.gpu_seconds, total.util_gpu_seconds, total.idle_gpu_seconds, total.energy_wh)
+    if any(value < 0 for value in sums) or total.idle_gpu_seconds > total.gpu_seconds:
+        raise BadHourlyRecord("invalid_job_record", "negative total, or idle beyond allocated")
+    return total.model_copy(update={"hour_start": hour})
+
+
 def decode_completeness(value: bytes) -> HourCompleteness:
     """One metering.completeness.v1 value -> HourCompleteness, or BadHourlyRecord."""
     try:
@@ -110,6 +137,7 @@ class HourlyConsumer(BackgroundLoop):
         consumer = AIOKafkaConsumer(
             self.settings.topics.hourly,
             self.settings.topics.completeness,
+            self.settings.topics.jobs_hourly,
             group_id=self.settings.consumer_group,
             **self.settings.consumer_kwargs(),
         )
@@ -172,6 +200,8 @@ class HourlyConsumer(BackgroundLoop):
         total_records: list[ConsumerRecord] = []
         watermarks: list[HourCompleteness] = []
         watermark_records: list[ConsumerRecord] = []
+        jobs: list[JobHourlyTotal] = []
+        job_records: list[ConsumerRecord] = []
         for record in records:
             if record.value is None:
                 continue  # tombstone on a compacted topic: nothing to bill
@@ -179,6 +209,9 @@ class HourlyConsumer(BackgroundLoop):
                 if record.topic == self.settings.topics.completeness:
                     watermarks.append(decode_completeness(record.value))
                     watermark_records.append(record)
+                elif record.topic == self.settings.topics.jobs_hourly:
+                    jobs.append(decode_job_hourly(record.value))
+                    job_records.append(record)
                 else:
                     totals.append(decode_hourly(record.value))
                     total_records.append(record)
@@ -186,6 +219,17 @@ class HourlyConsumer(BackgroundLoop):
                 await self.dead_letter(record, exc.reason, exc.detail)
         if totals:
             await self.apply_totals(totals, total_records)
+        if jobs:
+            try:
+                await service.with_db_retry(
+                    self.store,
+                    lambda conn: store.upsert_job_hours(conn, jobs),
+                    "upsert_job_hours",
+                    self.settings.db_retry_max_backoff_s,
+                )
+            except asyncpg.PostgresError as exc:  # a value out of a column's range
+                for record in job_records:
+                    await self.dead_letter(record, "refused_by_database", repr(exc))
         if watermarks:
             try:
                 await service.with_db_retry(

@@ -592,3 +592,117 @@ def subsidy_forecast(
         approval_ends_on=valid_to,
         days_left=None if exhausted_on is None else (exhausted_on - today).days,
     )
+
+
+# --- per-job usage and efficiency ----------------------------------------------------------------
+
+KWH_PLACES = Decimal("0.001")
+
+
+@dataclass(frozen=True)
+class JobDay:
+    """One job's usage of one GPU model on one Hong Kong date (sums of its hourly totals)."""
+
+    project_id: str
+    job_id: str  # "" for an allocation with no job id
+    gpu_model: str
+    day: dt.date
+    gpu_seconds: Decimal
+    util_gpu_seconds: Decimal
+    idle_gpu_seconds: Decimal
+    energy_wh: Decimal
+    nodes: int
+    first_hour: dt.datetime
+    last_hour: dt.datetime
+
+
+@dataclass(frozen=True)
+class UsageSummary:
+    """GPU-hours, utilization, idle time, energy and list cost of a job or of a project's
+    period. `list_cost_hkd` prices every GPU-hour at the rate card of its day (what the usage
+    costs before any subsidy, rounded half up once); `idle_list_cost_hkd` the hours allocated at
+    under 5% utilization; `unpriced_models` have no rate card and are in neither."""
+
+    gpu_seconds: Decimal
+    util_gpu_seconds: Decimal
+    idle_gpu_seconds: Decimal
+    energy_wh: Decimal
+    list_cost_hkd: Decimal
+    idle_list_cost_hkd: Decimal
+    unpriced_models: tuple[str, ...]
+
+    @property
+    def gpu_hours(self) -> str:
+        return gpu_hours_text(self.gpu_seconds)
+
+    @property
+    def idle_gpu_hours(self) -> str:
+        return gpu_hours_text(self.idle_gpu_seconds)
+
+    @property
+    def mean_util_pct(self) -> Decimal | None:
+        if not self.gpu_seconds:
+            return None
+        return (self.util_gpu_seconds * 100 / self.gpu_seconds).quantize(Decimal("0.1"))
+
+    @property
+    def energy_kwh(self) -> Decimal:
+        return (self.energy_wh / 1000).quantize(KWH_PLACES, rounding=ROUND_HALF_UP)
+
+
+def summarize(days: Iterable[JobDay], pricing: Pricing) -> UsageSummary:
+    gpu = util = idle = energy = Decimal(0)
+    cost = idle_cost = Fraction(0)
+    unpriced: set[str] = set()
+    for day in days:
+        gpu += day.gpu_seconds
+        util += day.util_gpu_seconds
+        idle += day.idle_gpu_seconds
+        energy += day.energy_wh
+        rate = pricing.rate_for(day.gpu_model, day.day)
+        if rate is None:
+            unpriced.add(day.gpu_model)
+            continue
+        cost += Fraction(day.gpu_seconds) * Fraction(rate) / SECONDS_PER_HOUR
+        idle_cost += Fraction(day.idle_gpu_seconds) * Fraction(rate) / SECONDS_PER_HOUR
+    return UsageSummary(
+        gpu,
+        util,
+        idle,
+        energy,
+        round_half_up(cost),
+        round_half_up(idle_cost),
+        tuple(sorted(unpriced)),
+    )
+
+
+@dataclass(frozen=True)
+class JobUsage:
+    project_id: str
+    job_id: str
+    gpu_models: tuple[str, ...]
+    nodes: int  # the most nodes it ran on in one hour
+    first_hour: dt.datetime
+    last_hour: dt.datetime
+    usage: UsageSummary
+
+
+def jobs_of(days: Iterable[JobDay], pricing: Pricing) -> list[JobUsage]:
+    """Per (project, job): its usage summary, the most expensive first."""
+    grouped: dict[tuple[str, str], list[JobDay]] = defaultdict(list)
+    for day in days:
+        grouped[(day.project_id, day.job_id)].append(day)
+    jobs = [
+        JobUsage(
+            project_id=project_id,
+            job_id=job_id,
+            gpu_models=tuple(sorted({d.gpu_model for d in found})),
+            nodes=max(d.nodes for d in found),
+            first_hour=min(d.first_hour for d in found),
+            last_hour=max(d.last_hour for d in found),
+            usage=summarize(found, pricing),
+        )
+        for (project_id, job_id), found in grouped.items()
+    ]
+    jobs.sort(key=lambda j: (-j.usage.list_cost_hkd, -j.usage.gpu_seconds, j.project_id, j.job_id))
+    return jobs

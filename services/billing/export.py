@@ -408,3 +408,34 @@ def focus_csv(
             for row in focus_credit_note_rows(note, projects, provider_name)
         )
     return buffer.getvalue()
+
+
+# --- efficiency per project ------------------------------------------------------------------------
+
+EFFICIENCY_COLUMNS = [
+    "project_id",
+    "gpu_hours",
+    "idle_gpu_hours",
+    "idle_share_pct",
+    "mean_util_pct",
+    "energy_kwh",
+    "list_cost_hkd",
+    "idle_list_cost_hkd",
+    "unpriced_models",
+]
+
+
+def efficiency_csv_text(projects: Iterable[Mapping[str, object]]) -> str:
+    """One row per project of the efficiency report (GET /v1/efficiency)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator=CSV_LINE_END)
+    writer.writerow(EFFICIENCY_COLUMNS)
+    for project in projects:
+        row = []
+        for column in EFFICIENCY_COLUMNS:
+            value = project.get(column)
+            if isinstance(value, list):
+                value = " ".join(str(item) for item in value)
+            row.append(csv_cell("" if value is None else str(value)))
+        writer.writerow(row)
+    return buffer.getvalue()

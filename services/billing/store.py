@@ -17,7 +17,7 @@ from typing import Any, TypeAlias
 import asyncpg
 
 from schemas.catalog import BillTo, Project, RateCard, Subsidy
-from schemas.metering import HourCompleteness, HourlyTotal
+from schemas.metering import HourCompleteness, HourlyTotal, JobHourlyTotal
 from services.billing.domain import (
     HONG_KONG,
     ComputedInvoice,
@@ -1081,4 +1081,63 @@ async def audit_rows(
         since,
         before_id,
         limit,
+    )
+
+
+# --- per-job usage -------------------------------------------------------------------------------
+
+
+async def upsert_job_hours(conn: Connection, totals: Sequence[JobHourlyTotal]) -> int:
+    """Upsert per-job hourly totals, each only to a higher revision; returns the rows changed."""
+    latest: dict[tuple[str, str, str, dt.datetime], JobHourlyTotal] = {}
+    for total in totals:
+        key = (total.project_id, total.job_id or "", total.gpu_model, total.hour_start)
+        if key not in latest or latest[key].revision < total.revision:
+            latest[key] = total
+    if not latest:
+        return 0
+    rows = list(latest.values())
+    result: str = await conn.execute(
+        "INSERT INTO usage_jobs_hourly AS u (project_id, job_id, gpu_model, hour_start,"
+        " gpu_seconds, util_gpu_seconds, idle_gpu_seconds, energy_wh, nodes, samples, revision)"
+        " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],"
+        " $5::numeric[], $6::numeric[], $7::numeric[], $8::numeric[], $9::integer[],"
+        " $10::integer[], $11::bigint[])"
+        " ON CONFLICT (project_id, job_id, gpu_model, hour_start) DO UPDATE SET"
+        " gpu_seconds = EXCLUDED.gpu_seconds, util_gpu_seconds = EXCLUDED.util_gpu_seconds,"
+        " idle_gpu_seconds = EXCLUDED.idle_gpu_seconds, energy_wh = EXCLUDED.energy_wh,"
+        " nodes = EXCLUDED.nodes, samples = EXCLUDED.samples, revision = EXCLUDED.revision,"
+        " updated_at = now() WHERE u.revision < EXCLUDED.revision",
+        [t.project_id for t in rows],
+        [t.job_id or "" for t in rows],
+        [t.gpu_model for t in rows],
+        [t.hour_start for t in rows],
+        [t.gpu_seconds for t in rows],
+        [t.util_gpu_seconds for t in rows],
+        [t.idle_gpu_seconds for t in rows],
+        [t.energy_wh for t in rows],
+        [t.nodes for t in rows],
+        [t.samples for t in rows],
+        [t.revision for t in rows],
+    )
+    return int(result.rsplit(" ", 1)[-1])
+
+
+async def job_days(
+    conn: Connection, project_ids: Sequence[str] | None, start: dt.datetime, end: dt.datetime
+) -> list[asyncpg.Record]:
+    """Per (project, job, model, Hong Kong date) in [start, end): GPU-, utilized and idle
+    GPU-seconds, energy, hours with usage, first and last hour; all projects when None."""
+    return await conn.fetch(
+        "SELECT project_id, job_id, gpu_model,"
+        " (hour_start AT TIME ZONE 'Asia/Hong_Kong')::date AS hk_date,"
+        " sum(gpu_seconds) AS gpu_seconds, sum(util_gpu_seconds) AS util_gpu_seconds,"
+        " sum(idle_gpu_seconds) AS idle_gpu_seconds, sum(energy_wh) AS energy_wh,"
+        " max(nodes) AS nodes, min(hour_start) AS first_hour, max(hour_start) AS last_hour"
+        " FROM usage_jobs_hourly"
+        " WHERE ($1::text[] IS NULL OR project_id = ANY($1)) AND hour_start >= $2"
+        " AND hour_start < $3 GROUP BY 1, 2, 3, 4",
+        None if project_ids is None else list(project_ids),
+        start,
+        end,
     )

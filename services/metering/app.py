@@ -169,7 +169,14 @@ def create_app(settings: MeteringSettings) -> MeteringApp:
         key_serializer="raw",
         partitions=settings.internal_partitions,
     )
+    node_job_hourly_topic = app.topic(
+        topics.node_job_hourly,
+        value_serializer="raw",
+        key_serializer="raw",
+        partitions=settings.internal_partitions,
+    )
     hourly_topic = app.topic(topics.hourly, value_serializer="raw", key_serializer="raw")
+    jobs_hourly_topic = app.topic(topics.jobs_hourly, value_serializer="raw", key_serializer="raw")
     cluster_topic = app.topic(topics.cluster_minutely, value_serializer="raw", key_serializer="raw")
     signals_topic = app.topic(topics.node_signals, value_serializer="raw", key_serializer="raw")
     node_completeness_topic = app.topic(
@@ -183,7 +190,13 @@ def create_app(settings: MeteringSettings) -> MeteringApp:
     )
     fixes.stream_topics.update(
         topic.get_topic_name()
-        for topic in (usage_topic, node_hourly_topic, node_minutely_topic, node_completeness_topic)
+        for topic in (
+            usage_topic,
+            node_hourly_topic,
+            node_minutely_topic,
+            node_job_hourly_topic,
+            node_completeness_topic,
+        )
     )
 
     # Node states are JSON bytes made here (the stdlib's C encoder): Faust's own JSON serializer
@@ -191,6 +204,7 @@ def create_app(settings: MeteringSettings) -> MeteringApp:
     node_state = app.Table("node-state", key_type=str, partitions=settings.usage_partitions)
     node_state.changelog_topic = node_state.changelog_topic.derive(value_serializer="raw")  # type: ignore[assignment]
     hour_totals = app.Table("hour-totals", key_type=str, partitions=settings.internal_partitions)
+    job_totals = app.Table("job-totals", key_type=str, partitions=settings.internal_partitions)
     minute_totals = app.Table(
         "minute-totals", key_type=str, partitions=settings.internal_partitions
     )
@@ -217,6 +231,7 @@ def create_app(settings: MeteringSettings) -> MeteringApp:
             node_state_changelog=node_state.changelog_topic.get_topic_name(),
             node_hourly=node_hourly_topic.get_topic_name(),
             node_minutely=node_minutely_topic.get_topic_name(),
+            node_job_hourly=node_job_hourly_topic.get_topic_name(),
             node_completeness=node_completeness_topic.get_topic_name(),
             signals=signals_topic.get_topic_name(),
             partitions=settings.internal_partitions,
@@ -259,6 +274,10 @@ def create_app(settings: MeteringSettings) -> MeteringApp:
         hourly_topic.send_soon(key=key.encode(), value=total.model_dump_json().encode())
         metrics.hourly_updates.inc()
 
+    def emit_job_hourly(key: str, record: dict[str, Any]) -> None:
+        total = domain.job_hourly_total(key, record)
+        jobs_hourly_topic.send_soon(key=key.encode(), value=total.model_dump_json().encode())
+
     def emit_minute(key: str, record: dict[str, Any]) -> None:
         minute = domain.cluster_minute(key, record)
         cluster_topic.send_soon(
@@ -276,6 +295,16 @@ def create_app(settings: MeteringSettings) -> MeteringApp:
         hour_totals,
         merge=domain.merge_partial,
         emit=emit_hourly,
+        epoch_of=domain.hour_of_key,
+        retention_s=settings.table_retention_s,
+        expire_every=500,
+        metrics=metrics,
+    )
+    job_sums = SumsStage(
+        "jobs",
+        job_totals,
+        merge=domain.merge_partial,
+        emit=emit_job_hourly,
         epoch_of=domain.hour_of_key,
         retention_s=settings.table_retention_s,
         expire_every=500,
@@ -389,6 +418,11 @@ def create_app(settings: MeteringSettings) -> MeteringApp:
     async def sum_hours(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
             hour_sums.process([event.message for event in events])
+
+    @app.agent(node_job_hourly_topic)
+    async def sum_jobs(stream: Any) -> None:
+        async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+            job_sums.process([event.message for event in events])
 
     @app.agent(node_minutely_topic)
     async def sum_minutes(stream: Any) -> None:

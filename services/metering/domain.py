@@ -27,7 +27,13 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from schemas.metering import ClusterMinute, HourCompleteness, HourlyTotal, NodeSignal
+from schemas.metering import (
+    ClusterMinute,
+    HourCompleteness,
+    HourlyTotal,
+    JobHourlyTotal,
+    NodeSignal,
+)
 from schemas.usage import UsageEvent
 
 # Bounded dedup memory, O(GPUs): a re-delivery (agent spool replay, worker restart) repeats the
@@ -166,6 +172,7 @@ class SampleView:
     util_pct: float
     xid_errors: int
     gpu_uuid: str
+    job_id: str | None = None
 
     @classmethod
     def of(cls, event: UsageEvent) -> SampleView:
@@ -182,6 +189,7 @@ class SampleView:
             power_w=data.power_w,
             xid_errors=data.xid_errors,
             gpu_uuid=data.gpu_uuid,
+            job_id=data.job_id,
         )
 
     @classmethod
@@ -199,6 +207,7 @@ class SampleView:
         power_w: float,
         xid_errors: int,
         gpu_uuid: str,
+        job_id: str | None = None,
     ) -> SampleView:
         interval_n, util_n, power_n = scaled(interval_s), scaled(util_pct), scaled(power_w)
         decimals = None
@@ -223,6 +232,7 @@ class SampleView:
             float(util_pct),
             xid_errors,
             gpu_uuid,
+            job_id,
         )
 
     def start_or_about(self) -> int:
@@ -267,6 +277,8 @@ _HOUR_SCALES = (S_IN, S_UTIL, S_ENERGY)
 _HOUR_NAMES = ("gpu_s", "util_s", "energy_J")
 _MINUTE_SCALES = (S_IN, S_IN, S_UTIL, S_ENERGY)
 _MINUTE_NAMES = ("online_s", "alloc_s", "util_s", "energy_J")
+_JOB_SCALES = (S_IN, S_UTIL, S_ENERGY, S_IN)
+_JOB_NAMES = ("gpu_s", "util_s", "energy_J", "idle_s")
 
 
 @dataclass(slots=True)
@@ -293,6 +305,24 @@ class HourSums:
     def texts(self) -> list[str]:
         """gpu_s, util_s, energy_J as exact decimal strings."""
         return _sum_texts([self.gpu_n, self.util_n, self.energy_n], self.extra, _HOUR_SCALES)
+
+
+@dataclass(slots=True)
+class JobSums:
+    """One project/job/model/hour of one node: like HourSums, with the GPU-seconds allocated at
+    under IDLE_UTIL_PCT utilization (`idle_n`); `extra` holds (gpu_s, util_s, energy_J, idle_s)."""
+
+    gpu_n: int = 0
+    util_n: int = 0
+    energy_n: int = 0
+    idle_n: int = 0
+    samples: int = 0
+    extra: list[Decimal] | None = None
+
+    def texts(self) -> list[str]:
+        """gpu_s, util_s, energy_J, idle_s as exact decimal strings."""
+        ints = [self.gpu_n, self.util_n, self.energy_n, self.idle_n]
+        return _sum_texts(ints, self.extra, _JOB_SCALES)
 
 
 @dataclass(slots=True)
@@ -353,6 +383,7 @@ class NodeState:
     gpus:    gpu_key -> {"t": last counted end (s), "ids": recent id digests, base64,
              "runs": [[start (s), end (s)], ...] stretches of time counted, oldest first}
     hours:   "project|model|hour_iso" -> [gpu_s, util_gpu_s, energy_J, samples]
+    jobs:    "project|job|model|hour_iso" -> [gpu_s, util_gpu_s, energy_J, idle_gpu_s, samples]
     minutes: minute_epoch(str) -> {"gpus": bitmask of GPUs online (bit = position in gpus),
              "alloc": bitmask of GPUs allocated, "online_s", "alloc_s", "util_s", "energy_J",
              "xid", "samples"}
@@ -378,6 +409,10 @@ class NodeState:
         for key, t in record.get("hours", {}).items():
             ints, extra = _load_sums(t[:3], _HOUR_SCALES)
             self.hours[key] = HourSums(ints[0], ints[1], ints[2], t[3], extra)
+        self.jobs: dict[str, JobSums] = {}
+        for key, j in record.get("jobs", {}).items():
+            ints, extra = _load_sums(j[:4], _JOB_SCALES)
+            self.jobs[key] = JobSums(ints[0], ints[1], ints[2], ints[3], j[4], extra)
         self.minutes: dict[str, MinuteSums] = {}
         for key, m in record.get("minutes", {}).items():
             ints, extra = _load_sums([m[name] for name in _MINUTE_NAMES], _MINUTE_SCALES)
@@ -413,6 +448,7 @@ class NodeState:
         # Written forms of hours and minutes no sample touched since the last record: a state is
         # written at every commit, and most of its 15 minutes and hours have not changed.
         self._hour_texts: dict[str, list[Any]] = {}
+        self._job_texts: dict[str, list[Any]] = {}
         self._minute_texts: dict[str, dict[str, Any]] = {}
         # (interval start, hour, minute key, hour ISO) of the last sample applied
         self._buckets: tuple[Any, int, str, str] = (None, 0, "", "")
@@ -428,6 +464,7 @@ class NodeState:
                 for key, c in self.gpus.items()
             },
             "hours": {key: self._hour_record(key) for key in self.hours},
+            "jobs": {key: self._job_record(key) for key in self.jobs},
             "minutes": {key: self._minute_record(key) for key in self.minutes},
             "max_end_s": plain(self.max_end_n, S_IN),
             "last": {
@@ -449,6 +486,13 @@ class NodeState:
         if record is None:
             sums = self.hours[key]
             record = self._hour_texts[key] = [*sums.texts(), sums.samples]
+        return record
+
+    def _job_record(self, key: str) -> list[Any]:
+        record = self._job_texts.get(key)
+        if record is None:
+            sums = self.jobs[key]
+            record = self._job_texts[key] = [*sums.texts(), sums.samples]
         return record
 
     def _minute_record(self, key: str) -> dict[str, Any]:
@@ -476,6 +520,7 @@ class NodeState:
         touched_minutes: set[str],
         max_gpus: int = MAX_GPUS_PER_NODE,
         max_hour_keys: int = MAX_HOUR_KEYS_PER_NODE,
+        touched_jobs: set[str] | None = None,
     ) -> Outcome:
         end_n = sample.end_n
         cursor = self.gpus.get(sample.gpu_key)
@@ -501,10 +546,14 @@ class NodeState:
         if self._floor_hour is not None and hour <= self._floor_hour:
             return Outcome.BEYOND_RETENTION  # an hour of the forgotten state
         project_id = sample.project_id
-        key = ""
+        key = job_key = ""
         if project_id is not None:
             key = f"{project_id}|{sample.gpu_model}|{hour_iso}"
             if key not in self.hours and len(self.hours) >= max_hour_keys:
+                return Outcome.TOO_MANY_HOUR_KEYS
+            # The job's own totals: bounded like the hours (a node runs few jobs an hour).
+            job_key = f"{project_id}|{sample.job_id or ''}|{sample.gpu_model}|{hour_iso}"
+            if job_key not in self.jobs and len(self.jobs) >= max_hour_keys:
                 return Outcome.TOO_MANY_HOUR_KEYS
         if cursor is None:
             if len(self.gpus) >= max_gpus:
@@ -552,6 +601,21 @@ class NodeState:
             if not fast:
                 hour_sums.extra = _add_extra(hour_sums.extra, exact)
             touched_hours.add(key)
+            job_sums = self.jobs.get(job_key)
+            if job_sums is None:
+                job_sums = self.jobs[job_key] = JobSums()
+            self._job_texts.pop(job_key, None)
+            idle = sample.util_pct < IDLE_UTIL_PCT
+            job_sums.gpu_n += gpu_s
+            job_sums.util_n += util_s
+            job_sums.energy_n += energy
+            if idle:
+                job_sums.idle_n += gpu_s
+            job_sums.samples += 1
+            if not fast:
+                job_sums.extra = _add_extra(job_sums.extra, (*exact, exact[0] if idle else ZERO))
+            if touched_jobs is not None:
+                touched_jobs.add(job_key)
 
         minute = self.minutes.get(minute_key)
         if minute is None:
@@ -590,6 +654,9 @@ class NodeState:
         for key in [k for k in self.hours if latest - hour_of_key(k) > hour_retention_s + HOUR]:
             del self.hours[key]
             self._hour_texts.pop(key, None)
+        for key in [k for k in self.jobs if latest - hour_of_key(k) > hour_retention_s + HOUR]:
+            del self.jobs[key]
+            self._job_texts.pop(key, None)
         for key in [k for k in self.minutes if latest - int(k) > minute_retention_s]:
             del self.minutes[key]
             self._minute_texts.pop(key, None)
@@ -660,6 +727,10 @@ class NodeState:
     def hour_partial(self, key: str) -> dict[str, Any]:
         sums = self.hours[key]
         return {**dict(zip(_HOUR_NAMES, sums.texts(), strict=True)), "samples": sums.samples}
+
+    def job_partial(self, key: str) -> dict[str, Any]:
+        sums = self.jobs[key]
+        return {**dict(zip(_JOB_NAMES, sums.texts(), strict=True)), "samples": sums.samples}
 
     def minute_partial(self, key: str) -> dict[str, Any]:
         sums = self.minutes[key]
@@ -765,6 +836,26 @@ def hourly_total(key: str, record: dict[str, Any]) -> HourlyTotal:
         gpu_seconds=exact_sum(p["gpu_s"] for p in nodes),
         util_gpu_seconds=exact_sum(p["util_s"] for p in nodes),
         energy_wh=(energy_j / HOUR).quantize(Decimal("0.000001")),
+        samples=samples,
+        revision=samples,
+    )
+
+
+def job_hourly_total(key: str, record: dict[str, Any]) -> JobHourlyTotal:
+    project_id, job_id, gpu_model, hour_iso = key.split("|")
+    nodes = record["nodes"].values()
+    energy_j = exact_sum(p["energy_J"] for p in nodes)
+    samples = sum(p["samples"] for p in nodes)
+    return JobHourlyTotal(
+        project_id=project_id,
+        job_id=job_id or None,
+        gpu_model=gpu_model,
+        hour_start=datetime.fromisoformat(hour_iso),
+        gpu_seconds=exact_sum(p["gpu_s"] for p in nodes),
+        util_gpu_seconds=exact_sum(p["util_s"] for p in nodes),
+        idle_gpu_seconds=exact_sum(p["idle_s"] for p in nodes),
+        energy_wh=(energy_j / HOUR).quantize(Decimal("0.000001")),
+        nodes=len(record["nodes"]),
         samples=samples,
         revision=samples,
     )

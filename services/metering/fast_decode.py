@@ -196,6 +196,7 @@ def _all_well_formed(raw: bytes, key: bytes | None, now_s: float) -> list[Sample
                 power_w=power,
                 xid_errors=data.xid_errors,
                 gpu_uuid=data.gpu_uuid,
+                job_id=data.job_id,
             )
         else:
             gpu_uuid = data.gpu_uuid
@@ -214,6 +215,7 @@ def _all_well_formed(raw: bytes, key: bytes | None, now_s: float) -> list[Sample
                 util,
                 data.xid_errors,
                 gpu_uuid,
+                data.job_id,
             )
         samples.append(view)
     return samples
@@ -297,4 +299,5 @@ def _well_formed(
         power_w=power,
         xid_errors=data["xid_errors"],
         gpu_uuid=data["gpu_uuid"],
+        job_id=job_id,
     )

@@ -92,6 +92,7 @@ class MeteringSettings(ApiTokenSettings):
             f"{self.faust_id}-__assignor-__leader": 1,
             f"{self.faust_id}-node-state-changelog": self.usage_partitions,
             f"{self.faust_id}-hour-totals-changelog": self.internal_partitions,
+            f"{self.faust_id}-job-totals-changelog": self.internal_partitions,
             f"{self.faust_id}-minute-totals-changelog": self.internal_partitions,
             f"{self.faust_id}-hour-completeness-changelog": self.internal_partitions,
         }
@@ -105,6 +106,8 @@ class MeteringSettings(ApiTokenSettings):
             topics.cluster_minutely: 1,
             topics.node_hourly: self.internal_partitions,
             topics.node_minutely: self.internal_partitions,
+            topics.node_job_hourly: self.internal_partitions,
+            topics.jobs_hourly: self.internal_partitions,
             topics.node_signals: self.internal_partitions,
             topics.completeness: self.internal_partitions,
             self.node_completeness_topic: self.internal_partitions,
@@ -114,6 +117,7 @@ class MeteringSettings(ApiTokenSettings):
     def compacted_topics(self) -> set[str]:
         return {
             self.topics.hourly,
+            self.topics.jobs_hourly,
             self.topics.completeness,
             *(t for t in self.internal_topics() if t.endswith("-changelog")),
         }

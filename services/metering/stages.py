@@ -117,6 +117,7 @@ class UsageTopics:
     node_state_changelog: str
     node_hourly: str
     node_minutely: str
+    node_job_hourly: str
     node_completeness: str
     signals: str
     partitions: int  # of the three partial topics
@@ -147,6 +148,7 @@ class UsageStage:
         self.clock = clock
         self.hour_out = PartialOutbox(sender, topics.node_hourly, topics.partitions)
         self.minute_out = PartialOutbox(sender, topics.node_minutely, topics.partitions)
+        self.job_out = PartialOutbox(sender, topics.node_job_hourly, topics.partitions)
         self.completeness_out = PartialOutbox(sender, topics.node_completeness, topics.partitions)
         # Parsed node states, so a batch does not re-parse its record; the table stays the truth.
         self.live_states: dict[str, domain.NodeState] = {}
@@ -201,7 +203,9 @@ class UsageStage:
         self.resend_pending = False
         for node, record in list(self.states.items()):
             state = self.live_states.get(node) or domain.NodeState(json.loads(record))
-            self._queue_partials(node, state, state.hours, state.minutes, everything=True)
+            self._queue_partials(
+                node, state, state.hours, state.minutes, everything=True, jobs=state.jobs
+            )
         self._send_partials()
 
     # -- writing states --------------------------------------------------------------------
@@ -275,6 +279,7 @@ class UsageStage:
                 self.live_states[node] = state
             touched_hours: set[str] = set()
             touched_minutes: set[str] = set()
+            touched_jobs: set[str] = set()
             for sample, message in samples:
                 try:
                     outcome = state.apply(
@@ -284,6 +289,7 @@ class UsageStage:
                         touched_minutes,
                         limits.max_gpus_per_node,
                         limits.max_hour_keys_per_node,
+                        touched_jobs,
                     )
                 except Exception as error:  # noqa: BLE001 - see internal_error
                     self.internal_error(error, message, failed)
@@ -299,7 +305,9 @@ class UsageStage:
                         + self.outcome_details.get(outcome, outcome.value.replace("_", " ")),
                         message,
                     )
-            self._queue_partials(node, state, touched_hours, touched_minutes, everything=False)
+            self._queue_partials(
+                node, state, touched_hours, touched_minutes, everything=False, jobs=touched_jobs
+            )
             signal = state.signal(node)
             if self._signal_due(node, state, signal):
                 self.sender.add(
@@ -337,10 +345,14 @@ class UsageStage:
         hours: Iterable[str],
         minutes: Iterable[str],
         everything: bool,
+        jobs: Iterable[str] = (),
     ) -> None:
         for key in hours:
             if key in state.hours:
                 self.hour_out.add(key, node, state.hour_partial(key))
+        for key in jobs:
+            if key in state.jobs:
+                self.job_out.add(key, node, state.job_partial(key))
         for key in minutes:
             if key in state.minutes:
                 self.minute_out.add(key, node, state.minute_partial(key))
@@ -349,6 +361,7 @@ class UsageStage:
 
     def _send_partials(self) -> None:
         self.hour_out.send()
+        self.job_out.send()
         self.minute_out.send()
         self.completeness_out.send()
 

@@ -16,6 +16,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from pypdf import PdfReader
 
+from schemas.metering import JobHourlyTotal
 from services.billing import cli
 from services.billing.domain import HONG_KONG
 from tests.fixtures.billing import SAMPLE_CATALOG, billing_process, hourly, produce_hourly
@@ -445,3 +446,84 @@ def test_a_credit_note_over_http_is_admins_numbered_listed_for_its_project_and_a
         assert_error(
             client.get("/v1/credit-notes/CN-INV-2026-10-hkgai-llm-9.pdf", headers=LLM), 404
         )
+
+
+def job_total(
+    job: str | None, hour: dt.datetime, gpu_s: str, util_s: str, idle_s: str, revision: int = 1
+) -> JobHourlyTotal:
+    return JobHourlyTotal(
+        project_id="hkgai-llm",
+        job_id=job,
+        gpu_model="H800",
+        hour_start=hour,
+        gpu_seconds=Decimal(gpu_s),
+        util_gpu_seconds=Decimal(util_s),
+        idle_gpu_seconds=Decimal(idle_s),
+        energy_wh=Decimal("1500.5"),
+        nodes=2,
+        samples=revision,
+        revision=revision,
+    )
+
+
+def test_project_owners_see_their_jobs_idle_hours_and_efficiency(
+    billing_service: ServiceProcess, bootstrap_servers: str, topic_prefix: str, http_port: int
+) -> None:
+    hour = dt.datetime(2026, 9, 3, 2, tzinfo=UTC)
+    topic = f"{topic_prefix}metering.usage.jobs.hourly.v1"
+    produce_hourly(
+        bootstrap_servers,
+        topic,
+        [
+            job_total("slurm:7", hour, "36000", "18000", "0"),  # 10 h at 26.00 = 260.00
+            job_total("slurm:7", hour, "72000", "36000", "0", revision=2),  # replaces it: 20 h
+            job_total("slurm:8", hour, "7200", "72", "7200"),  # 2 h, all idle: 52.00 idle
+            job_total(None, hour + dt.timedelta(hours=1), "3600", "1800", "0"),
+        ],
+    )
+    with api(http_port) as client:
+
+        def three_jobs() -> dict | None:
+            r = client.get("/v1/projects/hkgai-llm/jobs?period=2026-09", headers=LLM)
+            body = r.json() if r.status_code == 200 else {"jobs": []}
+            done = len(body["jobs"]) == 3 and body["jobs"][0]["gpu_hours"] == "20.000000"
+            return body if done else None
+
+        jobs = wait_until(
+            three_jobs,
+            timeout_s=30,
+            what="the project's jobs",
+        )
+        assert [
+            (
+                j["job_id"],
+                j["gpu_hours"],
+                j["idle_gpu_hours"],
+                j["mean_util_pct"],
+                j["list_cost_hkd"],
+            )
+            for j in jobs["jobs"]
+        ] == [
+            ("slurm:7", "20.000000", "0.000000", "50.0", "520.00"),
+            ("slurm:8", "2.000000", "2.000000", "1.0", "52.00"),
+            (None, "1.000000", "0.000000", "50.0", "26.00"),
+        ]
+        assert jobs["jobs"][0]["energy_kwh"] == "1.501" and jobs["jobs"][0]["nodes"] == 2
+        assert (jobs["totals"]["gpu_hours"], jobs["totals"]["idle_list_cost_hkd"]) == (
+            "23.000000",
+            "52.00",
+        )
+        # another project's token: refused, and its own efficiency holds nothing of ours
+        assert_error(client.get("/v1/projects/hkgai-llm/jobs?period=2026-09", headers=VISION), 403)
+        assert client.get("/v1/efficiency?period=2026-09", headers=VISION).json()["projects"] == []
+        report = client.get("/v1/efficiency?period=2026-09", headers=BILLING).json()
+        [llm] = report["projects"]
+        assert (llm["project_id"], llm["idle_gpu_hours"], llm["idle_share_pct"]) == (
+            "hkgai-llm",
+            "2.000000",
+            "8.7",
+        )
+        assert [j["job_id"] for j in llm["top_jobs"]] == ["slurm:7", "slurm:8", None]
+        csv_text = client.get("/v1/efficiency.csv?period=2026-09", headers=LLM).text
+        assert csv_text.splitlines()[1].startswith("hkgai-llm,23.000000,2.000000,8.7,")
+        assert_error(client.get("/v1/projects/hkgai-llm/jobs?period=2026-13", headers=LLM), 400)

@@ -244,6 +244,23 @@ def test_duplicates_count_once_and_a_batch_equals_the_same_samples_sent_singly(
         assert Decimal(latest[key]["gpu_seconds"]) == Decimal(1200)
         assert Decimal(latest[key]["util_gpu_seconds"]) == Decimal(600)
         assert Decimal(latest[key]["energy_wh"]) == Decimal(120)  # 360 W x 1200 s / 3600
+    # And the per-job totals (metering.usage.jobs.hourly.v1) hold the same, by job
+    jobs = latest_json_by_key(
+        read_topic(
+            bootstrap_servers,
+            f"{topic_prefix}metering.usage.jobs.hourly.v1",
+            lambda messages: (
+                len([j for j in latest_json_by_key(messages).values() if j["samples"] == 120]) == 2
+            ),
+        )
+    )
+    for key in (key_a, key_b):
+        project, model, hour = key.split("|")
+        job = jobs[f"{project}|slurm:1|{model}|{hour}"]
+        assert (job["job_id"], job["nodes"], job["samples"]) == ("slurm:1", 1, 120)
+        for total in ("gpu_seconds", "util_gpu_seconds", "energy_wh"):
+            assert Decimal(job[total]) == Decimal(latest[key][total]), total
+        assert Decimal(job["idle_gpu_seconds"]) == 0  # 50% utilised
     metrics = httpx.get(f"http://127.0.0.1:{metering.http_port}/metrics").text
     assert 'gpumeter_metering_samples_total{outcome="duplicate"} 120.0' in metrics
     assert 'gpumeter_metering_consumer_lag{partition="' in metrics

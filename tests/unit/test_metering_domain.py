@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -327,3 +328,69 @@ def from_scratch(samples: list[domain.SampleView]) -> domain.NodeState:
         state.apply(sample, RETENTION, set(), set())
         state.expire(RETENTION, 15 * 60)
     return state
+
+
+# --- per-job totals ------------------------------------------------------------------------------
+
+JOB_T0 = datetime(2026, 11, 30, 15, 0, 10, tzinfo=UTC)
+
+
+def job_sample(
+    i: int, gpu: int, job: str | None, util: float, interval: float = 10.0
+) -> domain.SampleView:
+    return domain.SampleView.make(
+        node="n1",
+        source="/nodes/n1",
+        event_id=f"e{i}-{gpu}",
+        end_n=domain.epoch_ns(JOB_T0 + timedelta(seconds=10 * i)),
+        interval_s=interval,
+        project_id=None if job is None else "p1",
+        gpu_model="H800",
+        util_pct=util,
+        power_w=300.0,
+        xid_errors=0,
+        gpu_uuid=f"GPU-{gpu}",
+        job_id=job,
+    )
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["slurm:1", "slurm:2", None]),
+            st.sampled_from([0.0, 4.99, 5.0, 87.5]),
+            st.sampled_from([10.0, 0.1, 1e-10 + 9.9]),
+        ),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_job_totals_sum_to_the_projects_hourly_totals_and_count_idle_time_exactly(
+    rows: list[tuple[str | None, float, float]],
+) -> None:
+    state = domain.NodeState()
+    jobs: set[str] = set()
+    for i, (job, util, interval) in enumerate(rows):
+        sample = job_sample(i, i % 4, job, util, interval)
+        assert (
+            state.apply(sample, RETENTION, set(), set(), touched_jobs=jobs)
+            == domain.Outcome.COUNTED
+        )
+    restored = domain.NodeState(json.loads(json.dumps(state.to_record())))  # survives a record
+    for node_state in (state, restored):
+        totals = defaultdict(Decimal)
+        for key in node_state.jobs:
+            for name, value in node_state.job_partial(key).items():
+                totals[name] += Decimal(value)
+        hours = defaultdict(Decimal)
+        for key in node_state.hours:
+            for name, value in node_state.hour_partial(key).items():
+                hours[name] += Decimal(value)
+        for name in ("gpu_s", "util_s", "energy_J", "samples"):
+            assert totals[name] == hours[name], name
+        allocated = [(u, iv) for job, u, iv in rows if job is not None]
+        assert totals["idle_s"] == sum(
+            (Decimal(repr(iv)) for u, iv in allocated if u < 5), Decimal(0)
+        )
+    assert jobs == set(state.jobs)
+    assert all(key.count("|") == 3 for key in state.jobs)
