@@ -655,8 +655,9 @@ def create_api(
         invoice = await one_invoice(caller, invoice_id)
         async with store_.acquire() as conn:
             notes = await service.credit_notes(conn, invoice_id=invoice.invoice_id)
+            jobs = await service.invoice_jobs(conn, invoice.project_id, invoice.period)
         return Response(
-            invoices_csv([invoice], notes),
+            invoices_csv([invoice], notes, {invoice.invoice_id: jobs}),
             media_type="text/csv; charset=utf-8",
             headers={
                 "Content-Disposition": (
@@ -834,28 +835,8 @@ def create_api(
     async def job_usage(
         project_ids: list[str] | None, period: str
     ) -> tuple[dict[str, list[domain.JobDay]], domain.Pricing]:
-        start, end = domain.period_bounds(period)
         async with store_.acquire() as conn:
-            rows = await store.job_days(conn, project_ids, start, end)
-            pricing = await store.load_pricing(conn)
-        days: dict[str, list[domain.JobDay]] = {}
-        for row in rows:
-            days.setdefault(row["project_id"], []).append(
-                domain.JobDay(
-                    project_id=row["project_id"],
-                    job_id=row["job_id"],
-                    gpu_model=row["gpu_model"],
-                    day=row["hk_date"],
-                    gpu_seconds=row["gpu_seconds"],
-                    util_gpu_seconds=row["util_gpu_seconds"],
-                    idle_gpu_seconds=row["idle_gpu_seconds"],
-                    energy_wh=row["energy_wh"],
-                    nodes=row["nodes"],
-                    first_hour=row["first_hour"],
-                    last_hour=row["last_hour"],
-                )
-            )
-        return days, pricing
+            return await service.job_days(conn, project_ids, period)
 
     @app.get(
         "/v1/projects/{project_id}/jobs",

@@ -12,7 +12,7 @@ from decimal import Decimal
 
 from schemas.catalog import Project
 from schemas.invoice import CreditNote, Invoice
-from services.billing.domain import period_bounds
+from services.billing.domain import JobUsage, money, period_bounds
 
 # OWASP "CSV Injection": a cell a spreadsheet may read as a formula starts with one of these (the
 # full-width forms too, which some spreadsheets fold to ASCII). Such a cell gets a leading `'`.
@@ -56,6 +56,7 @@ CSV_COLUMNS = [
     "adjustment_for_period",
     "document_number",  # the invoice's number (finalized), or the credit note's
     "credited_line",  # on a credit note's rows: the invoice line it credits
+    "job_id",  # on the job annex's rows (record `job`): the job
 ]
 
 
@@ -74,6 +75,7 @@ def invoice_rows(invoice: Invoice) -> list[list[str]]:
             line.adjustment_for_period or "",
             number,
             "",
+            "",
         ]
         for line in invoice.lines
     ]
@@ -82,8 +84,30 @@ def invoice_rows(invoice: Invoice) -> list[list[str]]:
         ("subsidy", invoice.subsidy_hkd),
         ("net", invoice.net_hkd),
     ):
-        rows.append([*head, record, "", "", "", "", amount, "", number, ""])
+        rows.append([*head, record, "", "", "", "", amount, "", number, "", ""])
     return rows
+
+
+def job_rows(invoice: Invoice, jobs: Iterable[JobUsage]) -> list[list[str]]:
+    """The invoice's job annex: one row per job of its period (record `job`), its GPU models,
+    GPU-hours and list price (for information: the lines above are what is charged)."""
+    head = [invoice.invoice_id, invoice.project_id, invoice.period, invoice.status]
+    return [
+        [
+            *head,
+            "job",
+            " ".join(job.gpu_models),
+            job.usage.gpu_hours,
+            "",
+            "",
+            money(job.usage.list_cost_hkd),
+            "",
+            invoice.invoice_number or "",
+            "",
+            job.job_id,
+        ]
+        for job in jobs
+    ]
 
 
 def negated(amount: str | None) -> str:
@@ -111,6 +135,7 @@ def credit_note_rows(note: CreditNote) -> list[list[str]]:
             line.adjustment_for_period or "",
             number,
             str(line.line_no),
+            "",
         ]
         for line in note.lines
     ]
@@ -119,12 +144,17 @@ def credit_note_rows(note: CreditNote) -> list[list[str]]:
         ("credit_subsidy", note.subsidy_hkd),
         ("credit_net", note.net_hkd),
     ):
-        rows.append([*head, record, "", "", "", "", negated(amount), "", number, ""])
+        rows.append([*head, record, "", "", "", "", negated(amount), "", number, "", ""])
     return rows
 
 
-def invoices_csv(invoices: Iterable[Invoice], credit_notes: Iterable[CreditNote] = ()) -> str:
-    """Invoices, each followed by the credit notes against it."""
+def invoices_csv(
+    invoices: Iterable[Invoice],
+    credit_notes: Iterable[CreditNote] = (),
+    jobs: Mapping[str, Iterable[JobUsage]] | None = None,
+) -> str:
+    """Invoices, each followed by its job annex (`jobs` by invoice id, when given) and the credit
+    notes against it."""
     by_invoice: dict[str, list[CreditNote]] = {}
     for note in credit_notes:
         by_invoice.setdefault(note.invoice_id, []).append(note)
@@ -133,6 +163,8 @@ def invoices_csv(invoices: Iterable[Invoice], credit_notes: Iterable[CreditNote]
     writer.writerow(CSV_COLUMNS)
     for invoice in invoices:
         writer.writerows([csv_cell(cell) for cell in row] for row in invoice_rows(invoice))
+        annex = (jobs or {}).get(invoice.invoice_id, ())
+        writer.writerows([csv_cell(cell) for cell in row] for row in job_rows(invoice, annex))
         for note in by_invoice.get(invoice.invoice_id, []):
             writer.writerows([csv_cell(cell) for cell in row] for row in credit_note_rows(note))
     return buffer.getvalue()

@@ -460,18 +460,87 @@ def _output(doc: _Document) -> bytes:
     return bytes(doc.output())
 
 
+@dataclass(frozen=True)
+class JobLine:
+    """One job of the invoice's annex (services.billing.domain.JobUsage, as printed)."""
+
+    job_id: str
+    gpu_models: str
+    gpu_hours: str
+    mean_util_pct: str
+    idle_gpu_hours: str
+    energy_kwh: str
+    list_cost_hkd: str
+
+
+def _job_annex(doc: _Document, jobs: Sequence[JobLine], period: str) -> None:
+    """The jobs that used the period's GPU-hours, on pages of their own after the invoice."""
+    doc.add_page()
+    doc.set_font(doc.family, "B", 12)
+    doc.cell(doc.width, 8, doc.t(f"Annex: jobs in {period}"), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    doc.set_font(doc.family, "", 8.5)
+    doc.multi_cell(
+        doc.width,
+        LINE_H,
+        doc.t(
+            "GPU-hours each job used in the billing period, with its mean utilization, the"
+            " GPU-hours allocated at under 5% utilization, measured GPU energy, and the hours at"
+            " list price (before any subsidy). For information: the invoice's lines are what is"
+            " charged, including any adjustments for earlier periods."
+        ),
+        new_x=XPos.LMARGIN,
+        new_y=YPos.NEXT,
+    )
+    doc.ln(2)
+    headings = (
+        "Job",
+        "GPU models",
+        "GPU-hours",
+        "Mean util.",
+        "Idle GPU-hours",
+        "Energy kWh",
+        "List price HKD",
+    )
+    with doc.table(
+        col_widths=(36, 26, 24, 18, 24, 20, 26),
+        width=doc.width,
+        text_align=("LEFT", "LEFT", "RIGHT", "RIGHT", "RIGHT", "RIGHT", "RIGHT"),
+        borders_layout=TableBordersLayout.HORIZONTAL_LINES,
+        headings_style=FontFace(fill_color=SHADE),
+        line_height=LINE_H,
+        padding=(1.2, 1.5),
+        repeat_headings=1,
+        v_align="TOP",
+    ) as table:
+        table.row([doc.t(heading) for heading in headings], style=FontFace(emphasis="BOLD"))
+        for job in jobs:
+            table.row(
+                [
+                    doc.t(job.job_id),
+                    doc.t(job.gpu_models),
+                    grouped(job.gpu_hours),
+                    job.mean_util_pct,
+                    grouped(job.idle_gpu_hours),
+                    grouped(job.energy_kwh),
+                    money(job.list_cost_hkd),
+                ]
+            )
+
+
 def invoice_pdf(
     invoice: Invoice | Mapping[str, Any],
     project: Project | None = None,
     *,
     issuer: Issuer,
+    jobs: Sequence[JobLine] = (),
 ) -> bytes:
     """The invoice as a PDF to send to the project as it is: issuer, bill-to, one row per line,
     the list price, what the subsidy scheme pays (with its approved and remaining amounts) and
     the amount payable by the project. A draft says it is not a demand for payment.
 
     `project` (from the catalog) adds the project's name, its bill-to address and its subsidy
-    approval; without it the PDF shows what the invoice itself says.
+    approval; without it the PDF shows what the invoice itself says. `jobs` (the period's per-job
+    usage) adds an annex listing them.
     """
     if not isinstance(invoice, Invoice):
         invoice = Invoice.model_validate(invoice)
@@ -579,7 +648,11 @@ def invoice_pdf(
         "Amounts are in Hong Kong dollars; each line is rounded half up to the cent. Hours are"
         f" GPU-hours used in the billing period, {HKT_NAME} time."
     )
+    if jobs:
+        notes.append(f"The jobs that used these GPU-hours are listed in the annex ({len(jobs)}).")
     _notes(doc, notes)
+    if jobs:
+        _job_annex(doc, jobs, period_name(invoice.period))
     return _output(doc)
 
 

@@ -634,3 +634,40 @@ async def credit_notes(
         credit_note_id=credit_note_id,
     )
     return [credit_note_document(head, lines) for head, lines in rows]
+
+
+# --- per-job usage -------------------------------------------------------------------------------
+
+
+async def job_days(
+    conn: Connection, project_ids: Sequence[str] | None, period: str
+) -> tuple[dict[str, list[domain.JobDay]], Pricing]:
+    """Per project (all when None): its jobs' usage per model and Hong Kong day in `period`, and
+    the pricing to cost it with."""
+    start, end = domain.period_bounds(period)
+    rows = await store.job_days(conn, project_ids, start, end)
+    pricing = await store.load_pricing(conn)
+    days: dict[str, list[domain.JobDay]] = {}
+    for row in rows:
+        days.setdefault(row["project_id"], []).append(
+            domain.JobDay(
+                project_id=row["project_id"],
+                job_id=row["job_id"],
+                gpu_model=row["gpu_model"],
+                day=row["hk_date"],
+                gpu_seconds=row["gpu_seconds"],
+                util_gpu_seconds=row["util_gpu_seconds"],
+                idle_gpu_seconds=row["idle_gpu_seconds"],
+                energy_wh=row["energy_wh"],
+                nodes=row["nodes"],
+                first_hour=row["first_hour"],
+                last_hour=row["last_hour"],
+            )
+        )
+    return days, pricing
+
+
+async def invoice_jobs(conn: Connection, project_id: str, period: str) -> list[domain.JobUsage]:
+    """The job annex of a project's invoice of `period`."""
+    days, pricing = await job_days(conn, [project_id], period)
+    return domain.jobs_of(days.get(project_id, []), pricing)

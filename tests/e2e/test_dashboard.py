@@ -207,7 +207,19 @@ def test_the_dashboard_shows_what_the_api_returns_and_its_downloads_work(
         assert row.one("cap-burn").value == (cap["burn_hkd_per_day"] or "-")
         runs_out = cap["cap_exhausted_on"] or "not before the approval ends"
         assert row.one("cap-runs-out").value == runs_out
-    # And the audit trail is for admins: a billing token is told so
+    # And the efficiency panel is the efficiency report's: per project GPU-hours, idle hours,
+    # energy and its top jobs (metering's per-job totals, through billing)
+    efficiency = api.get("/v1/efficiency", params={"period": PERIOD}).json()["projects"]
+    effective = {row.attrs["data-project"]: row for row in dom.find("efficiency-row")}
+    assert set(effective) == {p["project_id"] for p in efficiency} >= {"e2e-lab"}
+    for found in efficiency:
+        row = effective[found["project_id"]]
+        assert row.one("eff-gpu-hours").value == found["gpu_hours"]
+        assert row.one("eff-energy").value == found["energy_kwh"]
+        assert row.one("eff-idle-hours").value.startswith(found["idle_gpu_hours"])
+        shown_jobs = [job.text.split(":")[0] for job in row.find("top-job")]
+        assert len(shown_jobs) == len(found["top_jobs"]) >= 1
+        # And the audit trail is for admins: a billing token is told so
     assert dom.find("audit-row") == []
     assert dom.one("audit-empty").text == "The audit trail is shown to admin tokens only."
     lab_cap = next(cap for cap in caps if cap["project_id"] == "e2e-lab")

@@ -527,3 +527,32 @@ def test_project_owners_see_their_jobs_idle_hours_and_efficiency(
         csv_text = client.get("/v1/efficiency.csv?period=2026-09", headers=LLM).text
         assert csv_text.splitlines()[1].startswith("hkgai-llm,23.000000,2.000000,8.7,")
         assert_error(client.get("/v1/projects/hkgai-llm/jobs?period=2026-13", headers=LLM), 400)
+
+        # and the invoice of the period lists them in a job annex, in CSV and in its PDF
+        produce_hourly(
+            bootstrap_servers,
+            f"{topic_prefix}metering.usage.hourly.v1",
+            [
+                hourly("hkgai-llm", hour, "79200", 1),
+                hourly("hkgai-llm", hour + dt.timedelta(hours=1), "3600", 1),
+            ],
+        )
+        invoice_csv = wait_until(
+            lambda: (
+                r.text
+                if (
+                    r := client.get("/v1/invoices/INV-2026-09-hkgai-llm.csv", headers=LLM)
+                ).status_code
+                == 200
+                else None
+            ),
+            timeout_s=30,
+            what="September's invoice",
+        )
+        annex = [row for row in invoice_csv.splitlines() if ",job," in row]
+        assert annex[0].endswith(",job,H800,20.000000,,,520.00,,,,slurm:7")
+        assert len(annex) == 3
+        pdf = client.get("/v1/invoices/INV-2026-09-hkgai-llm.pdf", headers=LLM)
+        shown = " ".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf.content)).pages)
+        assert "Annex: jobs in September 2026" in shown and "slurm:8" in shown
+        assert "(no job id)" in shown

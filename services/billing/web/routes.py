@@ -34,7 +34,7 @@ from services.billing.api import (
 )
 from services.billing.domain import period_bounds
 from services.billing.export import safe_file_name
-from services.billing.pdf import Issuer, credit_note_pdf, invoice_pdf
+from services.billing.pdf import Issuer, JobLine, credit_note_pdf, invoice_pdf
 from services.billing.settings import BillingSettings
 from services.billing.web import queries
 from services.common.oidc import AuthError
@@ -339,9 +339,28 @@ def create_router(settings: BillingSettings, store_: store.Store) -> APIRouter:
                 raise ApiError(404, "not_found", f"no invoice {invoice_id!r}")
             caller.require_project(found.project_id)
             project = await queries.project(conn, found.project_id)
+            jobs = await service.invoice_jobs(conn, found.project_id, found.period)
+        annex = [
+            JobLine(
+                job_id=job.job_id or "(no job id)",
+                gpu_models=", ".join(job.gpu_models),
+                gpu_hours=job.usage.gpu_hours,
+                mean_util_pct="-"
+                if job.usage.mean_util_pct is None
+                else f"{job.usage.mean_util_pct}%",
+                idle_gpu_hours=job.usage.idle_gpu_hours,
+                energy_kwh=str(job.usage.energy_kwh),
+                list_cost_hkd=domain.money(job.usage.list_cost_hkd),
+            )
+            for job in jobs
+        ]
         # Rendering takes a fraction of a second: off the event loop, which serves everyone else.
         document = await run_in_threadpool(
-            invoice_pdf, found.document(), project, issuer=Issuer.from_settings(settings)
+            invoice_pdf,
+            found.document(),
+            project,
+            issuer=Issuer.from_settings(settings),
+            jobs=annex,
         )
         return Response(
             document,

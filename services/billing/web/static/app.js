@@ -160,7 +160,7 @@ async function load() {
     }
     choosePeriod(info.body);
     const period = encodeURIComponent(state.period);
-    const [invoices, catalog, centre, cap, alerts, completeness, audit] = await Promise.all([
+    const [invoices, catalog, centre, cap, alerts, completeness, audit, efficiency] = await Promise.all([
       api(`/v1/invoices?period=${period}`),
       api("/v1/catalog"),
       api(`/dashboard/api/centre?period=${period}`),
@@ -168,6 +168,7 @@ async function load() {
       api("/dashboard/api/alerts"),
       api(`/v1/periods/${period}/completeness`),
       api("/v1/audit?limit=20"),
+      api(`/v1/efficiency?period=${period}`),
     ]);
     const names = {};
     if (catalog.ok) for (const project of catalog.body.projects) names[project.id] = project.name;
@@ -177,6 +178,7 @@ async function load() {
     renderAlerts(alerts);
     renderCompleteness(completeness, invoices);
     renderAudit(audit);
+    renderEfficiency(efficiency, names);
     const now = new Date();
     setStatus(
       `Period ${state.period}${periodNote(info.body)}. Updated ${now.toLocaleTimeString()}; refreshes every ${
@@ -221,6 +223,7 @@ function renderSignedOut(result) {
   $("invoice-rows").replaceChildren();
   $("cap-rows").replaceChildren();
   $("audit-rows").replaceChildren();
+  $("efficiency-rows").replaceChildren();
   $("alert-list").replaceChildren();
   $("incomplete-hours").replaceChildren();
   for (const id of ["centre-chart", "spend-chart", "cap-chart"]) $(id).replaceChildren();
@@ -233,6 +236,7 @@ function renderSignedOut(result) {
   empty("cap-empty", message);
   empty("alerts-empty", message);
   empty("audit-empty", message);
+  empty("efficiency-empty", message);
 }
 
 // --- invoices: totals, table, spend chart ---------------------------------------------------------
@@ -439,6 +443,47 @@ function niceCeiling(value) {
 
 function formatCount(value) {
   return Number.isInteger(value) ? String(value) : value.toFixed(1);
+}
+
+// --- efficiency and top jobs --------------------------------------------------------------------------
+
+function renderEfficiency(result, names) {
+  const rows = $("efficiency-rows");
+  rows.replaceChildren();
+  if (!result.ok) {
+    empty("efficiency-empty", problem(result));
+    return;
+  }
+  const projects = result.body.projects;
+  empty("efficiency-empty", projects.length ? "" : `No job usage reported for ${result.body.period}.`);
+  for (const project of projects) {
+    const top = el("ol", { class: "jobs" });
+    for (const job of project.top_jobs) {
+      top.append(
+        el("li", {
+          "data-testid": "top-job",
+          text: `${job.job_id ?? "(no job id)"}: ${job.gpu_hours.replace(/0+$/, "").replace(/\.$/, "")} GPU-h, ${money(job.list_cost_hkd)}`,
+        })
+      );
+    }
+    rows.append(
+      el(
+        "tr",
+        { "data-testid": "efficiency-row", "data-project": project.project_id },
+        el("td", { title: names[project.project_id] || "", text: project.project_id }),
+        el("td", { class: "num", "data-testid": "eff-gpu-hours", text: project.gpu_hours }),
+        el("td", {
+          class: "num",
+          "data-testid": "eff-idle-hours",
+          text: `${project.idle_gpu_hours}${project.idle_share_pct === null ? "" : ` (${project.idle_share_pct}%)`}`,
+        }),
+        el("td", { class: "num", "data-testid": "eff-idle-cost", text: money(project.idle_list_cost_hkd) }),
+        el("td", { class: "num", text: project.mean_util_pct === null ? "-" : `${project.mean_util_pct}%` }),
+        el("td", { class: "num", "data-testid": "eff-energy", text: project.energy_kwh }),
+        el("td", {}, top)
+      )
+    );
+  }
 }
 
 // --- audit trail ------------------------------------------------------------------------------------
