@@ -145,12 +145,12 @@ def test_csv_has_one_row_per_line_then_the_totals() -> None:
         subsidy_cap_remaining_hkd="1.80",
     )
     assert invoices_csv([invoice]).splitlines() == [
-        "invoice_id,project_id,period,status,record,gpu_model,gpu_hours,rate_hkd,subsidised,amount_hkd,adjustment_for_period,document_number,credited_line",
-        "INV-2026-11-p,p,2026-11,draft,line,H800,1.000000,26.00,true,26.00,,,",
-        "INV-2026-11-p,p,2026-11,draft,line,X,0.500000,,false,,2026-10,,",
-        "INV-2026-11-p,p,2026-11,draft,gross,,,,,26.00,,,",
-        "INV-2026-11-p,p,2026-11,draft,subsidy,,,,,18.20,,,",
-        "INV-2026-11-p,p,2026-11,draft,net,,,,,7.80,,,",
+        "invoice_id,project_id,period,status,record,gpu_model,gpu_hours,rate_hkd,subsidised,amount_hkd,adjustment_for_period,document_number,credited_line,job_id",
+        "INV-2026-11-p,p,2026-11,draft,line,H800,1.000000,26.00,true,26.00,,,,",
+        "INV-2026-11-p,p,2026-11,draft,line,X,0.500000,,false,,2026-10,,,",
+        "INV-2026-11-p,p,2026-11,draft,gross,,,,,26.00,,,,",
+        "INV-2026-11-p,p,2026-11,draft,subsidy,,,,,18.20,,,,",
+        "INV-2026-11-p,p,2026-11,draft,net,,,,,7.80,,,,",
     ]
 
 
