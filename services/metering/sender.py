@@ -34,7 +34,7 @@ class DirectSender:
         """Hand every queued record to the client (delivery follows; `check` reports it)."""
         if not self.queued:
             return
-        producer = self.app.producer._ensure_producer()  # the aiokafka producer Faust flushes
+        producer = self.app.producer.kafka_producer()  # the one Faust flushes (transport.py)
         records, self.queued = self.queued, []
         inflight = self.inflight
         for topic, partition, key, value in records:

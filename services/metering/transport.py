@@ -156,6 +156,11 @@ class Producer(faust_aiokafka.Producer):
             buffer.threaded_producer = self.threaded_producer
         self.buffer = buffer
 
+    def kafka_producer(self) -> Any:
+        """The aiokafka producer this one flushes before each offset commit: records appended
+        to it directly (services/metering/sender.py) are delivered before the commit too."""
+        return self._ensure_producer()
+
     async def flush(self) -> None:
         """The client's flush, then the app's `after_flush` hooks, which may refuse the commit
         that follows (a record the broker refused)."""

@@ -29,7 +29,7 @@ class App:
         self.producer = self
         self.client = client
 
-    def _ensure_producer(self) -> RecordingClient:
+    def kafka_producer(self) -> RecordingClient:
         return self.client
 
 

@@ -91,6 +91,10 @@ WATCHED = {
         "298a3dca46c45360",
         "transport.Producer.__init__ (replaces the ProducerBuffer made here)",
     ),
+    ("faust.transport.drivers.aiokafka", "Producer", "_ensure_producer"): (
+        "4444c75c31a07171",
+        "transport.Producer.kafka_producer (DirectSender appends to the producer Faust flushes)",
+    ),
     ("faust.transport.drivers.aiokafka", "Consumer", "_new_consumer_thread"): (
         "e3e2675bb60b2e9a",
         "transport.Consumer._new_consumer_thread (metering's ConsumerThread instead)",
