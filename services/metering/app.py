@@ -372,7 +372,7 @@ def create_app(settings: MeteringSettings) -> MeteringApp:
         """Read a usage partition again when its consumer has fetched past what metering is due
         to process next and nothing has reached the stream for STALL_S (see STALL_S)."""
         consumer = consumer_of(app)
-        flowing = getattr(consumer, "flow_active", True)
+        flowing = consumer.flow_active
         recovering_s = recovering_for()
         if recovering_s is not None and recovering_s >= settings.recovery_unhealthy_s:
             exit_stuck(recovering_s)
@@ -444,7 +444,7 @@ def create_app(settings: MeteringSettings) -> MeteringApp:
         # No usage arrives after an assignment (an idle centre, silent nodes): re-send anyway.
         # Not from a state still being restored: a re-send from a stale node state, with the
         # flag then cleared, left a node's last partial unsent until it sent again.
-        in_recovery = getattr(app, "in_recovery", False)
+        in_recovery = app.in_recovery
         if usage.resend_due() and not app.rebalancing and not in_recovery:
             usage.resend_all()
             await sender.send()
@@ -452,7 +452,7 @@ def create_app(settings: MeteringSettings) -> MeteringApp:
     @app.timer(settings.node_expiry_check_s)
     async def forget_silent_nodes() -> None:
         """Bounded state: nodes silent past the retention are forgotten (UsageStage.forget_silent)."""
-        if app.rebalancing or getattr(app, "in_recovery", False) or not usage.recovered:
+        if app.rebalancing or app.in_recovery or not usage.recovered:
             return
         active = {tp.partition for tp in app.consumer.assignment() if tp.topic == topics.usage}
         if usage.forget_silent(active, settings.table_retention_s):
@@ -463,9 +463,7 @@ def create_app(settings: MeteringSettings) -> MeteringApp:
     def recovering_for() -> float | None:
         """Seconds since a rebalance or a table recovery began (None: none under way). Observed
         every second by the stall timer and at each /healthz."""
-        return recovery.observe(
-            bool(app.rebalancing or getattr(app, "in_recovery", False)), time.monotonic()
-        )
+        return recovery.observe(bool(app.rebalancing or app.in_recovery), time.monotonic())
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
