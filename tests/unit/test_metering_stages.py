@@ -98,9 +98,7 @@ def test_a_batch_becomes_partials_a_signal_and_a_state_written_at_the_commit() -
         ("hkgai-llm|H800|2026-11-30T15:00:00+00:00", "n1")
     ]
     assert hours[0][2] == {"gpu_s": "20", "util_s": "10", "energy_J": "6000", "samples": 2}
-    [(job_key, _node, job)] = sender.partials(TOPICS.node_job_hourly)
-    assert job_key == "hkgai-llm|slurm:1|H800|2026-11-30T15:00:00+00:00"
-    assert job == {"gpu_s": "20", "util_s": "10", "energy_J": "6000", "idle_s": "0", "samples": 2}
+    assert sender.partials(TOPICS.node_job_hourly) == []  # per-job partials go at the commit
     minutes = sender.partials(TOPICS.node_minutely)
     assert minutes[0][2]["gpus"] == 2 and minutes[0][2]["alloc"] == 2
     assert [fact for _, _, fact in sender.partials(TOPICS.node_completeness)] == [
@@ -111,6 +109,9 @@ def test_a_batch_becomes_partials_a_signal_and_a_state_written_at_the_commit() -
     assert letters == []
 
     usage_stage.queue_dirty_states()
+    [(job_key, _node, job)] = sender.partials(TOPICS.node_job_hourly)
+    assert job_key == "hkgai-llm|slurm:1|H800|2026-11-30T15:00:00+00:00"
+    assert job == {"gpu_s": "20", "util_s": "10", "energy_J": "6000", "idle_s": "0", "samples": 2}
     [(key, record, partition)] = sender.to(TOPICS.node_state_changelog)
     assert key == b'"n1"' and partition == 0
     assert usage_stage.states["n1"] == record
