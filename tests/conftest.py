@@ -17,6 +17,7 @@ from gpumeter.kafkabroker import KafkaCluster
 from gpumeter.localstack import EmbeddedPostgres, TansuBroker, free_port
 from tests.fixtures.oidc import idp  # noqa: F401 - a fixture, for every test
 from tests.fixtures.secure_kafka import secure_kafka  # noqa: F401 - a fixture, for every test
+from tests.fixtures.slurm import slurm, slurm_cluster  # noqa: F401 - fixtures, for every test
 
 # The tests' API tokens are short and readable; every service under test accepts them only because
 # this says so (tests/unit/test_billing_edges.py proves the refusal without it).
