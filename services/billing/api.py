@@ -25,8 +25,14 @@ from schemas.catalog import Catalog
 from schemas.invoice import CreditNote, Invoice
 from schemas.usage import MAX_TEXT_CHARS, TEXT_CHARS, TEXT_RULE
 from services.billing import catalog as catalog_files
-from services.billing import domain, metrics, service, store
-from services.billing.export import efficiency_csv_text, focus_csv, invoices_csv, safe_file_name
+from services.billing import domain, metrics, service, slurm, store
+from services.billing.export import (
+    efficiency_csv_text,
+    focus_csv,
+    invoices_csv,
+    reconciliation_csv_text,
+    safe_file_name,
+)
 from services.billing.settings import (
     PROJECT_ROLE_PREFIX,
     ROLE_ADMIN,
@@ -272,6 +278,27 @@ class EfficiencyReport(BaseModel):
     projects: list[ProjectEfficiency]
 
 
+class ReconciliationDifference(BaseModel):
+    job_id: str = Field(description="Slurm's JobID")
+    project_id: str | None
+    kind: str = Field(
+        description="missing_in_gpumeter | missing_in_slurm | hours_differ | project_differs"
+    )
+    metered_gpu_hours: str
+    slurm_gpu_hours: str
+    detail: str
+
+
+class Reconciliation(BaseModel):
+    start: dt.datetime = Field(description="hours from (inclusive), on the hour")
+    end: dt.datetime = Field(description="hours to (exclusive), on the hour")
+    tolerance_pct: str
+    tolerance_gpu_seconds: str
+    slurm_jobs: int = Field(description="jobs with GPUs Slurm's accounting has in the window")
+    metered_jobs: int
+    differences: list[ReconciliationDifference]
+
+
 class CatalogApplied(BaseModel):
     added: list[str]
     changed: list[str]
@@ -388,6 +415,18 @@ InvoiceIdPath = Annotated[
         description=INVOICE_ID_DESCRIPTION,
         json_schema_extra={"pattern": INVOICE_ID_JSON_PATTERN},
     ),
+]
+
+
+ReconcileFrom = Annotated[
+    dt.datetime | None,
+    BeforeValidator(rfc3339_text),
+    Query(alias="from", description="default: 24 hours before `to`; rounded down to the hour"),
+]
+ReconcileTo = Annotated[
+    dt.datetime | None,
+    BeforeValidator(rfc3339_text),
+    Query(alias="to", description="default: now; rounded up to the hour"),
 ]
 
 
@@ -916,6 +955,86 @@ def create_api(
                     f'attachment; filename="{safe_file_name(f"efficiency-{report.period}")}.csv"'
                 )
             },
+        )
+
+    async def reconciliation_of(
+        start: dt.datetime | None, end: dt.datetime | None
+    ) -> Reconciliation:
+        if settings.slurm_sacct is None:
+            raise ApiError(
+                503, "not_configured", "reconciliation needs SLURM_SACCT (and SLURM_CONF)"
+            )
+        now = dt.datetime.now(dt.UTC)
+        end = end or now
+        start = start or end - dt.timedelta(days=1)
+        start = start.replace(minute=0, second=0, microsecond=0)
+        if end.minute or end.second or end.microsecond:
+            end = end.replace(minute=0, second=0, microsecond=0) + dt.timedelta(hours=1)
+        if end <= start:
+            raise ApiError(400, "invalid_range", "'to' is not after 'from'")
+        if end - start > dt.timedelta(days=93):
+            raise ApiError(400, "invalid_range", "at most 93 days at a time")
+        try:
+            jobs = await slurm.sacct_jobs(settings.slurm_sacct, start, end)
+        except slurm.SacctError as exc:
+            raise ApiError(503, "slurm_unavailable", str(exc)) from None
+        async with store_.acquire() as conn:
+            metered = await store.metered_jobs(conn, start, end)
+        found = slurm.reconcile(
+            metered,
+            jobs,
+            start,
+            end,
+            now,
+            settings.reconcile_tolerance_pct,
+            settings.reconcile_tolerance_gpu_seconds,
+        )
+        return Reconciliation(
+            start=start,
+            end=end,
+            tolerance_pct=str(settings.reconcile_tolerance_pct),
+            tolerance_gpu_seconds=str(settings.reconcile_tolerance_gpu_seconds),
+            slurm_jobs=sum(1 for job in jobs if job.gpu_seconds_within(start, end, now)),
+            metered_jobs=len(metered),
+            differences=[
+                ReconciliationDifference(
+                    job_id=d.job_id,
+                    project_id=d.project_id,
+                    kind=d.kind,
+                    metered_gpu_hours=domain.gpu_hours_text(d.metered_gpu_seconds),
+                    slurm_gpu_hours=domain.gpu_hours_text(d.slurm_gpu_seconds),
+                    detail=d.detail,
+                )
+                for d in found
+            ],
+        )
+
+    @app.get("/v1/reconciliation", response_model=Reconciliation, responses=ERRORS, tags=["slurm"])
+    async def reconciliation(
+        caller: Caller, start: ReconcileFrom = None, end: ReconcileTo = None
+    ) -> Reconciliation:
+        """GPU-hours per job as gpumeter metered them against Slurm's accounting (sacct: allocated
+        gres/gpu x the time each job ran in the window), with every job that differs beyond the
+        tolerance or that only one side knows."""
+        caller.require_read_all()
+        return await reconciliation_of(time_param("from", start), time_param("to", end))
+
+    @app.get(
+        "/v1/reconciliation.csv",
+        response_class=Response,
+        responses={**ERRORS, 200: {"content": {"text/csv": {}}}},
+        tags=["slurm"],
+    )
+    async def reconciliation_csv(
+        caller: Caller, start: ReconcileFrom = None, end: ReconcileTo = None
+    ) -> Response:
+        caller.require_read_all()
+        report = await reconciliation_of(time_param("from", start), time_param("to", end))
+        rows = [d.model_dump() for d in report.differences]
+        return Response(
+            reconciliation_csv_text(rows),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": 'attachment; filename="reconciliation.csv"'},
         )
 
     @app.get(

@@ -471,3 +471,28 @@ def efficiency_csv_text(projects: Iterable[Mapping[str, object]]) -> str:
             row.append(csv_cell("" if value is None else str(value)))
         writer.writerow(row)
     return buffer.getvalue()
+
+
+RECONCILIATION_COLUMNS = [
+    "job_id",
+    "project_id",
+    "kind",
+    "metered_gpu_hours",
+    "slurm_gpu_hours",
+    "detail",
+]
+
+
+def reconciliation_csv_text(differences: Iterable[Mapping[str, object]]) -> str:
+    """The jobs where gpumeter and Slurm's accounting differ (GET /v1/reconciliation)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator=CSV_LINE_END)
+    writer.writerow(RECONCILIATION_COLUMNS)
+    for difference in differences:
+        writer.writerow(
+            [
+                csv_cell("" if difference.get(c) is None else str(difference.get(c)))
+                for c in RECONCILIATION_COLUMNS
+            ]
+        )
+    return buffer.getvalue()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from pydantic import Field, field_validator
 
 from services.common.auth import (  # noqa: F401 - the billing API's names for them
@@ -53,6 +55,17 @@ class BillingSettings(ApiTokenSettings):
         description="invoice numbers are PREFIX-YYYY-NNNNNN, credit notes PREFIX-CN-YYYY-NNNNNN",
     )
     payment_terms_days: int = Field(30, ge=0, le=365, description="due date = issue date + this")
+    slurm_sacct: str | None = Field(
+        None,
+        description="the sacct command for reconciling metered GPU-hours with Slurm's accounting"
+        " (SLURM_CONF in the environment names the cluster); unset: reconciliation is off",
+    )
+    reconcile_tolerance_pct: Decimal = Field(
+        Decimal(2), ge=0, description="a job differs when off by more than this percentage ..."
+    )
+    reconcile_tolerance_gpu_seconds: Decimal = Field(
+        Decimal(120), ge=0, description="... and by more than this many GPU-seconds"
+    )
     alerts_url: str | None = Field(
         None,
         description="base URL of the alerts service (its GET /v1/alerts feeds the dashboard's"

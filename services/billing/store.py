@@ -1141,3 +1141,16 @@ async def job_days(
         start,
         end,
     )
+
+
+async def metered_jobs(
+    conn: Connection, start: dt.datetime, end: dt.datetime
+) -> dict[tuple[str, str], Decimal]:
+    """(project_id, job_id) -> GPU-seconds metered in hours [start, end)."""
+    rows = await conn.fetch(
+        "SELECT project_id, job_id, sum(gpu_seconds) AS gpu_seconds FROM usage_jobs_hourly"
+        " WHERE hour_start >= $1 AND hour_start < $2 GROUP BY 1, 2",
+        start,
+        end,
+    )
+    return {(row["project_id"], row["job_id"]): row["gpu_seconds"] for row in rows}
