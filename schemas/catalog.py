@@ -58,6 +58,11 @@ class Project(BaseModel):
     name: str = Field(min_length=1)
     subsidy: Subsidy | None = None
     bill_to: BillTo | None = None  # catalog version 2
+    # Catalog version 2: what happens when the subsidy cap is used up or `budget_hkd` (the
+    # project's net charges, all periods, drafts included) is reached: `notify` (alerts only) or
+    # `hold` (its Slurm account may start no new GPU job until a new approval or budget).
+    on_cap_exhausted: Literal["notify", "hold"] = "notify"
+    budget_hkd: Decimal | None = Field(None, ge=0, decimal_places=2)
 
 
 class Catalog(BaseModel):
@@ -71,10 +76,15 @@ class Catalog(BaseModel):
 
     @model_validator(mode="after")
     def _additions_need_their_version(self) -> Catalog:
-        with_bill_to = [p.id for p in self.projects if p.bill_to is not None]
+        with_bill_to = [
+            p.id
+            for p in self.projects
+            if p.bill_to is not None or p.on_cap_exhausted != "notify" or p.budget_hkd is not None
+        ]
         if with_bill_to and self.version < 2:
             raise ValueError(
-                f"bill_to (projects {', '.join(with_bill_to[:5])}) needs `version: 2` in the catalog"
+                f"bill_to, on_cap_exhausted and budget_hkd (projects {', '.join(with_bill_to[:5])})"
+                " need `version: 2` in the catalog"
             )
         return self
 

@@ -14,6 +14,7 @@ from services.billing import store
 from services.billing.api import create_api
 from services.billing.consumer import HourlyConsumer
 from services.billing.drainer import DraftDrainer
+from services.billing.enforcement import Enforcer
 from services.billing.publisher import InvoicePublisher
 from services.billing.settings import BillingSettings
 from services.common.kafka_admin import ensure_topics
@@ -62,6 +63,7 @@ async def run(settings: BillingSettings) -> None:
     publisher = InvoicePublisher(settings, store_)
     drainer = DraftDrainer(settings, store_, on_invoices_changed=publisher.wake)
     consumer = HourlyConsumer(settings, store_, on_ledger_changed=drainer.wake)
+    enforcer = Enforcer(settings, store_) if settings.enforcement_mode != "off" else None
 
     def health() -> dict[str, object]:
         return {"consumer": consumer.alive, "drainer": drainer.alive, "publisher": publisher.alive}
@@ -88,9 +90,13 @@ async def run(settings: BillingSettings) -> None:
     publisher.start()
     drainer.start()
     consumer.start()
+    if enforcer is not None:
+        enforcer.start()
     try:
         await server.serve()
     finally:
+        if enforcer is not None:
+            await enforcer.stop()
         await consumer.stop()
         await drainer.stop()
         await publisher.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -66,6 +67,13 @@ class BillingSettings(ApiTokenSettings):
     reconcile_tolerance_gpu_seconds: Decimal = Field(
         Decimal(120), ge=0, description="... and by more than this many GPU-seconds"
     )
+    enforcement_mode: Literal["off", "dry-run", "apply"] = Field(
+        "dry-run",
+        description="projects with on_cap_exhausted: hold: off, dry-run (decide, record, audit;"
+        " no sacctmgr) or apply (sacctmgr sets the Slurm account's GrpTRESMins)",
+    )
+    slurm_sacctmgr: str = Field("sacctmgr", description="the sacctmgr command for `apply`")
+    enforcement_interval_s: float = Field(60.0, gt=0)
     alerts_url: str | None = Field(
         None,
         description="base URL of the alerts service (its GET /v1/alerts feeds the dashboard's"

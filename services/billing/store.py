@@ -450,7 +450,14 @@ def project_from_row(row: asyncpg.Record) -> Project:
             valid_to=row["subsidy_valid_to"],
         )
     bill_to = None if row["bill_to"] is None else BillTo.model_validate_json(row["bill_to"])
-    return Project(id=row["project_id"], name=row["name"], subsidy=subsidy, bill_to=bill_to)
+    return Project(
+        id=row["project_id"],
+        name=row["name"],
+        subsidy=subsidy,
+        bill_to=bill_to,
+        on_cap_exhausted=row["on_cap_exhausted"],
+        budget_hkd=row["budget_hkd"],
+    )
 
 
 async def load_pricing(conn: Connection) -> Pricing:
@@ -480,12 +487,14 @@ async def upsert_project(conn: Connection, project: Project) -> None:
     subsidy = project.subsidy
     await conn.execute(
         "INSERT INTO projects (project_id, name, subsidy_scheme, subsidy_rate, subsidy_cap_hkd,"
-        " subsidy_valid_from, subsidy_valid_to, bill_to)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb)"
+        " subsidy_valid_from, subsidy_valid_to, bill_to, on_cap_exhausted, budget_hkd)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10)"
         " ON CONFLICT (project_id) DO UPDATE SET name = EXCLUDED.name,"
         " subsidy_scheme = EXCLUDED.subsidy_scheme, subsidy_rate = EXCLUDED.subsidy_rate,"
         " subsidy_cap_hkd = EXCLUDED.subsidy_cap_hkd, subsidy_valid_from = EXCLUDED.subsidy_valid_from,"
-        " subsidy_valid_to = EXCLUDED.subsidy_valid_to, bill_to = EXCLUDED.bill_to, updated_at = now()",
+        " subsidy_valid_to = EXCLUDED.subsidy_valid_to, bill_to = EXCLUDED.bill_to,"
+        " on_cap_exhausted = EXCLUDED.on_cap_exhausted, budget_hkd = EXCLUDED.budget_hkd,"
+        " updated_at = now()",
         project.id,
         project.name,
         subsidy.scheme if subsidy else None,
@@ -494,6 +503,8 @@ async def upsert_project(conn: Connection, project: Project) -> None:
         subsidy.valid_from if subsidy else None,
         subsidy.valid_to if subsidy else None,
         None if project.bill_to is None else project.bill_to.model_dump_json(),
+        project.on_cap_exhausted,
+        project.budget_hkd,
     )
 
 
@@ -1154,3 +1165,37 @@ async def metered_jobs(
         end,
     )
     return {(row["project_id"], row["job_id"]): row["gpu_seconds"] for row in rows}
+
+
+# --- enforcement ---------------------------------------------------------------------------------
+
+
+async def project_spend(conn: Connection) -> dict[str, tuple[Decimal, Decimal]]:
+    """project -> (subsidy used, net charged): every invoice, drafts included, credit notes
+    deducted."""
+    rows = await conn.fetch(
+        "SELECT i.project_id, sum(i.subsidy_hkd - COALESCE(c.subsidy, 0)) AS subsidy,"
+        " sum(i.net_hkd - COALESCE(c.net, 0)) AS net FROM invoices i LEFT JOIN ("
+        "  SELECT invoice_id, sum(subsidy_hkd) AS subsidy, sum(net_hkd) AS net"
+        "  FROM credit_notes GROUP BY 1) c USING (invoice_id) GROUP BY 1"
+    )
+    return {row["project_id"]: (row["subsidy"], row["net"]) for row in rows}
+
+
+async def enforcement_states(conn: Connection) -> dict[str, asyncpg.Record]:
+    rows = await conn.fetch("SELECT * FROM enforcement_state")
+    return {row["project_id"]: row for row in rows}
+
+
+async def set_enforcement_state(
+    conn: Connection, project_id: str, held: bool, reason: str, dry_run: bool
+) -> None:
+    await conn.execute(
+        "INSERT INTO enforcement_state (project_id, held, reason, dry_run) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (project_id) DO UPDATE SET held = $2, reason = $3, dry_run = $4,"
+        " since = now()",
+        project_id,
+        held,
+        reason,
+        dry_run,
+    )

@@ -80,3 +80,28 @@ def test_sacct_that_cannot_run_or_fails_is_a_clear_error(tmp_path: Path) -> None
     failing.chmod(0o755)
     with pytest.raises(SacctError, match="Problem talking to the database"):
         asyncio.run(sacct_jobs(str(failing), HOUR, end))
+
+
+def test_hold_is_decided_by_the_cap_or_the_budget_and_only_for_a_hold_policy() -> None:
+    from schemas.catalog import Project, Subsidy
+    from services.billing.enforcement import decide
+
+    subsidy = Subsidy(
+        scheme="AISS",
+        rate=Decimal("0.70"),
+        cap_hkd=Decimal("100.00"),
+        valid_from=dt.date(2026, 1, 1),
+        valid_to=dt.date(2026, 12, 31),
+    )
+    hold = Project(
+        id="p", name="P", subsidy=subsidy, on_cap_exhausted="hold", budget_hkd=Decimal(50)
+    )
+    assert (
+        decide(hold.model_copy(update={"on_cap_exhausted": "notify"}), Decimal(100), Decimal(0))
+        is None
+    )
+    assert decide(hold, Decimal("99.99"), Decimal("49.99")).hold is False  # type: ignore[union-attr]
+    capped = decide(hold, Decimal(100), Decimal(0))
+    assert capped is not None and capped.hold and "cap 100.00 HKD used up" in capped.reason
+    over_budget = decide(hold, Decimal(0), Decimal(50))
+    assert over_budget is not None and over_budget.hold and "budget 50" in over_budget.reason
