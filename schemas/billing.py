@@ -37,3 +37,15 @@ class UnpricedUsage(BaseModel):
     gpu_hours: Decimal
     projects: list[str]
     as_of: AwareDatetime
+
+
+class SlurmHold(BaseModel):
+    """Whether gpumeter holds a project's Slurm account (services/billing/enforcement.py).
+    Key: f"slurm_hold|{project_id}"; held False once released."""
+
+    kind: Literal["slurm_hold"] = "slurm_hold"
+    project_id: str
+    held: bool
+    dry_run: bool
+    reason: str
+    as_of: AwareDatetime

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from schemas.alert import AlertEvent
-from schemas.billing import SubsidyUsage, UnpricedUsage
+from schemas.billing import SlurmHold, SubsidyUsage, UnpricedUsage
 from schemas.catalog import Catalog
 from schemas.dead_letter import DeadLetter
 from schemas.invoice import CreditNote, Invoice
@@ -29,6 +29,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "credit-note.v1": CreditNote,
     "alert-event.v1": AlertEvent,
     "subsidy-usage.v1": SubsidyUsage,
+    "slurm-hold.v1": SlurmHold,
     "unpriced-usage.v1": UnpricedUsage,
 }
 

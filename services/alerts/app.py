@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.errors import CommitFailedError, KafkaError
 from pydantic import ValidationError
 
-from schemas.billing import SubsidyUsage, UnpricedUsage
+from schemas.billing import SlurmHold, SubsidyUsage, UnpricedUsage
 from schemas.metering import ClusterMinute, NodeSignal
 from services.alerts.api import create_api
 from services.alerts.config import KAFKA_RECEIVER, AlertConfig
@@ -498,6 +498,8 @@ class AlertsService:
                     changes = evaluator.on_billing_signal(SubsidyUsage.model_validate(payload))
                 elif kind == "unpriced_usage":
                     changes = evaluator.on_billing_signal(UnpricedUsage.model_validate(payload))
+                elif kind == "slurm_hold":
+                    changes = evaluator.on_billing_signal(SlurmHold.model_validate(payload))
                 else:
                     # A kind this release does not know (billing may add some): not an error.
                     self.metrics.input_messages.labels(topic, "ignored").inc()

@@ -59,7 +59,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from schemas.alert import AlertEvent
-from schemas.billing import SubsidyUsage, UnpricedUsage
+from schemas.billing import SlurmHold, SubsidyUsage, UnpricedUsage
 from schemas.metering import ClusterMinute, NodeSignal
 
 MINUTE = timedelta(minutes=1)
@@ -85,6 +85,8 @@ SUBSIDY_USED = "billing.subsidy_used_ratio"  # event time (as_of), per project
 # NO_FORECAST_DAYS when it does not run out before the approval ends (or nothing burns)
 SUBSIDY_DAYS_LEFT = "billing.subsidy_days_left"
 NO_FORECAST_DAYS = Decimal(100_000)
+# event time (as_of), per project: 1 while gpumeter holds its Slurm account (dry run included)
+SLURM_HOLD = "billing.slurm_account_held"
 UNPRICED_HOURS = "billing.unpriced_gpu_hours"  # event time (as_of), per gpu_model and period
 DEAD_LETTER_RATE = "pipeline.dead_letters_per_minute"  # processing clock, whole centre
 METERING_LAG = "pipeline.metering_lag_seconds"  # processing clock, whole centre
@@ -101,6 +103,7 @@ SIGNALS = (
     GPU_IDLE,
     SUBSIDY_USED,
     SUBSIDY_DAYS_LEFT,
+    SLURM_HOLD,
     UNPRICED_HOURS,
     DEAD_LETTER_RATE,
     METERING_LAG,
@@ -662,7 +665,9 @@ class Evaluator:
         return changes
 
     # billing signals: event time (as_of) --------------------------------------------------
-    def on_billing_signal(self, signal: SubsidyUsage | UnpricedUsage) -> list[StateChange]:
+    def on_billing_signal(
+        self, signal: SubsidyUsage | UnpricedUsage | SlurmHold
+    ) -> list[StateChange]:
         """The latest value per key: subsidy used per project; unpriced GPU-hours per model/period."""
         at = _utc(signal.as_of)
         values: dict[str, Decimal]
@@ -680,6 +685,13 @@ class Evaluator:
             }
             days_left = NO_FORECAST_DAYS if signal.days_left is None else Decimal(signal.days_left)
             values = {SUBSIDY_USED: signal.used_ratio, SUBSIDY_DAYS_LEFT: days_left}
+        elif isinstance(signal, SlurmHold):
+            labels = {"project": signal.project_id}
+            context = {
+                "reason": signal.reason,
+                "mode": "dry run: not applied to Slurm" if signal.dry_run else "applied to Slurm",
+            }
+            values = {SLURM_HOLD: Decimal(1 if signal.held else 0)}
         else:
             labels = {"gpu_model": signal.gpu_model, "period": signal.period}
             context = {"projects": ", ".join(signal.projects)}

@@ -19,7 +19,7 @@ from decimal import Decimal
 import asyncpg
 
 from schemas.catalog import Project
-from services.billing import store
+from services.billing import service, store
 from services.billing.background import BackgroundLoop
 from services.billing.settings import BillingSettings
 from services.billing.store import Connection
@@ -133,6 +133,7 @@ async def enforce(
                 project.id,
                 {"reason": decision.reason, "dry_run": dry_run, "account": project.id},
             )
+            await service.refresh_signals(conn)  # on-call hears of it (SlurmAccountHeld)
         log.warning(
             "%s Slurm account %s: %s%s",
             "held" if decision.hold else "released",

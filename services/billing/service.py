@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from schemas.billing import SubsidyUsage
+from schemas.billing import SlurmHold, SubsidyUsage
 from schemas.billing import UnpricedUsage as UnpricedUsageSignal
 from schemas.invoice import CreditNote, CreditNoteLine
 from schemas.metering import HourCompleteness, HourlyTotal
@@ -329,7 +329,7 @@ def signal_key_unpriced(gpu_model: str, period: str) -> str:
     return f"unpriced|{gpu_model}|{period}"
 
 
-def _payload(model: SubsidyUsage | UnpricedUsageSignal) -> str:
+def _payload(model: SubsidyUsage | UnpricedUsageSignal | SlurmHold) -> str:
     # as_of is left out so that only a change of the facts makes a new version.
     return json.dumps(model.model_dump(mode="json", exclude={"as_of"}), sort_keys=True)
 
@@ -376,11 +376,26 @@ async def refresh_signals(conn: Connection) -> int:
                 )
             ),
         )
+    for row in (await store.enforcement_states(conn)).values():
+        wanted[f"slurm_hold|{row['project_id']}"] = (
+            "slurm_hold",
+            _payload(
+                SlurmHold(
+                    project_id=row["project_id"],
+                    held=row["held"],
+                    dry_run=row["dry_run"],
+                    reason=row["reason"],
+                    as_of=row["since"],
+                )
+            ),
+        )
     for key, (kind, payload) in (await store.signal_payloads(conn)).items():
         if key in wanted:
             continue
         gone = json.loads(payload)
-        if kind == "subsidy_usage":
+        if kind == "slurm_hold":
+            gone.update(held=False)
+        elif kind == "subsidy_usage":
             gone.update(
                 cap_hkd="0.00",
                 used_hkd="0.00",

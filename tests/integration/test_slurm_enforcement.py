@@ -105,6 +105,11 @@ async def test_a_used_up_cap_holds_new_jobs_and_a_new_approval_releases_them(
         ("slurm.hold", "hkgai-vision", False),
         ("slurm.release", "hkgai-vision", False),
     ]
+    # and on-call heard of both: the hold signal for the alerts service says released now
+    signal = await conn.fetchval(
+        "SELECT payload::text FROM billing_signals WHERE key = 'slurm_hold|hkgai-vision'"
+    )
+    assert json.loads(signal)["held"] is False
 
 
 async def test_a_dry_run_decides_and_audits_without_touching_slurm(

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-from schemas.billing import SubsidyUsage, UnpricedUsage
+from schemas.billing import SlurmHold, SubsidyUsage, UnpricedUsage
 from schemas.metering import ClusterMinute
 from services.alerts import config
 from services.alerts.domain import Evaluator, Rule
@@ -235,3 +235,23 @@ def test_a_fast_burner_is_warned_of_exhaustion_before_the_80_percent_rule_fires(
     ]
     # a signal from before the forecast existed never fires it
     assert evaluator.on_billing_signal(subsidy("p2", "0.10", T0)) == []
+
+
+def test_a_held_slurm_account_fires_and_its_release_resolves():
+    evaluator = Evaluator([SHIPPED["SlurmAccountHeld"]], started_at=T0)
+
+    def hold(held: bool, at: datetime, dry_run: bool = False) -> SlurmHold:
+        return SlurmHold(
+            project_id="p1", held=held, dry_run=dry_run, reason="AISS subsidy cap used up", as_of=at
+        )
+
+    fired = evaluator.on_billing_signal(hold(True, T0))
+    assert names(fired) == [("SlurmAccountHeld", "firing", "p1")]
+    assert (
+        fired[0]
+        .annotations["summary"]
+        .startswith("Slurm account p1 is held (applied to Slurm): AISS subsidy cap used up")
+    )
+    assert names(evaluator.on_billing_signal(hold(False, T0 + MINUTE))) == [
+        ("SlurmAccountHeld", "resolved", "p1")
+    ]
