@@ -960,10 +960,6 @@ def create_api(
     async def reconciliation_of(
         start: dt.datetime | None, end: dt.datetime | None
     ) -> Reconciliation:
-        if settings.slurm_sacct is None:
-            raise ApiError(
-                503, "not_configured", "reconciliation needs SLURM_SACCT (and SLURM_CONF)"
-            )
         now = dt.datetime.now(dt.UTC)
         end = end or now
         start = start or end - dt.timedelta(days=1)
@@ -974,6 +970,13 @@ def create_api(
             raise ApiError(400, "invalid_range", "'to' is not after 'from'")
         if end - start > dt.timedelta(days=93):
             raise ApiError(400, "invalid_range", "at most 93 days at a time")
+        if settings.slurm_sacct is None:
+            # Not a fault of the service (no 5xx): this deployment has no Slurm to compare with.
+            raise ApiError(
+                404,
+                "not_configured",
+                "reconciliation with Slurm is off here: set SLURM_SACCT (and SLURM_CONF)",
+            )
         try:
             jobs = await slurm.sacct_jobs(settings.slurm_sacct, start, end)
         except slurm.SacctError as exc:

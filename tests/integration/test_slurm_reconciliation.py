@@ -127,3 +127,30 @@ async def test_jobs_that_differ_from_slurms_accounting_are_named(
     [differs] = [d for d in body["differences"] if d["kind"] == "hours_differ"]
     assert differs["slurm_gpu_hours"] == gpu_hours_text(Decimal(2 * elapsed_gap))
     assert f"{unseen},hkgai-vision,missing_in_gpumeter," in csv_text
+
+
+def test_without_slurm_configured_reconciliation_says_so_with_a_404(
+    database_url: str,
+    bootstrap_servers: str,
+    topic_prefix: str,
+    http_port: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    service = billing_process(
+        bootstrap_servers,
+        database_url,
+        topic_prefix,
+        http_port,
+        tmp_path / "billing.log",
+        monkeypatch,
+        API_TOKENS=TOKENS,
+    ).start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=30) as client:
+            answer = client.get("/v1/reconciliation", headers=ADMIN)
+            bad = client.get("/v1/reconciliation", params={"from": "yesterday"}, headers=ADMIN)
+    finally:
+        service.stop()
+    assert answer.status_code == 404 and answer.json()["error"] == "not_configured"
+    assert bad.status_code == 422  # bad input is still refused as such
