@@ -42,17 +42,23 @@ class BadHourlyRecord(ValueError):
         self.detail = detail
 
 
+def refused(exc: ValidationError, reason: str) -> BadHourlyRecord:
+    """A record pydantic refused: `not_json` when it is not JSON at all, else `reason`, with
+    every field's problem in the detail."""
+    json_broken = any(error["type"] == "json_invalid" for error in exc.errors())
+    detail = "; ".join(
+        f"{'.'.join(str(p) for p in error['loc']) or 'value'}: {error['msg']}"
+        for error in exc.errors()
+    )
+    return BadHourlyRecord("not_json" if json_broken else reason, detail)
+
+
 def decode_hourly(value: bytes) -> HourlyTotal:
     """One message value -> HourlyTotal, or BadHourlyRecord naming what is wrong."""
     try:
         total = HourlyTotal.model_validate_json(value)
     except ValidationError as exc:
-        json_broken = any(error["type"] == "json_invalid" for error in exc.errors())
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'value'}: {error['msg']}"
-            for error in exc.errors()
-        )
-        raise BadHourlyRecord("not_json" if json_broken else "invalid_record", detail) from None
+        raise refused(exc, "invalid_record") from None
     hour = total.hour_start
     if hour.utcoffset():  # another offset: to UTC (a +00:00 instant is kept as parsed, no copy)
         hour = hour.astimezone(dt.UTC)
@@ -76,12 +82,7 @@ def decode_job_hourly(value: bytes) -> JobHourlyTotal:
     try:
         total = JobHourlyTotal.model_validate_json(value)
     except ValidationError as exc:
-        json_broken = any(error["type"] == "json_invalid" for error in exc.errors())
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'value'}: {error['msg']}"
-            for error in exc.errors()
-        )
-        raise BadHourlyRecord("not_json" if json_broken else "invalid_job_record", detail) from None
+        raise refused(exc, "invalid_job_record") from None
     hour = total.hour_start.astimezone(dt.UTC)
     if hour.minute or hour.second or hour.microsecond:
         raise BadHourlyRecord(

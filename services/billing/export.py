@@ -7,7 +7,7 @@ import csv
 import datetime as dt
 import io
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 
 from schemas.catalog import Project
@@ -220,6 +220,52 @@ def focus_time(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# The columns of a FOCUS row that describe no resource or SKU: a subsidy (Credit) row's.
+NO_RESOURCE = {
+    "ResourceType": "",
+    "SkuId": "",
+    "ListUnitPrice": "",
+    "ContractedUnitPrice": "",
+    "PricingQuantity": "",
+    "PricingUnit": "",
+    "ConsumedQuantity": "",
+    "ConsumedUnit": "",
+    "x_GpuModel": "",
+    "x_Subsidised": "",
+    "x_AdjustmentForPeriod": "",
+    "x_Unpriced": "false",
+}
+
+
+def focus_common(
+    project_id: str,
+    project: Project | None,
+    invoice_id: str,
+    provider_name: str,
+    currency: str,
+    billing_period: str,
+    status: str,
+) -> dict[str, str]:
+    """The columns every FOCUS row of one document shares."""
+    billing_start, billing_end = period_bounds(billing_period)
+    return {
+        "BillingAccountId": project_id,
+        "BillingAccountName": project.name if project else project_id,
+        "SubAccountId": project_id,
+        "SubAccountName": project.name if project else project_id,
+        "InvoiceId": invoice_id,
+        "InvoiceIssuerName": provider_name,
+        "ProviderName": provider_name,
+        "PublisherName": provider_name,
+        "BillingCurrency": currency,
+        "BillingPeriodStart": focus_time(billing_start),
+        "BillingPeriodEnd": focus_time(billing_end),
+        "ServiceCategory": "Compute",
+        "ServiceName": "GPU Compute",
+        "x_InvoiceStatus": status,
+    }
+
+
 def focus_rows(
     invoice: Invoice, projects: Mapping[str, Project], provider_name: str
 ) -> list[dict[str, str]]:
@@ -229,20 +275,15 @@ def focus_rows(
     scheme = project.subsidy.scheme if project and project.subsidy else ""
     billing_start, billing_end = period_bounds(invoice.period)
     common = {
-        "BillingAccountId": invoice.project_id,
-        "BillingAccountName": project.name if project else invoice.project_id,
-        "SubAccountId": invoice.project_id,
-        "SubAccountName": project.name if project else invoice.project_id,
-        "InvoiceId": invoice.invoice_id,
-        "InvoiceIssuerName": provider_name,
-        "ProviderName": provider_name,
-        "PublisherName": provider_name,
-        "BillingCurrency": invoice.currency,
-        "BillingPeriodStart": focus_time(billing_start),
-        "BillingPeriodEnd": focus_time(billing_end),
-        "ServiceCategory": "Compute",
-        "ServiceName": "GPU Compute",
-        "x_InvoiceStatus": invoice.status,
+        **focus_common(
+            invoice.project_id,
+            project,
+            invoice.invoice_id,
+            provider_name,
+            invoice.currency,
+            invoice.period,
+            invoice.status,
+        ),
         "x_Flags": ",".join(invoice.flags),
     }
     rows = []
@@ -299,23 +340,12 @@ def focus_rows(
                     f"{scheme or 'Subsidy'} subsidy of subsidised GPU usage;"
                     f" cap remaining {invoice.subsidy_cap_remaining_hkd} {invoice.currency}"
                 ),
-                "ResourceType": "",
-                "SkuId": "",
-                "ListUnitPrice": "",
-                "ContractedUnitPrice": "",
-                "PricingQuantity": "",
-                "PricingUnit": "",
-                "ConsumedQuantity": "",
-                "ConsumedUnit": "",
+                **NO_RESOURCE,
                 "ListCost": ZERO,
                 "ContractedCost": credit,
                 "BilledCost": credit,
                 "EffectiveCost": credit,
-                "x_GpuModel": "",
-                "x_Subsidised": "",
                 "x_SubsidyScheme": scheme,
-                "x_AdjustmentForPeriod": "",
-                "x_Unpriced": "false",
             }
         )
     return rows
@@ -330,24 +360,18 @@ def focus_credit_note_rows(
     project = projects.get(note.project_id)
     scheme = project.subsidy.scheme if project and project.subsidy else ""
     issued_period = f"{note.issued_on.year:04d}-{note.issued_on.month:02d}"
-    billing_start, billing_end = period_bounds(issued_period)
     credited_start, credited_end = period_bounds(note.period)
     common = {
-        "BillingAccountId": note.project_id,
-        "BillingAccountName": project.name if project else note.project_id,
-        "SubAccountId": note.project_id,
-        "SubAccountName": project.name if project else note.project_id,
-        "InvoiceId": note.credit_note_id,
-        "InvoiceIssuerName": provider_name,
-        "ProviderName": provider_name,
-        "PublisherName": provider_name,
-        "BillingCurrency": note.currency,
-        "BillingPeriodStart": focus_time(billing_start),
-        "BillingPeriodEnd": focus_time(billing_end),
+        **focus_common(
+            note.project_id,
+            project,
+            note.credit_note_id,
+            provider_name,
+            note.currency,
+            issued_period,
+            "credit_note",
+        ),
         "ChargeClass": "Correction",
-        "ServiceCategory": "Compute",
-        "ServiceName": "GPU Compute",
-        "x_InvoiceStatus": "credit_note",
         "x_Flags": "",
     }
     rows = []
@@ -398,23 +422,12 @@ def focus_credit_note_rows(
                     f"{scheme or 'Subsidy'} subsidy returned to the cap by credit note"
                     f" {note.credit_note_number}"
                 ),
-                "ResourceType": "",
-                "SkuId": "",
-                "ListUnitPrice": "",
-                "ContractedUnitPrice": "",
-                "PricingQuantity": "",
-                "PricingUnit": "",
-                "ConsumedQuantity": "",
-                "ConsumedUnit": "",
+                **NO_RESOURCE,
                 "ListCost": ZERO,
                 "ContractedCost": note.subsidy_hkd,
                 "BilledCost": note.subsidy_hkd,
                 "EffectiveCost": note.subsidy_hkd,
-                "x_GpuModel": "",
-                "x_Subsidised": "",
                 "x_SubsidyScheme": scheme,
-                "x_AdjustmentForPeriod": "",
-                "x_Unpriced": "false",
             }
         )
     return rows
@@ -457,20 +470,26 @@ EFFICIENCY_COLUMNS = [
 ]
 
 
-def efficiency_csv_text(projects: Iterable[Mapping[str, object]]) -> str:
-    """One row per project of the efficiency report (GET /v1/efficiency)."""
+def records_csv(columns: Sequence[str], records: Iterable[Mapping[str, object]]) -> str:
+    """One row per record, in `columns` order (lists joined by spaces, None empty), every cell
+    safe from spreadsheet formulas."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator=CSV_LINE_END)
-    writer.writerow(EFFICIENCY_COLUMNS)
-    for project in projects:
+    writer.writerow(columns)
+    for record in records:
         row = []
-        for column in EFFICIENCY_COLUMNS:
-            value = project.get(column)
+        for column in columns:
+            value = record.get(column)
             if isinstance(value, list):
                 value = " ".join(str(item) for item in value)
             row.append(csv_cell("" if value is None else str(value)))
         writer.writerow(row)
     return buffer.getvalue()
+
+
+def efficiency_csv_text(projects: Iterable[Mapping[str, object]]) -> str:
+    """One row per project of the efficiency report (GET /v1/efficiency)."""
+    return records_csv(EFFICIENCY_COLUMNS, projects)
 
 
 RECONCILIATION_COLUMNS = [
@@ -485,14 +504,4 @@ RECONCILIATION_COLUMNS = [
 
 def reconciliation_csv_text(differences: Iterable[Mapping[str, object]]) -> str:
     """The jobs where gpumeter and Slurm's accounting differ (GET /v1/reconciliation)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator=CSV_LINE_END)
-    writer.writerow(RECONCILIATION_COLUMNS)
-    for difference in differences:
-        writer.writerow(
-            [
-                csv_cell("" if difference.get(c) is None else str(difference.get(c)))
-                for c in RECONCILIATION_COLUMNS
-            ]
-        )
-    return buffer.getvalue()
+    return records_csv(RECONCILIATION_COLUMNS, differences)

@@ -371,14 +371,18 @@ def _top(
     doc.set_y(max(below_bill, doc.get_y()) + 6)
 
 
-def _line_table(doc: _Document, rows: list[tuple[str, str, str, str, str]]) -> None:
-    """One row per line; fpdf2 repeats the headings on each new page."""
-    headings = ("GPU model", "GPU-hours", "Rate (HKD/GPU-hour)", "Subsidised", "Amount (HKD)")
-    doc.set_font(doc.family, "", 9)
+def _data_table(
+    doc: _Document,
+    headings: Sequence[str],
+    col_widths: Sequence[float],
+    text_align: Sequence[str],
+    rows: Iterable[Sequence[str]],
+) -> None:
+    """A table with a shaded heading row that fpdf2 repeats on each new page."""
     with doc.table(
-        col_widths=(64, 30, 32, 22, 32),
+        col_widths=tuple(col_widths),
         width=doc.width,
-        text_align=("LEFT", "RIGHT", "RIGHT", "CENTER", "RIGHT"),
+        text_align=tuple(text_align),
         borders_layout=TableBordersLayout.HORIZONTAL_LINES,
         # Bold is set on the heading row itself: fpdf2 checks a headings style's emphasis
         # against the fonts added, and bold here is not a font of its own (see set_font).
@@ -391,6 +395,18 @@ def _line_table(doc: _Document, rows: list[tuple[str, str, str, str, str]]) -> N
         table.row([doc.t(heading) for heading in headings], style=FontFace(emphasis="BOLD"))
         for row in rows:
             table.row([doc.t(cell) for cell in row])
+
+
+def _line_table(doc: _Document, rows: list[tuple[str, str, str, str, str]]) -> None:
+    """One row per line; fpdf2 repeats the headings on each new page."""
+    doc.set_font(doc.family, "", 9)
+    _data_table(
+        doc,
+        ("GPU model", "GPU-hours", "Rate (HKD/GPU-hour)", "Subsidised", "Amount (HKD)"),
+        (64, 30, 32, 22, 32),
+        ("LEFT", "RIGHT", "RIGHT", "CENTER", "RIGHT"),
+        rows,
+    )
     doc.ln(4)
 
 
@@ -492,39 +508,32 @@ def _job_annex(doc: _Document, jobs: Sequence[JobLine], period: str) -> None:
         new_y=YPos.NEXT,
     )
     doc.ln(2)
-    headings = (
-        "Job",
-        "GPU models",
-        "GPU-hours",
-        "Mean util.",
-        "Idle GPU-hours",
-        "Energy kWh",
-        "List price HKD",
-    )
-    with doc.table(
-        col_widths=(36, 26, 24, 18, 24, 20, 26),
-        width=doc.width,
-        text_align=("LEFT", "LEFT", "RIGHT", "RIGHT", "RIGHT", "RIGHT", "RIGHT"),
-        borders_layout=TableBordersLayout.HORIZONTAL_LINES,
-        headings_style=FontFace(fill_color=SHADE),
-        line_height=LINE_H,
-        padding=(1.2, 1.5),
-        repeat_headings=1,
-        v_align="TOP",
-    ) as table:
-        table.row([doc.t(heading) for heading in headings], style=FontFace(emphasis="BOLD"))
-        for job in jobs:
-            table.row(
-                [
-                    doc.t(job.job_id),
-                    doc.t(job.gpu_models),
-                    grouped(job.gpu_hours),
-                    job.mean_util_pct,
-                    grouped(job.idle_gpu_hours),
-                    grouped(job.energy_kwh),
-                    money(job.list_cost_hkd),
-                ]
+    _data_table(
+        doc,
+        (
+            "Job",
+            "GPU models",
+            "GPU-hours",
+            "Mean util.",
+            "Idle GPU-hours",
+            "Energy kWh",
+            "List price HKD",
+        ),
+        (36, 26, 24, 18, 24, 20, 26),
+        ("LEFT", "LEFT", "RIGHT", "RIGHT", "RIGHT", "RIGHT", "RIGHT"),
+        (
+            (
+                job.job_id,
+                job.gpu_models,
+                grouped(job.gpu_hours),
+                job.mean_util_pct,
+                grouped(job.idle_gpu_hours),
+                grouped(job.energy_kwh),
+                money(job.list_cost_hkd),
             )
+            for job in jobs
+        ),
+    )
 
 
 def invoice_pdf(

@@ -150,44 +150,22 @@ def create_app(settings: MeteringSettings) -> MeteringApp:
     sender = DirectSender(app)
     fixes.after_flush.append(sender.check)
 
-    usage_topic = app.topic(
-        topics.usage,
-        value_serializer="raw",
-        key_serializer="raw",
-        partitions=settings.usage_partitions,
-    )
-    dlq_topic = app.topic(topics.usage_dlq, value_serializer="raw", key_serializer="raw")
-    node_hourly_topic = app.topic(
-        topics.node_hourly,
-        value_serializer="raw",
-        key_serializer="raw",
-        partitions=settings.internal_partitions,
-    )
-    node_minutely_topic = app.topic(
-        topics.node_minutely,
-        value_serializer="raw",
-        key_serializer="raw",
-        partitions=settings.internal_partitions,
-    )
-    node_job_hourly_topic = app.topic(
-        topics.node_job_hourly,
-        value_serializer="raw",
-        key_serializer="raw",
-        partitions=settings.internal_partitions,
-    )
-    hourly_topic = app.topic(topics.hourly, value_serializer="raw", key_serializer="raw")
-    jobs_hourly_topic = app.topic(topics.jobs_hourly, value_serializer="raw", key_serializer="raw")
-    cluster_topic = app.topic(topics.cluster_minutely, value_serializer="raw", key_serializer="raw")
-    signals_topic = app.topic(topics.node_signals, value_serializer="raw", key_serializer="raw")
-    node_completeness_topic = app.topic(
-        settings.node_completeness_topic,
-        value_serializer="raw",
-        key_serializer="raw",
-        partitions=settings.internal_partitions,
-    )
-    completeness_topic = app.topic(
-        topics.completeness, value_serializer="raw", key_serializer="raw"
-    )
+    def raw_topic(name: str, partitions: int | None = None) -> Any:
+        """A topic of bytes in and out: metering encodes and decodes its records itself."""
+        return app.topic(name, value_serializer="raw", key_serializer="raw", partitions=partitions)
+
+    internal = settings.internal_partitions
+    usage_topic = raw_topic(topics.usage, settings.usage_partitions)
+    dlq_topic = raw_topic(topics.usage_dlq)
+    node_hourly_topic = raw_topic(topics.node_hourly, internal)
+    node_minutely_topic = raw_topic(topics.node_minutely, internal)
+    node_job_hourly_topic = raw_topic(topics.node_job_hourly, internal)
+    node_completeness_topic = raw_topic(settings.node_completeness_topic, internal)
+    hourly_topic = raw_topic(topics.hourly)
+    jobs_hourly_topic = raw_topic(topics.jobs_hourly)
+    cluster_topic = raw_topic(topics.cluster_minutely)
+    signals_topic = raw_topic(topics.node_signals)
+    completeness_topic = raw_topic(topics.completeness)
     fixes.stream_topics.update(
         topic.get_topic_name()
         for topic in (
