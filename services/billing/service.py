@@ -342,8 +342,9 @@ async def refresh_signals(conn: Connection) -> int:
     """
     now = dt.datetime.now(dt.UTC)
     wanted: dict[str, tuple[str, str]] = {}
-    forecasts = await subsidy_forecasts(conn, now)
-    for row in await store.subsidy_usage_rows(conn):
+    usage_rows = await store.subsidy_usage_rows(conn)
+    forecasts = await subsidy_forecasts(conn, now, usage_rows)
+    for row in usage_rows:
         cap, used = row["subsidy_cap_hkd"], row["used_hkd"]
         forecast = forecasts.get(row["project_id"])
         wanted[signal_key_subsidy(row["project_id"])] = (
@@ -414,10 +415,11 @@ async def refresh_signals(conn: Connection) -> int:
 
 
 async def subsidy_forecasts(
-    conn: Connection, now: dt.datetime
+    conn: Connection, now: dt.datetime, usage_rows: Sequence[Any] | None = None
 ) -> dict[str, domain.SubsidyForecast]:
     """Per subsidised project: when its cap runs out at the burn of the last 7 whole days (Hong
-    Kong), from the subsidy used so far (drafts included, credit notes deducted)."""
+    Kong), from the subsidy used so far (drafts included, credit notes deducted). `usage_rows`:
+    store.subsidy_usage_rows() when the caller has read them already."""
     today = now.astimezone(domain.HONG_KONG).date()
     pricing = await store.load_pricing(conn)
     subsidised = {pid: p for pid, p in pricing.projects.items() if p.subsidy is not None}
@@ -425,7 +427,9 @@ async def subsidy_forecasts(
         conn, sorted(subsidised), today - dt.timedelta(days=domain.BURN_WINDOW_DAYS), today
     )
     forecasts = {}
-    for row in await store.subsidy_usage_rows(conn):
+    if usage_rows is None:
+        usage_rows = await store.subsidy_usage_rows(conn)
+    for row in usage_rows:
         project = subsidised.get(row["project_id"])
         if project is None or project.subsidy is None:
             continue
