@@ -538,15 +538,11 @@ LEFT JOIN (SELECT invoice_id, sum(subsidy_hkd) AS credited FROM credit_notes GRO
 """
 
 
-async def invoice_subsidies(conn: Connection, project_id: str) -> dict[str, tuple[str, Decimal]]:
-    """period -> (status, subsidy_hkd less credited) of a project's stored invoices."""
-    return (await invoice_subsidies_many(conn, [project_id]))[project_id]
-
-
 async def invoice_subsidies_many(
     conn: Connection, project_ids: Sequence[str]
 ) -> dict[str, dict[str, tuple[str, Decimal]]]:
-    """invoice_subsidies() of many projects: project -> period -> (status, subsidy_hkd)."""
+    """project -> period -> (status, subsidy_hkd less what credit notes returned) of the
+    projects' stored invoices."""
     found: dict[str, dict[str, tuple[str, Decimal]]] = {
         project_id: {} for project_id in project_ids
     }
@@ -947,13 +943,6 @@ async def billed_hours(conn: Connection, invoice_id: str) -> list[UsageHour]:
         invoice_id,
     )
     return [UsageHour(r["gpu_model"], r["hour_start"], r["gpu_seconds"]) for r in rows]
-
-
-async def invoice_numbering(conn: Connection, invoice_id: str) -> asyncpg.Record | None:
-    row: asyncpg.Record | None = await conn.fetchrow(
-        "SELECT invoice_number, issued_on, due_on FROM invoices WHERE invoice_id = $1", invoice_id
-    )
-    return row
 
 
 async def credited_lines(conn: Connection, invoice_id: str) -> dict[int, str]:
